@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make test` and `make book`. Each sets up .venv itself.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+export OMP_NUM_THREADS ?= 2
+export GLOG_v ?= 3
+
+.PHONY: venv assets test test-all lint book book-quick book-check clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+assets: venv
+	$(PY) -m bgem3_lib.assets
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+# Fast suite (everything not marked slow), then lint.
+test: assets
+	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(VENV)/bin/ruff check .
+
+# Everything, including the full-size (24-layer, 8194-position) equivalence run.
+test-all: assets
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+book: assets
+	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+
+clean:
+	rm -rf _build .pytest_cache .ruff_cache

@@ -1,0 +1,31 @@
+"""Shared test fixtures: multilingual texts read in place from ../shared/data (never copied)."""
+from __future__ import annotations
+
+import json
+
+from bgem3_lib.paths import data_dir
+
+XQUAD_LANGS = ("ar", "de", "el", "en", "es", "hi", "ro", "ru", "th", "tr", "vi", "zh")
+
+
+def xquad(lang: str) -> dict:
+    return json.loads((data_dir() / "xquad" / f"xquad.{lang}.json").read_text())
+
+
+def multilingual_texts(per_lang: int = 4) -> list[str]:
+    """>= 50 texts in >= 10 scripts: XQuAD questions and paragraph openings in 12 languages,
+    plus one-word, whitespace-only (empty after normalisation) and hand-picked scripts."""
+    texts = []
+    for lang in XQUAD_LANGS:
+        art = xquad(lang)["data"][0]["paragraphs"]
+        for j in range(per_lang // 2):
+            texts.append(art[j]["qas"][0]["question"])
+            texts.append(art[j]["context"][:300])
+    texts += ["hello", "Привет", "東京", "שלום עולם", "こんにちは、世界", "ქართული ენა", "안녕하세요",
+              "   ", "\u3000", "naïve café", "emoji 🙂 test", "x"]
+    return texts
+
+
+def long_text(lang: str = "en", paragraphs: int = 6) -> str:
+    paras = xquad(lang)["data"][1]["paragraphs"]
+    return " ".join(p["context"] for p in paras[:paragraphs])
