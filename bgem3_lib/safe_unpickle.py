@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 __all__ = ["UnsafeCheckpointError", "RestrictedUnpickler", "load_torch_checkpoint",
            "bfloat16_bits_to_float32"]
@@ -145,7 +146,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             self.storages[key] = _Storage(array, stype)
         storage = self.storages[key]
         if storage.stype != stype:
-            raise pickle.UnpicklingError(f"storage {key} is referenced as {storage.stype.name} and {stype.name}")
+            raise pickle.UnpicklingError(
+                f"storage {key} is referenced as {storage.stype.name} and {stype.name}")
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return storage
@@ -215,23 +217,29 @@ def _load_zip(path: Path):
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
-            raise _FormatError(f"{path} is a zip archive but not a torch.save checkpoint (no <archive>/data.pkl)")
+            raise _FormatError(
+                f"{path} is a zip archive but not a torch.save checkpoint (no <archive>/data.pkl)")
         prefix = pkls[0][: -len("data.pkl")]
         order = "<"
         if prefix + "byteorder" in names:
             order = ">" if zf.read(prefix + "byteorder").strip() == b"big" else "<"
+
+        total = sum(i.file_size for i in zf.infolist() if i.filename.startswith(prefix + "data/"))
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {path.name}",
+                   disable=total < 2**28)               # a bar only for large checkpoints
 
         def reader(key: str, stype: _StorageType, numel: int) -> np.ndarray:
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise pickle.UnpicklingError(f"storage record {member} is missing")
             buf = _read_member(zf, member)
+            bar.update(len(buf))
             if len(buf) < numel * stype.dtype.itemsize:
                 raise pickle.UnpicklingError(f"storage record {member} holds {len(buf)} bytes, "
                                              f"expected {numel} x {stype.dtype.itemsize}")
             return np.frombuffer(buf, dtype=stype.dtype, count=numel)
 
-        with zf.open(pkls[0]) as f:
+        with zf.open(pkls[0]) as f, bar:
             return RestrictedUnpickler(f, str(path), reader, order).load()
 
 
