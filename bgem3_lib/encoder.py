@@ -117,16 +117,23 @@ class M3Encoder(nn.Cell):
         self.layers = nn.CellList([Layer(cfg) for _ in range(cfg.num_hidden_layers)])
 
     def construct(self, input_ids, attention_mask, position_ids):
-        x = self.embeddings(input_ids, position_ids)
+        x = self.embed(input_ids, position_ids)
+        return self.run_layers(x, self.mask_bias(attention_mask), 0, len(self.layers))
+
+    def embed(self, input_ids, position_ids):
+        """[B, L] ids -> [B, L, H] embedding output (in the layers' dtype)."""
+        return self.embeddings(input_ids, position_ids).astype(self.layers[0].attention.qkv.weight.dtype)
+
+    def mask_bias(self, attention_mask):
+        """[B, L] 0/1 mask -> additive [B, 1, 1, L] bias: 0 where attended, dtype-min where padded."""
         dtype = self.layers[0].attention.qkv.weight.dtype
-        x = x.astype(dtype)
-        # additive mask [B, 1, 1, L]: 0 where attended, dtype-min where padded
-        neg = float(np.finfo(np.float16).min) if dtype == ms.float16 else -3.4028234663852886e38
-        if dtype == ms.bfloat16:
-            neg = -3.3895313892515355e38
-        mask_bias = ((1.0 - attention_mask.astype(ms.float32)) * neg).astype(dtype)[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, mask_bias)
+        neg = {ms.float16: -65504.0, ms.bfloat16: -3.3895313892515355e38}.get(dtype, -3.4028234663852886e38)
+        return ((1.0 - attention_mask.astype(ms.float32)) * neg).astype(dtype)[:, None, None, :]
+
+    def run_layers(self, x, mask_bias, start: int, end: int):
+        """Apply layers ``start..end-1`` to hidden states [B, L, H] (for cached lower layers)."""
+        for i in range(start, end):
+            x = self.layers[i](x, mask_bias)
         return x
 
 
