@@ -184,7 +184,7 @@ class BGEM3:
         return [prefix + t if isinstance(t, str) else t for t in check_texts(texts)]
 
     # ------------------------------------------------------------------ scoring
-    def compute_score(self, sentence_pairs, batch_size: int = 256, max_query_length: int = 512,
+    def compute_score(self, sentence_pairs, batch_size: int = 256, max_query_length: int | None = None,
                       max_passage_length: int | None = None, weights_for_different_modes=None) -> dict:
         """Score (query, passage) pairs in all modes, as FlagEmbedding's ``compute_score``.
 
@@ -207,6 +207,7 @@ class BGEM3:
         if len(w) != 3 or sum(w) == 0 or w[0] + w[1] == 0:
             raise ValueError(f"weights_for_different_modes must be 3 weights [dense, sparse, colbert] "
                              f"with non-zero sums, got {weights_for_different_modes}")
+        max_query_length = max_query_length or min(512, self.config.max_length)
         scores = {m: [] for m in MODES}
         for s in range(0, len(sentence_pairs), batch_size):
             batch = sentence_pairs[s:s + batch_size]

@@ -26,6 +26,7 @@ def multilingual_texts(per_lang: int = 4) -> list[str]:
     return texts
 
 
-def long_text(lang: str = "en", paragraphs: int = 6) -> str:
-    paras = xquad(lang)["data"][1]["paragraphs"]
-    return " ".join(p["context"] for p in paras[:paragraphs])
+def long_text(lang: str = "en", paragraphs: int = 12) -> str:
+    """Consecutive XQuAD paragraphs joined: ~2,000+ tokens, longer than the tests' max_length."""
+    paras = [p["context"] for art in xquad(lang)["data"] for p in art["paragraphs"]]
+    return " ".join(paras[:paragraphs])

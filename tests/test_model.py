@@ -84,3 +84,110 @@ def test_missing_model_and_files_are_named(tmp_path):
                                           '"intermediate_size": 8}')
     with pytest.raises(FileNotFoundError, match="no model.safetensors, pytorch_model.bin"):
         BGEM3(str(tmp_path))
+
+
+def _tiny_model_dir(tmp_path, seed=0):
+    """A tiny random model saved with save_pretrained (safetensors + heads)."""
+    from bgem3_lib.assets import asset_path
+    from bgem3_lib.config import M3Config
+    from bgem3_lib.encoder import M3Encoder, hf_to_encoder_names
+    from bgem3_lib.loading import LoadedModel
+    cfg = M3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   max_position_embeddings=66)
+    rng = np.random.default_rng(seed)
+    enc = M3Encoder(cfg)
+    shapes = {p.name: p.shape for p in enc.get_parameters()}
+    state = {hf: rng.normal(0, 0.05, size=shapes[ours]).astype(np.float32)
+             for ours, hf in hf_to_encoder_names(cfg).items()}
+    for n in ("query", "key", "value"):
+        state[f"encoder.layer.0.attention.self.{n}.weight"] = rng.normal(0, 0.05, (16, 16)).astype(np.float32)
+        state[f"encoder.layer.0.attention.self.{n}.bias"] = np.zeros(16, np.float32)
+    heads = {"colbert_linear.weight": rng.normal(0, 0.1, (16, 16)).astype(np.float32),
+             "colbert_linear.bias": np.zeros(16, np.float32),
+             "sparse_linear.weight": rng.normal(0, 0.1, (1, 16)).astype(np.float32),
+             "sparse_linear.bias": np.full(1, 0.05, np.float32)}
+    m = BGEM3(loaded=LoadedModel(cfg, state, heads, asset_path("tokenizer.json"), "tiny"))
+    return m, m.save_pretrained(tmp_path / "tiny")
+
+
+def test_save_pretrained_roundtrip(tmp_path):
+    m, path = _tiny_model_dir(tmp_path)
+    again = BGEM3(str(path))
+    texts = ["hello world", "a second text", "東京"]
+    a = m.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = again.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    np.testing.assert_array_equal(a["dense_vecs"], b["dense_vecs"])
+    assert a["lexical_weights"] == b["lexical_weights"]
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_malicious_pytorch_bin_is_refused_and_nothing_runs(tmp_path):
+    import os
+    import pickle
+    import zipfile
+    _, path = _tiny_model_dir(tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (path / "model.safetensors").unlink()
+    with zipfile.ZipFile(path / "pytorch_model.bin", "w") as zf:
+        zf.writestr("archive/data.pkl", pickle.dumps({"w": Evil()}, protocol=2))
+        zf.writestr("archive/version", "3\n")
+    with pytest.raises(ValueError, match="refused global"):
+        BGEM3(str(path))
+    assert not marker.exists()
+
+
+def test_truncated_safetensors_is_named(tmp_path):
+    _, path = _tiny_model_dir(tmp_path)
+    f = path / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(ValueError, match="(?i)truncated|corrupt"):
+        BGEM3(str(path))
+
+
+def test_wrong_head_shape_is_named(tmp_path):
+    from bgem3_lib.checkpoint_io import load_state_dict, save_state_dict
+    _, path = _tiny_model_dir(tmp_path)
+    heads = load_state_dict(path / "heads.safetensors")
+    heads["sparse_linear.weight"] = np.zeros((1, 8), np.float32)
+    save_state_dict(heads, path / "heads.safetensors")
+    with pytest.raises(ValueError, match=r"sparse_linear.weight.*\(1, 8\).*\(1, 16\)"):
+        BGEM3(str(path))
+
+
+def test_compute_score_modes_and_weights(tmp_path):
+    from bgem3_lib.scoring import colbert_score, lexical_matching_score
+    m, _ = _tiny_model_dir(tmp_path)
+    pairs = [("what is a cat", "a cat is a small animal"), ("hello", "hello there my friend")]
+    s = m.compute_score(pairs, weights_for_different_modes=[0.5, 0.2, 0.3], batch_size=1)
+    q = m.encode([p[0] for p in pairs], return_sparse=True, return_colbert_vecs=True)
+    p = m.encode([p[1] for p in pairs], return_sparse=True, return_colbert_vecs=True)
+    for i in range(2):
+        d = float(q["dense_vecs"][i] @ p["dense_vecs"][i])
+        sp = lexical_matching_score(q["lexical_weights"][i], p["lexical_weights"][i])
+        c = colbert_score(q["colbert_vecs"][i], p["colbert_vecs"][i])
+        assert s["dense"][i] == pytest.approx(d, abs=1e-6)
+        assert s["sparse"][i] == pytest.approx(sp, abs=1e-6)
+        assert s["colbert"][i] == pytest.approx(c, abs=1e-6)
+        assert s["sparse+dense"][i] == pytest.approx((0.2 * sp + 0.5 * d) / 0.7, abs=1e-6)
+        assert s["colbert+sparse+dense"][i] == pytest.approx(0.5 * d + 0.2 * sp + 0.3 * c, abs=1e-6)
+    with pytest.raises(ValueError, match="weights_for_different_modes"):
+        m.compute_score(pairs, weights_for_different_modes=[1, 1])
+    with pytest.raises(ValueError, match="not a \\(query, passage\\) pair"):
+        m.compute_score([("only one",)])
+
+
+def test_half_precision_runs_close_to_fp32(tmp_path):
+    _, path = _tiny_model_dir(tmp_path)
+    ref = BGEM3(str(path)).encode(["hello world", "bonjour"])["dense_vecs"]
+    for dtype in ("float16", "bfloat16"):
+        try:
+            out = BGEM3(str(path), dtype=dtype).encode(["hello world", "bonjour"])["dense_vecs"]
+        except RuntimeError as exc:   # a kernel missing on this backend is reported, not hidden
+            pytest.skip(f"{dtype} not supported on this backend: {exc}")
+        assert np.abs(out - ref).max() < 3e-2, dtype

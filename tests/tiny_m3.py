@@ -1,0 +1,86 @@
+"""A tiny random M3 model (XLM-R tokenizer, hidden 32, 2 layers, dense+sparse+ColBERT heads) saved by
+``BGEM3.save_pretrained``, built once per test process."""
+from __future__ import annotations
+
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bgem3_lib.assets import asset_path
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_dir(seed: int = 0) -> Path:
+    from bgem3_lib.config import M3Config
+    from bgem3_lib.encoder import M3Encoder, hf_to_encoder_names
+    from bgem3_lib.loading import LoadedModel
+    from bgem3_lib.model import BGEM3
+
+    cfg = M3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   max_position_embeddings=66)                     # 64 usable tokens
+    rng = np.random.default_rng(seed)
+    shapes = {p.name: p.shape for p in M3Encoder(cfg).get_parameters()}
+    state = {}
+    for ours, hf in hf_to_encoder_names(cfg).items():
+        if hf.endswith("LayerNorm.weight"):
+            state[hf] = (1.0 + 0.1 * rng.standard_normal(shapes[ours])).astype(np.float32)
+        else:
+            state[hf] = (0.5 * rng.standard_normal(shapes[ours])).astype(np.float32)
+    for i in range(cfg.num_hidden_layers):
+        for n in ("query", "key", "value"):
+            base = f"encoder.layer.{i}.attention.self.{n}"
+            state[base + ".weight"] = (0.2 * rng.standard_normal((32, 32))).astype(np.float32)
+            state[base + ".bias"] = (0.1 * rng.standard_normal(32)).astype(np.float32)
+    heads = {"colbert_linear.weight": (0.2 * rng.standard_normal((32, 32))).astype(np.float32),
+             "colbert_linear.bias": (0.1 * rng.standard_normal(32)).astype(np.float32),
+             "sparse_linear.weight": (0.3 * rng.standard_normal((1, 32))).astype(np.float32),
+             "sparse_linear.bias": np.array([0.5], np.float32)}
+    tok = asset_path("tokenizer.json")
+    model = BGEM3(loaded=LoadedModel(cfg, state, heads, tok, "tiny-random"))
+    out = Path(tempfile.mkdtemp(prefix="bgem3-tiny-")) / "model"
+    return model.save_pretrained(out, tokenizer_path=tok)
+
+
+class TableModel:
+    """A stand-in for ``BGEM3`` whose encodings are looked up per text, so rankings can be worked
+    out by hand. Texts not in ``table`` get pseudo-random unit vectors seeded by the text.
+    ``corpus_calls`` counts ``encode_corpus`` calls (the cache tests check it stays 0)."""
+
+    def __init__(self, table: dict | None = None, heads: bool = True, dim: int = 2):
+        from types import SimpleNamespace
+        self.table = table or {}
+        self.dim = dim
+        self.heads = object() if heads else None
+        self.config = SimpleNamespace(max_length=512, to_dict=lambda: {"table": True})
+        self.dtype, self.source = "float32", "table-model"
+        self.query_instruction = self.passage_instruction = ""
+        self.normalize_embeddings = True
+        self._bgem3_fingerprint = f"table-model-{id(self)}"
+        self.tokenizer = SimpleNamespace(vocab_size=250_002, encode_ids=lambda texts, max_length, warn=True:
+                                         [[0] * min(len(t.split()) + 2, max_length) for t in texts])
+        self.corpus_calls = 0
+
+    def _lookup(self, text: str):
+        if text in self.table:
+            return self.table[text]
+        import zlib
+        rng = np.random.default_rng(zlib.crc32(text.encode()))
+        v = rng.standard_normal(self.dim).astype(np.float32)
+        v /= np.linalg.norm(v)
+        return v, {str(int(rng.integers(5, 50))): 1.0}, v[None, :]
+
+    def encode(self, texts, batch_size=32, max_length=None, return_dense=True, return_sparse=False,
+               return_colbert_vecs=False, show_progress=None, **_):
+        rows = [self._lookup(t) for t in texts]
+        return {"dense_vecs": np.array([r[0] for r in rows], np.float32) if return_dense else None,
+                "lexical_weights": [dict(r[1]) for r in rows] if return_sparse else None,
+                "colbert_vecs": [np.asarray(r[2], np.float32) for r in rows] if return_colbert_vecs else None}
+
+    def encode_queries(self, texts, **kw):
+        return self.encode(texts, **kw)
+
+    def encode_corpus(self, texts, **kw):
+        self.corpus_calls += 1
+        return self.encode(texts, **kw)
