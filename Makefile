@@ -34,8 +34,20 @@ test: assets
 test-all: assets
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The book: JavaScript vendored by book/vendor_js.sh (npm pack), notebooks executed, HTML in _build/html.
+# book-quick runs the same notebooks on small subsets (BGEM3_QUICK=1), for CI.
 book: assets
-	$(VENV)/bin/jupyter-book build . -W -n --keep-going
+	book/build.sh full
+
+book-quick: assets
+	book/build.sh quick
+
+# Headless Debian chromium opens every page of _build/html (build it first) and checks it.
+book-check: venv
+	command -v chromium >/dev/null || { if [ "$$(id -u)" = 0 ]; then apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; else sudo apt-get update -q && \
+	  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi; }
+	$(PY) book/check_book.py _build/html --screenshots _build/screenshots
 
 clean:
 	rm -rf _build .pytest_cache .ruff_cache
