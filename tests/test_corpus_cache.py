@@ -67,8 +67,8 @@ _SHARD_SCRIPT = textwrap.dedent("""
     from bgem3_lib import BGEM3
     from bgem3_lib.corpus_cache import corpus_encodings
     rank = int(sys.argv[1])
-    docids, texts = _corpus(10)
-    out = corpus_encodings(BGEM3({model!r}), docids, texts, max_length=48, batch_size=3, shard=(rank, 2),
+    docids, texts = _corpus(5)
+    out = corpus_encodings(BGEM3({model!r}), docids, texts, max_length=24, batch_size=2, shard=(rank, 2),
                            root={root!r}, timeout=120)
     print("RESULT", rank, out is None)
 """)
@@ -84,21 +84,21 @@ def test_two_shard_processes_merge_to_the_single_process_result(tmp_path):
     procs = [subprocess.Popen([sys.executable, str(script), str(r)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT) for r in (1, 0)]
     model = BGEM3(model_dir)
-    docids, texts = _corpus(10)
-    single = corpus_encodings(model, docids, texts, max_length=48, batch_size=3, root=tmp_path / "c1")
+    docids, texts = _corpus(5)
+    single = corpus_encodings(model, docids, texts, max_length=24, batch_size=2, root=tmp_path / "c1")
     outs = [p.communicate(timeout=180) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-2000:]
     assert "RESULT 1 True" in outs[0][0] and "RESULT 0 False" in outs[1][0]    # only rank 0 returns
     (key,) = [d.name for d in (tmp_path / "c2").iterdir()]
     assert not (tmp_path / "c2" / key / "shards").exists()                   # parts removed after merging
-    merged = corpus_encodings(model, docids, texts, max_length=48, batch_size=3, root=tmp_path / "c2")
+    merged = corpus_encodings(model, docids, texts, max_length=24, batch_size=2, root=tmp_path / "c2")
     assert np.array_equal(merged["dense_vecs"], single["dense_vecs"])
     assert [list(d.items()) for d in merged["lexical_weights"]] == [
         list(d.items()) for d in single["lexical_weights"]]
     assert all(np.array_equal(a, b) for a, b in zip(merged["colbert_vecs"], single["colbert_vecs"]))
     # and both are the plain encode_corpus output, in corpus order
-    direct = model.encode_corpus(texts, max_length=48, return_sparse=True, return_colbert_vecs=True)
+    direct = model.encode_corpus(texts, max_length=24, return_sparse=True, return_colbert_vecs=True)
     np.testing.assert_allclose(merged["dense_vecs"], direct["dense_vecs"], atol=1e-5)
     assert [sorted(d) for d in merged["lexical_weights"]] == [sorted(d) for d in direct["lexical_weights"]]
     assert [len(v) for v in merged["colbert_vecs"]] == [len(v) for v in direct["colbert_vecs"]]

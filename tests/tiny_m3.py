@@ -2,7 +2,9 @@
 ``BGEM3.save_pretrained``, built once per test process."""
 from __future__ import annotations
 
+import atexit
 import functools
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -11,23 +13,39 @@ import numpy as np
 from bgem3_lib.assets import asset_path
 
 
+def _shape(hf_name: str, cfg) -> tuple[int, ...]:
+    """Shape of a Hugging Face BERT/XLM-R encoder tensor."""
+    H, inner = cfg.hidden_size, cfg.intermediate_size
+    if hf_name.endswith("_embeddings.weight"):
+        table = hf_name.split(".")[1].rsplit("_", 1)[0]
+        rows = {"word": cfg.vocab_size, "position": cfg.max_position_embeddings, "token_type": cfg.type_vocab_size}
+        return (rows[table], H)
+    if "LayerNorm" in hf_name:
+        return (H,)
+    if "intermediate.dense" in hf_name:
+        out, inp = inner, H
+    elif ".output.dense" in hf_name and ".attention." not in hf_name:
+        out, inp = H, inner
+    else:
+        out, inp = H, H
+    return (out,) if hf_name.endswith("bias") else (out, inp)
+
+
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(seed: int = 0) -> Path:
     from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import M3Encoder, hf_to_encoder_names
+    from bgem3_lib.encoder import hf_to_encoder_names
     from bgem3_lib.loading import LoadedModel
     from bgem3_lib.model import BGEM3
 
     cfg = M3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=66)                     # 64 usable tokens
     rng = np.random.default_rng(seed)
-    shapes = {p.name: p.shape for p in M3Encoder(cfg).get_parameters()}
     state = {}
-    for ours, hf in hf_to_encoder_names(cfg).items():
-        if hf.endswith("LayerNorm.weight"):
-            state[hf] = (1.0 + 0.1 * rng.standard_normal(shapes[ours])).astype(np.float32)
-        else:
-            state[hf] = (0.5 * rng.standard_normal(shapes[ours])).astype(np.float32)
+    for hf in hf_to_encoder_names(cfg).values():
+        base = 1.0 if hf.endswith("LayerNorm.weight") else 0.0
+        scale = 0.1 if "LayerNorm" in hf else 0.5
+        state[hf] = (base + scale * rng.standard_normal(_shape(hf, cfg))).astype(np.float32)
     for i in range(cfg.num_hidden_layers):
         for n in ("query", "key", "value"):
             base = f"encoder.layer.{i}.attention.self.{n}"
@@ -39,7 +57,9 @@ def tiny_model_dir(seed: int = 0) -> Path:
              "sparse_linear.bias": np.array([0.5], np.float32)}
     tok = asset_path("tokenizer.json")
     model = BGEM3(loaded=LoadedModel(cfg, state, heads, tok, "tiny-random"))
-    out = Path(tempfile.mkdtemp(prefix="bgem3-tiny-")) / "model"
+    tmp = tempfile.mkdtemp(prefix="bgem3-tiny-")
+    atexit.register(shutil.rmtree, tmp, True)
+    out = Path(tmp) / "model"
     return model.save_pretrained(out, tokenizer_path=tok)
 
 

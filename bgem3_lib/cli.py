@@ -1,0 +1,165 @@
+"""Command line: ``python -m bgem3_lib {eval,encode,train} ...``.
+
+Examples::
+
+    python -m bgem3_lib eval --task tydi --model m3-small-base --modes dense --out /tmp/eval_tydi
+    python -m bgem3_lib eval --task miracl --model /models/bge-m3 \\
+        --modes dense,sparse,colbert,dense+sparse,all --langs sw,yo --device Ascend --out res --shard 0/2
+    python -m bgem3_lib encode --model m3-small-base --input texts.txt --kind passage --out texts.npz
+    python -m bgem3_lib train --help            # delegated to bgem3_lib.trainer
+
+``eval`` under ``msrun`` takes its shard from the launcher (see :mod:`bgem3_lib.distributed`); the
+extra scheduler process ``msrun`` starts exits at once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .distributed import is_msrun_scheduler, parse_shard
+
+_ALL_MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+
+
+def _csv(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _weights(text: str) -> tuple[float, float, float]:
+    try:
+        w = tuple(float(x) for x in _csv(text))
+    except ValueError:
+        msg = f"--weights must be three numbers 'dense,sparse,colbert', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if len(w) != 3:
+        raise argparse.ArgumentTypeError(f"--weights needs 3 numbers (dense,sparse,colbert), got {len(w)}")
+    return w
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        return parse_shard(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="'m3-small', 'm3-small-base' or a model directory "
+                   "(e.g. a BAAI/bge-m3 download)")
+    p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--max-length", type=_positive, default=None, help="passage tokens (default: the model's)")
+    p.add_argument("--batch-size", type=_positive, default=32)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    from .evaluate import TASKS
+    parser = argparse.ArgumentParser(prog="python -m bgem3_lib", description="BGE-M3 on MindSpore")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,encode,train}")
+
+    ev = sub.add_parser("eval", help="retrieval evaluation -> results.csv / results.json")
+    ev.add_argument("--task", required=True, choices=TASKS)
+    _model_args(ev)
+    ev.add_argument("--modes", type=_csv, default=["dense"],
+                    help=f"comma-separated, from {','.join(_ALL_MODES)}")
+    ev.add_argument("--langs", type=_csv, default=None, help="comma-separated (default: all of the task's)")
+    ev.add_argument("--out", required=True, type=Path, help="output directory")
+    ev.add_argument("--shard", type=_shard, default=None,
+                    help="encode corpus shard i of n (default: from msrun's RANK_ID/RANK_SIZE, else 0/1)")
+    ev.add_argument("--weights", type=_weights, default=None,
+                    help="hybrid weights dense,sparse,colbert (default: the paper's for the task)")
+    ev.add_argument("--limit-queries", type=_positive, default=None, help="first N queries per language")
+    ev.add_argument("--cache", type=Path, default=None,
+                    help="encoding cache (default: $BGEM3_HOME/encodings)")
+
+    en = sub.add_parser("encode", help="encode texts from a file (one per line, or .jsonl 'text') -> .npz")
+    _model_args(en)
+    en.add_argument("--input", required=True, type=Path)
+    en.add_argument("--out", required=True, type=Path, help="output .npz")
+    en.add_argument("--kind", default="passage", choices=["query", "passage", "raw"],
+                    help="prefix convention: encode_queries / encode_corpus / encode (no prefix)")
+    en.add_argument("--sparse", action="store_true", help="also lexical weights")
+    en.add_argument("--colbert", action="store_true", help="also multi-vector (ColBERT) vectors")
+
+    tr = sub.add_parser("train", help="fine-tune (delegated to bgem3_lib.trainer)")
+    if argv and argv[0] == "train":
+        try:
+            from .trainer import add_train_arguments
+        except ModuleNotFoundError as e:
+            if e.name != "bgem3_lib.trainer":
+                raise
+            parser.error("the train command is not available: bgem3_lib/trainer.py is missing")
+        add_train_arguments(tr)
+    return parser
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a file: one per line, or for ``.jsonl`` the ``title``+``text`` of each row."""
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    texts = []
+    for n, line in enumerate(lines, 1):
+        if path.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                line = f"{row.get('title') or ''} {row['text']}".strip()
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
+        if not line.strip():
+            raise ValueError(f"{path}:{n}: empty text")
+        texts.append(line)
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return texts
+
+
+def _cmd_eval(args) -> int:
+    if is_msrun_scheduler():
+        print("[eval] msrun scheduler process: no encoding work here, exiting")
+        return 0
+    from .evaluate import run_eval
+    from .model import BGEM3
+    model = BGEM3(args.model, device=args.device, dtype=args.dtype)
+    run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
+             args.batch_size, args.shard, args.limit_queries, args.cache)
+    return 0
+
+
+def _cmd_encode(args) -> int:
+    from .encoding_store import encodings_to_npz
+    from .model import BGEM3
+    texts = read_texts(args.input)
+    model = BGEM3(args.model, device=args.device, dtype=args.dtype)
+    fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[args.kind]
+    out = fn(texts, batch_size=args.batch_size, max_length=args.max_length, return_sparse=args.sparse,
+             return_colbert_vecs=args.colbert, show_progress=True)
+    path = encodings_to_npz(out, args.out)
+    print(f"[encode] {len(texts)} texts -> {path}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .trainer import run_train
+    return int(run_train(args) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return {"eval": _cmd_eval, "encode": _cmd_encode, "train": _cmd_train}[args.command](args)
+    except (ValueError, FileNotFoundError, TypeError, TimeoutError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

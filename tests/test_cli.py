@@ -1,0 +1,93 @@
+"""``python -m bgem3_lib``: argument parsing, encode / eval commands, train delegation, msrun scheduler."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tiny_m3 import tiny_model_dir
+
+from bgem3_lib.cli import build_parser, main, read_texts
+from bgem3_lib.evaluate import COLUMNS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_eval_arguments_parse():
+    a = build_parser().parse_args(["eval", "--task", "tydi", "--model", "m3-small-base", "--modes", "dense,all",
+                                   "--langs", "ar,de", "--out", "o", "--shard", "1/4", "--weights", "1,0.3,1",
+                                   "--limit-queries", "5", "--max-length", "128", "--batch-size", "8"])
+    assert (a.task, a.modes, a.langs, a.shard, a.weights) == ("tydi", ["dense", "all"], ["ar", "de"], (1, 4),
+                                                              (1.0, 0.3, 1.0))
+    assert (a.limit_queries, a.max_length, a.batch_size, a.device) == (5, 128, 8, "CPU")
+
+
+@pytest.mark.parametrize("extra", [["--task", "msmarco"], ["--shard", "4/4"], ["--weights", "1,2"],
+                                   ["--weights", "a,b,c"], ["--batch-size", "0"]])
+def test_bad_arguments_exit_with_usage(extra, capsys):
+    args = ["eval", "--task", "tydi", "--model", "m", "--out", "o"] + extra
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_library_errors_are_reported_not_raised(tmp_path, capsys):
+    code = main(["eval", "--task", "tydi", "--model", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    assert code == 2 and "neither a model directory nor a known name" in capsys.readouterr().err
+
+
+def test_train_is_delegated_lazily(monkeypatch):
+    calls = {}
+    fake = types.ModuleType("bgem3_lib.trainer")
+    fake.add_train_arguments = lambda p: p.add_argument("--steps", type=int, default=1)
+    fake.run_train = lambda args: calls.setdefault("steps", args.steps) and 0
+    monkeypatch.setitem(sys.modules, "bgem3_lib.trainer", fake)
+    assert main(["train", "--steps", "7"]) == 0 and calls == {"steps": 7}
+    monkeypatch.setitem(sys.modules, "bgem3_lib.trainer", None)          # as if trainer.py were absent
+    with pytest.raises((SystemExit, ImportError)):
+        main(["train"])
+
+
+def test_msrun_scheduler_process_exits_without_work(monkeypatch, capsys):
+    monkeypatch.setenv("MS_ROLE", "MS_SCHED")
+    assert main(["eval", "--task", "tydi", "--model", "does-not-matter", "--out", "x"]) == 0
+    assert "scheduler" in capsys.readouterr().out
+
+
+def test_read_texts_names_bad_lines(tmp_path):
+    (tmp_path / "t.txt").write_text("one\n\nthree\n")
+    with pytest.raises(ValueError, match="t.txt:2: empty text"):
+        read_texts(tmp_path / "t.txt")
+    (tmp_path / "t.jsonl").write_text('{"title": "T", "text": "body"}\n{"x": 1}\n')
+    with pytest.raises(ValueError, match="t.jsonl:2: expected a JSON object with a 'text'"):
+        read_texts(tmp_path / "t.jsonl")
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        read_texts(tmp_path / "missing.txt")
+
+
+def test_encode_command_writes_npz(tmp_path):
+    texts = "Hallo Welt\nBonjour le monde, ça va ?\n東京は日本の首都です\n"
+    (tmp_path / "texts.txt").write_text(texts, encoding="utf-8")
+    assert main(["encode", "--model", str(tiny_model_dir()), "--input", str(tmp_path / "texts.txt"),
+                 "--out", str(tmp_path / "e.npz"), "--sparse", "--colbert", "--max-length", "32"]) == 0
+    with np.load(tmp_path / "e.npz") as z:
+        assert z["dense"].shape == (3, 32) and z["sparse_indptr"].shape == (4,)
+        assert z["colbert_offsets"].shape == (4,) and z["colbert"].shape == (z["colbert_offsets"][-1], 32)
+        np.testing.assert_allclose(np.linalg.norm(z["dense"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_python_m_eval_in_a_subprocess(tmp_path):
+    out = tmp_path / "res"
+    env = {"PYTHONPATH": str(ROOT), "GLOG_v": "3", "BGEM3_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([sys.executable, "-m", "bgem3_lib", "eval", "--task", "xquad-longdoc", "--model",
+                          str(tiny_model_dir()), "--modes", "dense,sparse,colbert,dense+sparse,all", "--langs", "en",
+                          "--out", str(out), "--limit-queries", "2", "--max-length", "32", "--batch-size", "16"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    df = pd.read_csv(out / "results.csv")
+    assert list(df.columns) == COLUMNS and len(df) == 5 * 4 and set(df["lang"]) == {"en"}
+    assert "MLDR-style stand-in" in run.stdout and (tmp_path / "home" / "encodings").is_dir()
