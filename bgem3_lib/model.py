@@ -13,15 +13,15 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-import mindspore as ms
 import numpy as np
-from mindspore import Tensor
+from mindspore import Tensor, ops
 from tqdm.auto import tqdm
 
+from . import cpu_kernels
 from .checkpoint_io import save_state_dict
 from .config import M3Config
-from .encoder import M3Encoder, cast_encoder, encoder_inputs, load_hf_state
-from .heads import M3Heads, colbert_embedding, dense_embedding, sparse_embedding
+from .encoder import M3Encoder, cast_encoder, load_hf_state
+from .heads import M3Heads, l2_normalize, sparse_embedding
 from .loading import LoadedModel, resolve
 from .runtime import set_device
 from .scoring import colbert_score, lexical_matching_score
@@ -53,7 +53,7 @@ class BGEM3:
         self.query_instruction, self.passage_instruction = lm.instructions
         self.tokenizer = M3Tokenizer.from_file(lm.tokenizer_path)
         self.encoder = M3Encoder(self.config)
-        load_hf_state(self.encoder, lm.encoder_state)
+        load_hf_state(self.encoder, lm.encoder_state, share_memory=loaded is None)  # resolve()'s arrays: no copy
         self.dtype = dtype
         cast_encoder(self.encoder, dtype)
         self.encoder.set_train(False)
@@ -115,21 +115,38 @@ class BGEM3:
 
     # ------------------------------------------------------------------ forward
     def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool, colbert: bool):
-        """One padded batch -> dense [B,H] / lexical dicts / colbert list (NumPy)."""
-        hidden_ms = self.encoder(*encoder_inputs(input_ids, mask, self.config)).astype(ms.float32)
+        """One padded batch -> dense [B,H] / lexical dicts / colbert list (NumPy).
+
+        The encoder returns only the attended tokens, packed [T, H]; each head reads them once:
+        dense the CLS rows (or a segment mean), sparse one weight per token, ColBERT tokens 1..n-1."""
+        if (sparse or colbert) and self.heads is None:
+            raise ValueError(f"model {self.source!r} has no sparse/ColBERT heads (dense only); "
+                             "load 'm3-small' or a BGE-M3 directory with colbert_linear.pt/sparse_linear.pt")
+        packed, offsets = self.encoder.forward_packed(input_ids, mask)         # [T, H], [B+1]
+        starts, lengths = offsets[:-1], np.diff(offsets)
         out = {}
         if dense:
-            out["dense"] = dense_embedding(hidden_ms.asnumpy(), mask, self.config.pooling, self.normalize_embeddings)
-        if sparse or colbert:
-            if self.heads is None:
-                raise ValueError(f"model {self.source!r} has no sparse/ColBERT heads (dense only); "
-                                 "load 'm3-small' or a BGE-M3 directory with colbert_linear.pt/sparse_linear.pt")
+            if self.config.pooling == "cls":
+                pooled = ops.gather(packed, Tensor(starts), 0).asnumpy()
+            elif self.config.pooling == "mean":
+                pooled = np.add.reduceat(packed.asnumpy(), starts, axis=0) / lengths[:, None].astype(np.float32)
+            else:
+                raise ValueError(f"unknown pooling {self.config.pooling!r}; expected 'cls' or 'mean'")
+            out["dense"] = l2_normalize(pooled) if self.normalize_embeddings else pooled
         if sparse:
-            w = self.heads.sparse_weights(hidden_ms).asnumpy()
-            out["sparse"] = sparse_embedding(w, input_ids, mask, self.special_ids)
+            weights = np.zeros(input_ids.shape, np.float32)                    # [B, L]: O(B*L), never B*L*V
+            weights[mask.astype(bool)] = self.heads.sparse_weights(packed[None]).asnumpy()[0]
+            out["sparse"] = sparse_embedding(weights, input_ids, mask, self.special_ids)
         if colbert:
-            c = self.heads.colbert_states(hidden_ms).asnumpy()
-            out["colbert"] = colbert_embedding(c, mask, self.normalize_embeddings)
+            lin = self.heads.colbert_linear
+            vecs = (cpu_kernels.linear(packed, lin.weight, lin.bias) if self.encoder.cpu_kernels_ready()
+                    else lin(packed)).asnumpy()
+            not_cls = np.ones(len(vecs), bool)
+            not_cls[starts] = False
+            vecs = vecs[not_cls]                                               # tokens 1..n-1 of every text
+            if self.normalize_embeddings:
+                vecs = l2_normalize(vecs)
+            out["colbert"] = np.split(vecs, np.cumsum(lengths - 1)[:-1])
         return out
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 256, max_length: int | None = None,

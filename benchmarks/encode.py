@@ -1,0 +1,282 @@
+"""Benchmark: encoding speed and memory of bgem3_lib vs FlagEmbedding (PyTorch) vs MindNLP (transformers
+on MindSpore), side by side on this CPU, identical weights and inputs, all three outputs on.
+
+    .venv/bin/python benchmarks/encode.py [--quick] [--runs 5] [--no-mindnlp]
+
+* Weights: random checkpoints in the real BAAI/bge-m3 file layout, written by torch
+  (``tests/torch_reference.write_bge_m3_checkpoint``): ``full`` (XLM-R large: 24 x 1024, 8194
+  positions) and ``m3-small`` (the M3-small / multilingual-e5-small shape: 12 x 384). Cached in
+  ``cache_dir()/bench``. ``--quick`` uses ``m3-small`` only.
+* Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD
+  articles as long documents, many languages, fixed seed) and fixed batches of exactly
+  128 / 512 / 2048 tokens (long XQuAD text cut by ``max_length``).
+* Every system runs in its own process (``encode_workers.py``) holding its model; runs are
+  interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
+  all systems alike. tokens/s = real (non-padding) tokens / wall seconds, median of ``--runs`` runs
+  after one warm-up. FlagEmbedding's ``encode`` re-runs its longest batch to probe the batch size;
+  the headline ratio uses its time *without* that probe (the stricter comparison).
+* Roofline: NumPy's float32 1024x1024x4096 matmul GFLOP/s, measured in the same run before and
+  after; ``roofline_pct`` = bgem3_lib's useful GFLOP/s on the mix / that.
+* Sparse memory: peak RSS of bgem3_lib's sparse output at up to 32 x 2048 tokens vs FlagEmbedding's
+  B x L x V ("old") and B x V ("new") sparse embedding at sizes this machine can hold.
+* Sorted vs unsorted batches on the mix, for the packed CPU-kernel path and the plain padded path.
+
+Writes ``benchmarks/results/encode_*.json`` and ``benchmarks/results/encode.md`` (generated from the
+JSON by ``encode_report.py``); the last line printed is
+``speedup_vs_flagembedding=X.XX speedup_vs_mindnlp=Y.YY roofline_pct=Z.Z``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from encode_inputs import SIZES, Tokens, long_texts, make_case, make_checkpoint, padded_slots, real_mix  # noqa: E402
+from encode_report import summarize, write_markdown  # noqa: E402
+
+WORKERS = ROOT / "benchmarks" / "encode_workers.py"
+
+
+class Worker:
+    """One system in its own process; ``ask(cmd)`` sends a JSON command and returns the JSON answer."""
+
+    def __init__(self, system: str, model_dir: Path, log_dir: Path):
+        self.system = system
+        self.log = open(log_dir / f"{system}.log", "w")
+        self.proc = subprocess.Popen([sys.executable, str(WORKERS), system, str(model_dir)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=str(ROOT))
+        self.ready = self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+        raise RuntimeError(f"worker {self.system} exited (code {self.proc.wait()}); see {self.log.name}")
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write('{"op": "quit"}\n')
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=120)
+        self.log.close()
+
+
+def start_workers(systems, model_dir, log_dir) -> dict[str, Worker]:
+    workers = {}
+    for s in systems:
+        try:
+            workers[s] = Worker(s, model_dir, log_dir)
+        except RuntimeError as exc:
+            print(f"skipping {s}: {exc}", flush=True)
+    return workers
+
+
+def run_cases(workers, cases, runs, plan, tmp: Path) -> dict:
+    """``runs`` interleaved rounds of every (case, system); returns medians per case. The first round's
+    dense vectors are kept to check that all systems compute the same thing."""
+    out = {}
+    for case in cases:
+        name = case["name"]
+        base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
+        active = {s: w for s, w in workers.items() if s in case["systems"]}
+        recs = {s: [] for s in active}
+        for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
+            for s, w in active.items():
+                extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
+                recs[s].append(w.ask(op="encode", **base, **extra))
+        dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active}
+        res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
+               "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {}}
+        for s, rs in recs.items():
+            secs = [r["seconds"] for r in rs]
+            med = float(np.median(secs))
+            entry = {"seconds_runs": secs, "seconds": med, "tokens_per_s": case["tokens"] / med,
+                     "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "gflop_per_s": case["gflop"] / med}
+            if "probe_seconds" in rs[0]:
+                with_probe = float(np.median([r["seconds"] + r["probe_seconds"] for r in rs]))
+                entry.update(seconds_with_probe=with_probe, tokens_per_s_with_probe=case["tokens"] / with_probe)
+            if "kernels_used" in rs[0]:
+                entry["cpu_kernels"] = rs[0]["kernels_used"]
+            if "flagembedding" in dense and s != "flagembedding":
+                entry["max_abs_dense_diff_vs_flagembedding"] = float(np.abs(dense[s] - dense["flagembedding"]).max())
+            res["systems"][s] = entry
+        out[name] = res
+        print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
+                                                for s, e in res["systems"].items()), flush=True)
+    return out
+
+
+def warm_up(workers, case) -> None:
+    """One short encode per process (library imports, kernel build/load, first-call allocations)."""
+    texts = json.loads(Path(case["texts"]).read_text())[:2]
+    path = Path(case["texts"]).with_name("warmup.json")
+    path.write_text(json.dumps(texts))
+    for w in workers.values():
+        w.ask(op="encode", texts=str(path), max_length=case["max_length"], batch_size=2)
+
+
+def matmul_round(workers) -> dict:
+    return {s: w.ask(op="matmul") for s, w in workers.items()}
+
+
+def plan_for(quick: bool) -> dict:
+    """Input sizes. MindNLP (4-10x slower than the others) runs the real mix only, to bound the time."""
+    if quick:
+        return {"sizes": ["m3-small"], "mix": (6, 2, 1), "mix_max_length": 128, "fixed": ((128, 4),),
+                "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
+                "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
+    return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 2048,
+            "fixed": ((128, 8), (512, 2), (2048, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
+            "flag_sparse": (1, 2, 4), "sorting": {"mix": (16, 6, 1), "max_length": 512, "batch_size": 4,
+                                                  "padded": True}}
+
+
+PARTS = ("speed", "sort", "sparse")
+
+
+def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: int, tmp: Path) -> dict:
+    """Every requested part at one model size, sharing the worker processes; returns that size's entry."""
+    model_dir = make_checkpoint(size)
+    tokens, cfg = Tokens(model_dir / "tokenizer.json"), SIZES[size]
+    need = set(systems) if "speed" in parts else set()
+    if size == "m3-small":
+        need |= {"bgem3_lib"} if "sort" in parts else set()
+        need |= {"bgem3_lib", "flagembedding"} if "sparse" in parts else set()
+    if not need:
+        return {}
+    cases = [make_case("mix", real_mix(*plan["mix"]), plan["mix_max_length"], 8, tokens, cfg, tmp, systems)]
+    for L, B in plan["fixed"]:
+        cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
+                               [s for s in systems if s != "mindnlp"]))
+    order = [s for s in systems if s in need]
+    print(f"[{size}] starting workers: {', '.join(order)}", flush=True)
+    workers = start_workers(order, model_dir, tmp)
+    entry = {"config": cfg, "load_rss_mb": {s: w.ready["rss_mb"] for s, w in workers.items()}}
+    try:
+        warm_up(workers, cases[0])
+        if "speed" in parts:
+            entry["matmul"] = [matmul_round(workers)]
+            entry["cases"] = run_cases(workers, cases, runs, size, tmp)
+            entry["matmul"].append(matmul_round(workers))
+        if "sort" in parts and "sorting" in plan and size == "m3-small":
+            sp = plan["sorting"]
+            texts = real_mix(*sp["mix"], seed=1)
+            sort_case = make_case("mix_sort", texts, sp["max_length"], sp["batch_size"], tokens, cfg, tmp,
+                                  ["bgem3_lib"])
+            entry["sorting"] = sort_experiment(workers["bgem3_lib"], sort_case, runs, sp["padded"],
+                                               tokens.lengths(texts, sp["max_length"]))
+        if "sparse" in parts and size == "m3-small":
+            entry["sparse_rss"] = sparse_rss(workers, plan, tokens, tmp)
+    finally:
+        for w in workers.values():
+            w.close()
+    return entry
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="m3-small size only, smaller inputs (<= 5 minutes)")
+    ap.add_argument("--runs", type=int, default=5, help="timed runs per (case, system) after one warm-up")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help="comma list of speed,sort,sparse; a subset re-measures only those and merges them "
+                         "into the existing results file")
+    ap.add_argument("--no-mindnlp", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    if args.runs < 5 or any(p not in PARTS for p in parts):
+        raise SystemExit(f"--runs must be >= 5 and --parts a subset of {PARTS}")
+    plan = plan_for(args.quick)
+    systems = ["bgem3_lib", "flagembedding"] + ([] if args.no_mindnlp else ["mindnlp"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "encode_quick" if args.quick else "encode"
+    path = args.out / f"{stem}.json"
+    results = json.loads(path.read_text()) if path.is_file() and set(parts) != set(PARTS) else {"sizes": {}}
+    if "speed" not in parts and "meta" not in results:
+        raise SystemExit(f"{path} has no speed results yet: run with --parts including speed first")
+    meta = results.get("meta", {})
+    if meta and "parts" not in meta:                 # a file from before --parts existed: one run did all
+        legacy = {k: meta.pop(k) for k in ("load_avg_start", "load_avg_end", "wall_seconds") if k in meta}
+        legacy["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
+        meta["parts"] = {p: legacy for p in PARTS}
+    t_start, load_start = time.time(), os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bgem3-bench-") as tmp_s:
+        for size in plan["sizes"]:
+            entry = run_size(size, parts, plan, systems, args.runs, Path(tmp_s))
+            results["sizes"].setdefault(size, {}).update(entry)
+    part_meta = {"load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_seconds": time.time() - t_start,
+                 "date": time.strftime("%Y-%m-%d %H:%M")}
+    if "speed" in parts:
+        results["meta"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "quick": args.quick, "runs": args.runs, "python": platform.python_version(), "parts": {}}
+    results["meta"].setdefault("parts", {}).update({p: part_meta for p in parts})
+    path.write_text(json.dumps(results, indent=1))
+    summary = summarize(results)
+    write_markdown(results, summary, args.out / f"{stem}.md")
+    print(f"speedup_vs_flagembedding={summary['speedup_vs_flagembedding']:.2f} "
+          f"speedup_vs_mindnlp={summary['speedup_vs_mindnlp']:.2f} roofline_pct={summary['roofline_pct']:.1f}")
+
+
+def sort_experiment(worker: Worker, case: dict, runs: int, padded: bool, lengths: list[int]) -> dict:
+    """bgem3_lib on a mixed-length input: length-sorted vs input-order batches, for the packed CPU
+    kernels (no padding computed) and, if ``padded``, the plain padded MindSpore path."""
+    base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
+    out = {"input": {k: case[k] for k in ("tokens", "n_texts", "max_length", "batch_size")},
+           "padded_slots": {"sorted": padded_slots(lengths, case["batch_size"], True),
+                            "unsorted": padded_slots(lengths, case["batch_size"], False)}}
+    variants = [(k, s) for k in ((True, False) if padded else (True,)) for s in (True, False)]
+    secs = {v: [] for v in variants}
+    for _ in tqdm(range(runs), desc="sorting", leave=False):
+        for kernels, sort in variants:
+            secs[(kernels, sort)].append(worker.ask(op="encode", **base, kernels=kernels, sort=sort)["seconds"])
+    for (kernels, sort), s in secs.items():
+        out[f"{'packed' if kernels else 'padded'}_{'sorted' if sort else 'unsorted'}"] = {
+            "seconds": float(np.median(s)), "tokens_per_s": case["tokens"] / float(np.median(s))}
+    speeds = [f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in out.items() if "tokens_per_s" in v]
+    print("  sorting: " + ", ".join(speeds), flush=True)
+    return out
+
+
+def sparse_rss(workers, plan, tokens: Tokens, tmp: Path) -> dict:
+    """Peak RSS for sparse output: bgem3_lib's whole encode at B x L tokens (above its RSS after loading
+    the model); FlagEmbedding's sparse-embedding step alone at B x 256 (above the RSS before it)."""
+    longest = max(L for _, L in plan["sparse"])
+    path = tmp / "sparse.json"
+    path.write_text(json.dumps(long_texts(max(B for B, _ in plan["sparse"]), longest, tokens)))
+    out = {"bgem3_lib": [], "flagembedding_old": [], "flagembedding_new": []}
+    if "bgem3_lib" in workers:
+        for B, L in tqdm(plan["sparse"], desc="sparse RSS (bgem3_lib)", leave=False):
+            r = workers["bgem3_lib"].ask(op="sparse_rss", texts=str(path), batch=B, max_length=L)
+            out["bgem3_lib"].append({"batch": B, "length": L, "tokens": B * L, "peak_rss_mb": r["peak_rss_mb"],
+                                     "extra_mb": r["peak_rss_mb"] - workers["bgem3_lib"].ready["rss_mb"]})
+    if "flagembedding" in workers:
+        L = 256
+        for p in ("old", "new"):
+            for B in plan["flag_sparse"]:
+                r = workers["flagembedding"].ask(op="sparse_rss", texts=str(path), batch=B, max_length=L, path=p)
+                out[f"flagembedding_{p}"].append({"batch": B, "length": L, "tokens": B * L,
+                                                  "peak_rss_mb": r["peak_rss_mb"],
+                                                  "extra_mb": r["peak_rss_mb"] - r["base_rss_mb"]})
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""AdamW, the warm-up + linear-decay learning rate, and global-norm gradient clipping (MindSpore).
+
+Our own small AdamW (decoupled weight decay, Loshchilov & Hutter; with Adam's bias correction) rather
+than ``mindspore.nn.AdamWeightDecay``: its whole state is three named arrays per parameter and a step
+counter, so a checkpoint can store it exactly and a resumed run continues bit-identically.
+
+Per parameter ``p`` with gradient ``g`` at step ``t`` (1-based) and learning rate ``lr``::
+
+    m <- b1 m + (1 - b1) g          v <- b2 v + (1 - b2) g^2
+    p <- p - lr * ( (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * p )
+
+Weight decay is skipped for biases and LayerNorm parameters (``decay=False``).
+
+>>> [round(lr_at(s, 1.0, warmup=2, total=6), 3) for s in range(6)]
+[0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from mindspore import Parameter, Tensor, ops
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate of 0-based ``step``: linear warm-up over ``warmup`` steps to ``peak``, then
+    linear decay reaching 0 at ``step = total``."""
+    if total < 1 or warmup < 0 or not 0 <= step <= total:
+        raise ValueError(f"need total >= 1, warmup >= 0 and 0 <= step <= total; got {step}, {warmup}, {total}")
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * max(0.0, (total - step) / max(1, total - warmup))
+
+
+def no_decay(name: str) -> bool:
+    """Biases and LayerNorm gains/shifts get no weight decay."""
+    return name.endswith((".bias", ".beta", ".gamma")) or ".norm." in name
+
+
+def clip_by_global_norm(grads: tuple, max_norm: float) -> tuple[tuple, float]:
+    """Scale all gradients by ``min(1, max_norm / ||g||)``; returns (grads, norm before clipping)."""
+    norm = float(ops.sqrt(sum((g.astype(np.float32) ** 2).sum() for g in grads)).asnumpy())
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"gradient norm is {norm}: the loss produced NaN/inf gradients")
+    if max_norm <= 0 or norm <= max_norm:
+        return tuple(grads), norm
+    scale = max_norm / (norm + 1e-6)
+    return tuple(g * scale for g in grads), norm
+
+
+class AdamW:
+    """AdamW over ``params`` (MindSpore Parameters); ``lr_scales[i]`` multiplies the step's learning
+    rate for parameter ``i`` (e.g. 1 for heads, 0.01 for encoder layers)."""
+
+    def __init__(self, params: list[Parameter], lr_scales: list[float] | None = None,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01):
+        if not params:
+            raise ValueError("AdamW got no parameters to train (is everything frozen?)")
+        self.params = list(params)
+        self.lr_scales = list(lr_scales) if lr_scales is not None else [1.0] * len(self.params)
+        if len(self.lr_scales) != len(self.params):
+            raise ValueError(f"{len(self.lr_scales)} lr_scales for {len(self.params)} parameters")
+        self.b1, self.b2 = (float(b) for b in betas)
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.decay = [0.0 if no_decay(p.name) else self.weight_decay for p in self.params]
+        self.t = 0
+        self.m = [ops.zeros(p.shape, p.dtype) for p in self.params]
+        self.v = [ops.zeros(p.shape, p.dtype) for p in self.params]
+
+    def step(self, grads: tuple, lr: float) -> None:
+        if len(grads) != len(self.params):
+            raise ValueError(f"{len(grads)} gradients for {len(self.params)} parameters")
+        self.t += 1
+        c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"gradient of {p.name} has shape {g.shape}, parameter {p.shape}")
+            self.m[i] = self.m[i] * self.b1 + g * (1.0 - self.b1)
+            self.v[i] = self.v[i] * self.b2 + (g * g) * (1.0 - self.b2)
+            update = (self.m[i] / c1) / (ops.sqrt(self.v[i] / c2) + self.eps) + p * self.decay[i]
+            p.set_data(p - update * (lr * self.lr_scales[i]))
+
+    def state_dict(self) -> dict:
+        """``{"t": int, "m": {name: array}, "v": {name: array}}``."""
+        return {"t": self.t,
+                "m": {p.name: m.asnumpy() for p, m in zip(self.params, self.m)},
+                "v": {p.name: v.asnumpy() for p, v in zip(self.params, self.v)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("m", "v"):
+            missing = [p.name for p in self.params if p.name not in state[key]]
+            if missing:
+                raise ValueError(f"optimizer state has no {key!r} for {missing[:3]}")
+        for i, p in enumerate(self.params):
+            for key, store in (("m", self.m), ("v", self.v)):
+                arr = np.asarray(state[key][p.name])
+                if arr.shape != tuple(p.shape):
+                    raise ValueError(f"optimizer {key} of {p.name} has shape {arr.shape}, expected {p.shape}")
+                store[i] = Tensor(arr.astype(np.float32), p.dtype)
+        self.t = int(state["t"])
