@@ -1,20 +1,46 @@
 """The one place that picks MindSpore's device and execution mode.
 
-``set_device("CPU" | "GPU" | "Ascend", device_id=0)``; ``BGEM3_DEVICE`` overrides the default.
+``set_device("CPU" | "GPU" | "Ascend", device_id=None)``; ``BGEM3_DEVICE`` overrides the default
+device, and under MindSpore's ``msrun`` launcher each worker takes its accelerator from the
+``DEVICE_ID`` variable the launcher sets (so 8 workers use 8 devices, not device 0 eight times).
+
+>>> resolve_device_id("Ascend", None, {"DEVICE_ID": "3"})
+3
+>>> resolve_device_id("CPU", None, {"DEVICE_ID": "3"}) is None
+True
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import mindspore as ms
 
 DEVICES = ("CPU", "GPU", "Ascend")
 
 
-def set_device(device: str | None = None, device_id: int | None = None) -> str:
+def canonical_device(device: str | None) -> str:
     device = device or os.environ.get("BGEM3_DEVICE", "CPU")
     canonical = {d.lower(): d for d in DEVICES}.get(str(device).lower())
     if canonical is None:
         raise ValueError(f"unknown device {device!r}; choose one of {DEVICES}")
+    return canonical
+
+
+def resolve_device_id(device: str, device_id: int | None, env: Mapping[str, str]) -> int | None:
+    """An explicit id wins; otherwise an accelerator takes ``DEVICE_ID`` (msrun); CPU takes none."""
+    if device_id is not None or device == "CPU":
+        return device_id
+    raw = env.get("DEVICE_ID")
+    if raw in (None, ""):
+        return None
+    if not str(raw).isdigit():
+        raise ValueError(f"DEVICE_ID must be a non-negative integer, got {raw!r}")
+    return int(raw)
+
+
+def set_device(device: str | None = None, device_id: int | None = None) -> str:
+    canonical = canonical_device(device)
+    device_id = resolve_device_id(canonical, device_id, os.environ)
     ms.set_device(canonical, device_id) if device_id is not None else ms.set_device(canonical)
     return canonical
