@@ -145,7 +145,7 @@ def plan_for(quick: bool) -> dict:
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 2048,
             "fixed": ((128, 8), (512, 2), (2048, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
-            "flag_sparse": (1, 2, 4), "sorting": {"mix": (16, 6, 1), "max_length": 512, "batch_size": 4,
+            "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
                                                   "padded": True}}
 
 

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from .progress import tqdm
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

@@ -34,9 +34,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
 
-from tqdm.auto import tqdm
-
 from .paths import cache_dir, data_dir
+from .progress import tqdm
 
 MIRACL_LANGS = ("ar", "bn", "de", "en", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru", "sw",
                 "te", "th", "yo", "zh")

@@ -28,11 +28,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .distributed import check_shard
 from .encoding_store import REPS, check_reps, gather_rows, load_encodings, save_encodings, stored_reps
 from .paths import cache_dir
+from .progress import tqdm
 
 CACHE_VERSION = 1
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import mindspore as ms
 import numpy as np
-from tqdm.auto import tqdm
 
 from .encoder import encoder_inputs
+from .progress import tqdm
 
 
 class HiddenCache:

@@ -15,7 +15,6 @@ from typing import Sequence
 
 import numpy as np
 from mindspore import Tensor, ops
-from tqdm.auto import tqdm
 
 from . import cpu_kernels
 from .checkpoint_io import save_state_dict
@@ -23,6 +22,7 @@ from .config import M3Config
 from .encoder import M3Encoder, cast_encoder, load_hf_state
 from .heads import M3Heads, l2_normalize, sparse_embedding
 from .loading import LoadedModel, resolve
+from .progress import tqdm
 from .runtime import set_device
 from .scoring import colbert_score, lexical_matching_score
 from .tokenization import M3Tokenizer, check_texts

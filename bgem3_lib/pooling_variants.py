@@ -24,10 +24,10 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .heads import l2_normalize
 from .mcls import _pool, insert_cls
+from .progress import tqdm
 from .tokenization import check_texts
 
 POOLINGS = ("cls", "mean")

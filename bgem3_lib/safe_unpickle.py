@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+
+from .progress import tqdm
 
 __all__ = ["UnsafeCheckpointError", "RestrictedUnpickler", "load_torch_checkpoint",
            "bfloat16_bits_to_float32"]

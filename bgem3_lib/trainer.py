@@ -44,11 +44,11 @@ from pathlib import Path
 import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
-from tqdm.auto import tqdm
 
 from .bucketing import LengthBucketSampler
 from .encoder import position_ids_for
 from .optim import AdamW, clip_by_global_norm, lr_at
+from .progress import tqdm
 from .train_model import PART_NAMES, M3TrainNet, TextStore  # noqa: F401 (TextStore re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
