@@ -201,12 +201,33 @@ class SparseIndex:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+_TOKEN_BLOCK = 1 << 25          # max (query tokens x document tokens) products in one ColBERT block
+
+
+def _colbert_blocks(q_lengths: np.ndarray, doc_lengths: np.ndarray, ids: np.ndarray) -> list[tuple[int, int]]:
+    """Query ranges whose (query tokens x tokens of the documents they need) stay under _TOKEN_BLOCK."""
+    blocks, start, docs, rows = [], 0, set(), 0
+    for i, row in enumerate(ids):
+        new = docs | set(row[row >= 0].tolist())
+        tokens = int(doc_lengths[list(new)].sum()) if new else 0
+        if i > start and (rows + q_lengths[i]) * tokens > _TOKEN_BLOCK:
+            blocks.append((start, i))
+            start, new, rows = i, set(row[row >= 0].tolist()), 0
+        docs, rows = new, rows + q_lengths[i]
+    blocks.append((start, len(ids)))
+    return blocks
+
+
 def colbert_rerank(q_vecs: Sequence[np.ndarray], doc_vecs: Sequence[np.ndarray], candidates) -> np.ndarray:
-    """Multi-vector scores of each query against its candidates.
+    """Multi-vector scores s_mul = 1/n sum_i max_j <q_i, p_j> of each query against its candidates.
 
     q_vecs: Nq arrays [n_i, H]; doc_vecs: N arrays [m_j, H]; candidates [Nq, K] doc ids
-    (-1 = no candidate) -> scores [Nq, K] float32, ``-inf`` where the id is -1. Per query the
-    candidates' vectors are stacked and scored with one matrix product plus a segment max.
+    (-1 = no candidate) -> scores [Nq, K] float32, ``-inf`` where the id is -1.
+
+    Blocks of consecutive queries share one stacked matrix of the documents they need, one matrix
+    product and a segment max (``np.maximum.reduceat``); a block holds at most ``_TOKEN_BLOCK``
+    token products. Candidate lists of neighbouring queries overlap on small corpora, so each
+    document's vectors are copied once per block rather than once per query.
     """
     cand = np.asarray(candidates)
     if cand.ndim != 2 or cand.shape[0] != len(q_vecs):
@@ -217,25 +238,32 @@ def colbert_rerank(q_vecs: Sequence[np.ndarray], doc_vecs: Sequence[np.ndarray],
     if cand.size and (cand.max() >= len(doc_vecs) or cand.min() < -1):
         raise ValueError(f"candidate ids must lie in [-1, {len(doc_vecs)}), got [{cand.min()}, {cand.max()}]")
     out = np.full(cand.shape, -np.inf, dtype=np.float32)
-    for i, (qv, row) in enumerate(zip(q_vecs, cand)):
-        qv = _finite_matrix(f"q_vecs[{i}]", qv)
-        valid = np.flatnonzero(row >= 0)
-        if qv.shape[0] == 0:
-            raise ValueError(f"q_vecs[{i}] has no vectors")
-        if valid.size == 0:
+    if cand.size == 0:
+        return out
+    q_lengths = np.array([np.shape(q)[0] if np.ndim(q) == 2 else 0 for q in q_vecs], np.int64)
+    if (q_lengths < 1).any():
+        bad = int(np.argmax(q_lengths < 1))
+        raise ValueError(f"q_vecs[{bad}] has no vectors: need a non-empty [n, H] array, got {np.shape(q_vecs[bad])}")
+    needed = np.unique(cand[cand >= 0])
+    doc_lengths = np.zeros(len(doc_vecs), np.int64)
+    doc_lengths[needed] = [np.shape(doc_vecs[j])[0] if np.ndim(doc_vecs[j]) == 2 else 0 for j in needed]
+    if (doc_lengths[needed] < 1).any():
+        bad = int(needed[np.argmax(doc_lengths[needed] < 1)])
+        raise ValueError(f"doc_vecs[{bad}] must be a non-empty [m, H] array, got shape {np.shape(doc_vecs[bad])}")
+    for s, e in _colbert_blocks(q_lengths, doc_lengths, cand):
+        block = cand[s:e]
+        docs = np.unique(block[block >= 0])
+        if docs.size == 0:
             continue
-        docs = [doc_vecs[j] for j in row[valid]]
-        lengths = np.array([d.shape[0] if np.ndim(d) == 2 else -1 for d in docs])
-        if (lengths < 1).any():
-            bad = int(row[valid][np.argmax(lengths < 1)])
-            raise ValueError(f"doc_vecs[{bad}] must be a non-empty [m, H] array, "
-                             f"got shape {np.shape(doc_vecs[bad])}")
-        stacked = _finite_matrix("doc_vecs", np.concatenate(docs).astype(np.float32, copy=False))
-        if stacked.shape[1] != qv.shape[1]:
-            raise ValueError(f"hidden sizes differ: q_vecs[{i}] {qv.shape} "
-                             f"vs doc_vecs (H={stacked.shape[1]})")
-        token_scores = qv.astype(np.float32) @ stacked.T                                # [n, sum m]
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        best = np.maximum.reduceat(token_scores, starts, axis=1)                      # [n, K_valid]
-        out[i, valid] = best.sum(axis=0) / qv.shape[0]
+        stacked = _finite_matrix("doc_vecs", np.concatenate([doc_vecs[d] for d in docs]).astype(np.float32))
+        queries = _finite_matrix("q_vecs", np.concatenate(q_vecs[s:e]).astype(np.float32))
+        if stacked.shape[1] != queries.shape[1]:
+            raise ValueError(f"hidden sizes differ: q_vecs H={queries.shape[1]} vs doc_vecs H={stacked.shape[1]}")
+        token_scores = queries @ stacked.T                                                # [sum n, sum m]
+        doc_starts = np.concatenate([[0], np.cumsum(doc_lengths[docs])[:-1]])
+        best = np.maximum.reduceat(token_scores, doc_starts, axis=1)                     # [sum n, D]
+        q_starts = np.concatenate([[0], np.cumsum(q_lengths[s:e])[:-1]])
+        per_doc = np.add.reduceat(best, q_starts, axis=0) / q_lengths[s:e, None]         # [b, D]
+        cols = np.searchsorted(docs, np.maximum(block, 0))
+        out[s:e] = np.where(block >= 0, np.take_along_axis(per_doc, cols, axis=1), -np.inf)
     return out

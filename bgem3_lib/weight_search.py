@@ -34,13 +34,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .index import top_k
+from .index import colbert_rerank, top_k
 from .metrics import parse_metric
 from .scoring import _finite_matrix, check_weights
 
 _QUERY_BLOCK = 1 << 22          # max entries of one [queries x corpus] lexical score block
 _RANK_BLOCK = 1 << 24           # max comparisons per chunk when counting ranks
-_TOKEN_BLOCK = 1 << 25          # max query-token x document-token products in one ColBERT block
 
 
 @dataclass(frozen=True)
@@ -119,56 +118,13 @@ def score_candidates(retriever, query_encodings: Mapping, depth: int = 1000,
     return CandidateScores(ids, dense, sparse, colbert)
 
 
-def _colbert_blocks(q_lengths: np.ndarray, doc_lengths: np.ndarray, ids: np.ndarray) -> list[tuple[int, int]]:
-    """Query ranges whose (query tokens x tokens of the documents they need) stay under _TOKEN_BLOCK."""
-    blocks, start, docs, rows = [], 0, set(), 0
-    for i, row in enumerate(ids):
-        new = docs | set(row[row >= 0].tolist())
-        tokens = int(doc_lengths[list(new)].sum()) if new else 0
-        if i > start and (rows + q_lengths[i]) * tokens > _TOKEN_BLOCK:
-            blocks.append((start, i))
-            start, new, rows = i, set(row[row >= 0].tolist()), 0
-        docs, rows = new, rows + q_lengths[i]
-    blocks.append((start, len(ids)))
-    return blocks
-
-
 def colbert_candidate_scores(q_vecs: Sequence[np.ndarray], doc_vecs: Sequence[np.ndarray],
                              ids: np.ndarray) -> np.ndarray:
-    """Multi-vector scores s_mul = 1/n sum_i max_j <q_i, p_j> of each query's candidates, batched.
-
-    q_vecs: Nq arrays [n_i, H]; doc_vecs: N arrays [m_j, H]; ids [Nq, C] corpus rows (-1 pads)
-    -> [Nq, C] float32 (0 at pads). The same scores as :func:`~bgem3_lib.index.colbert_rerank`
-    (up to float rounding), but blocks of queries share one stacked document matrix and one matrix
-    product, which is several times faster when the candidate lists overlap (small corpora).
-    """
+    """Multi-vector scores of each query's candidates: ids [Nq, C] corpus rows (-1 pads) -> [Nq, C]
+    float32, 0 at pads (:func:`~bgem3_lib.index.colbert_rerank`, which gives -inf there)."""
     ids = np.asarray(ids)
-    if ids.ndim != 2 or ids.shape[0] != len(q_vecs):
-        raise ValueError(f"ids must be [Nq, C] with Nq = len(q_vecs) = {len(q_vecs)}, got {ids.shape}")
-    if ids.size and (ids.max() >= len(doc_vecs) or ids.min() < -1):
-        raise ValueError(f"candidate ids must lie in [-1, {len(doc_vecs)}), got [{ids.min()}, {ids.max()}]")
-    q_lengths = np.array([np.shape(q)[0] if np.ndim(q) == 2 else 0 for q in q_vecs])
-    doc_lengths = np.array([np.shape(d)[0] if np.ndim(d) == 2 else 0 for d in doc_vecs])
-    if (q_lengths < 1).any() or (doc_lengths[np.unique(ids[ids >= 0])] < 1).any():
-        raise ValueError("ColBERT vectors must be non-empty [n, H] arrays for every query and candidate")
-    out = np.zeros(ids.shape, np.float32)
-    for s, e in _colbert_blocks(q_lengths, doc_lengths, ids):
-        block = ids[s:e]
-        docs = np.unique(block[block >= 0])
-        if docs.size == 0:
-            continue
-        stacked = _finite_matrix("doc colbert_vecs", np.concatenate([doc_vecs[d] for d in docs]))
-        queries = _finite_matrix("query colbert_vecs", np.concatenate(q_vecs[s:e]))
-        if stacked.shape[1] != queries.shape[1]:
-            raise ValueError(f"hidden sizes differ: queries H={queries.shape[1]}, documents H={stacked.shape[1]}")
-        token_scores = queries.astype(np.float32) @ stacked.astype(np.float32).T          # [sum n, sum m]
-        doc_starts = np.concatenate([[0], np.cumsum(doc_lengths[docs])[:-1]])
-        best = np.maximum.reduceat(token_scores, doc_starts, axis=1)                     # [sum n, D]
-        q_starts = np.concatenate([[0], np.cumsum(q_lengths[s:e])[:-1]])
-        per_doc = np.add.reduceat(best, q_starts, axis=0) / q_lengths[s:e, None]         # [b, D]
-        cols = np.searchsorted(docs, np.maximum(block, 0))
-        out[s:e] = np.where(block >= 0, np.take_along_axis(per_doc, cols, axis=1), 0)
-    return out
+    scores = colbert_rerank(q_vecs, doc_vecs, ids)
+    return np.where(ids >= 0, scores, 0).astype(np.float32)
 
 
 def combine(cs: CandidateScores, weights: Sequence[float]) -> np.ndarray:

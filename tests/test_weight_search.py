@@ -3,10 +3,10 @@ weights, and the fast metrics equal trec_eval (metrics.evaluate_run) on the re-r
 import numpy as np
 import pytest
 
-from bgem3_lib import weight_search
-from bgem3_lib.index import colbert_rerank
+from bgem3_lib import index
 from bgem3_lib.metrics import evaluate_run
 from bgem3_lib.retriever import PAPER_WEIGHTS, HybridRetriever
+from bgem3_lib.scoring import colbert_score
 from bgem3_lib.weight_search import (
     CandidateScores,
     best_weights,
@@ -85,14 +85,15 @@ def test_candidates_are_the_union_sorted_with_pads_last(setup):
 
 
 @pytest.mark.parametrize("block", [1 << 25, 64])       # one block for all queries / one block per query
-def test_batched_colbert_scores_equal_colbert_rerank(setup, monkeypatch, block):
+def test_batched_colbert_scores_equal_per_pair_scores(setup, monkeypatch, block):
     retriever, queries, _ = setup
-    monkeypatch.setattr(weight_search, "_TOKEN_BLOCK", block)
+    monkeypatch.setattr(index, "_TOKEN_BLOCK", block)
     ids = np.array([[0, 5, 7, -1], [3, 5, 59, 2], [-1, -1, -1, -1], [1, 2, 3, 4], [8, 9, 10, 11], [0, 1, 2, 3],
                     [59, 58, -1, -1], [4, 4, 4, 4], [6, 7, 8, 9]])
     got = colbert_candidate_scores(queries["colbert_vecs"], retriever.colbert_vecs, ids)
-    ref = colbert_rerank(queries["colbert_vecs"], retriever.colbert_vecs, ids)
-    np.testing.assert_allclose(got, np.where(ids >= 0, ref, 0), rtol=1e-5, atol=1e-6)
+    ref = np.array([[colbert_score(queries["colbert_vecs"][i], retriever.colbert_vecs[d]) if d >= 0 else 0.0
+                     for d in row] for i, row in enumerate(ids)])
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
     assert got.dtype == np.float32 and not got[ids < 0].any()
     with pytest.raises(ValueError, match="candidate ids"):
         colbert_candidate_scores(queries["colbert_vecs"], retriever.colbert_vecs, ids + 1)
