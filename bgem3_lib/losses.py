@@ -29,7 +29,7 @@ from mindspore import Tensor, ops
 
 _FLOATS = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
-_VARIANT_LAMBDAS = {
+VARIANT_LAMBDAS = {
     # FlagEmbedding 1.4.2 (m3/modeling.py): sparse terms weighted 0.1, dense and ColBERT 1.
     "official": (1.0, 0.1, 1.0),
     # Eq. 2-4 of the paper read with lambda = (1, 0.3, 1).
@@ -279,9 +279,9 @@ def m3_loss(
     >>> round(float(out["total"]), 6)
     0.235709
     """
-    if variant not in _VARIANT_LAMBDAS:
-        raise ValueError(f"variant must be one of {sorted(_VARIANT_LAMBDAS)}, got {variant!r}")
-    lam = lambdas if lambdas is not None else _VARIANT_LAMBDAS[variant]
+    if variant not in VARIANT_LAMBDAS:
+        raise ValueError(f"variant must be one of {sorted(VARIANT_LAMBDAS)}, got {variant!r}")
+    lam = lambdas if lambdas is not None else VARIANT_LAMBDAS[variant]
     if len(lam) != 3:
         raise ValueError(f"lambdas must be (l_dense, l_lex, l_mul), got {lam}")
     s_dense, s_lex, s_mul = _tensor(s_dense, "s_dense"), _tensor(s_lex, "s_lex"), _tensor(s_mul, "s_mul")
