@@ -80,6 +80,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--weights", type=_weights, default=None,
                     help="hybrid weights dense,sparse,colbert (default: the paper's for the task)")
     ev.add_argument("--limit-queries", type=_positive, default=None, help="first N queries per language")
+    ev.add_argument("--limit-docs", type=_positive, default=None,
+                    help="seeded sub-corpus of N documents per language (relevant ones kept; queries then "
+                         "drawn with the same seed)")
     ev.add_argument("--cache", type=Path, default=None,
                     help="encoding cache (default: $BGEM3_HOME/encodings)")
 
@@ -133,7 +136,7 @@ def _cmd_eval(args) -> int:
     from .model import BGEM3
     model = BGEM3(args.model, device=args.device, dtype=args.dtype)
     run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
-             args.batch_size, args.shard, args.limit_queries, args.cache)
+             args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
     return 0
 
 

@@ -228,8 +228,14 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequence[str] | None = None,
              out_dir: str | Path = "eval_results", weights: Sequence[float] | None = None,
              max_length: int | None = None, batch_size: int = 32, shard=None, limit: int | None = None,
-             cache_root: str | Path | None = None, device: str = "CPU") -> pd.DataFrame:
+             cache_root: str | Path | None = None, device: str = "CPU", limit_docs: int | None = None,
+             seed: int = 0) -> pd.DataFrame:
     """Evaluate ``model`` (a ``BGEM3`` or a name/path) on ``task``; write and return the results table.
+
+    ``limit``: the first ``limit`` queries per language. ``limit_docs``: a seeded sub-corpus of that many
+    documents per language that keeps every kept query's relevant documents
+    (:func:`~bgem3_lib.eval_subsets.subset_evalset`; with it, ``limit`` queries are drawn with ``seed``
+    too). A smaller corpus has fewer distractors: scores on it compare only with the same subset.
 
     ``shard``: ``"i/n"``, ``(i, n)`` or None (then taken from ``msrun``'s environment, else 1 process).
     Ranks > 0 only encode their corpus shards and return an empty table; rank 0 writes the files.
@@ -250,7 +256,12 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
         raise ValueError(f"none of the modes {list(modes)} can run with model {model.source!r}")
     rows, shared, notes = [], {}, []
     for lang in langs:
-        es = limit_queries(load_task(task, lang, shared), limit)
+        es = load_task(task, lang, shared)
+        if limit_docs is not None:
+            from .eval_subsets import subset_evalset
+            es = subset_evalset(es, n_queries=limit, n_docs=limit_docs, seed=seed)
+        else:
+            es = limit_queries(es, limit)
         note = describe(es)
         notes.append(note)
         print(f"[eval] {note}")

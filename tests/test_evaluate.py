@@ -57,6 +57,16 @@ def test_dense_only_model_runs_dense_and_says_why(tmp_path, capsys):
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == back.to_dict(orient="records")
 
 
+def test_limit_docs_evaluates_a_seeded_sub_corpus(tmp_path, capsys):
+    df = run_eval("tydi", TableModel(heads=False), ["dense"], ["sw"], tmp_path / "out", limit=5, limit_docs=12,
+                  cache_root=tmp_path)
+    out = capsys.readouterr().out
+    assert "Subset (seed 0): 5 of" in out and "12 of" in out                 # the note says what was kept
+    again = run_eval("tydi", TableModel(heads=False), ["dense"], ["sw"], tmp_path / "out2", limit=5, limit_docs=12,
+                     cache_root=tmp_path)
+    pd.testing.assert_frame_equal(df, again)                                  # seeded: same subset, same scores
+
+
 def test_xquad_xling_adds_answer_recall_and_averages(tmp_path):
     df = run_eval("xquad-xling", TableModel(), ["dense", "all"], ["de", "zh"], tmp_path / "o", limit=4,
                   cache_root=tmp_path)
