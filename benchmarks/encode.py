@@ -169,7 +169,9 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     order = [s for s in systems if s in need]
     print(f"[{size}] starting workers: {', '.join(order)}", flush=True)
     workers = start_workers(order, model_dir, tmp)
-    entry = {"config": cfg, "load_rss_mb": {s: w.ready["rss_mb"] for s, w in workers.items()}}
+    entry = {"config": cfg}
+    if "speed" in parts:            # a partial re-run (e.g. --parts sort) starts fewer workers: keep the old RSS
+        entry["load_rss_mb"] = {s: w.ready["rss_mb"] for s, w in workers.items()}
     try:
         warm_up(workers, cases[0])
         if "speed" in parts:
