@@ -47,9 +47,10 @@ def model_reps(model) -> tuple[str, ...]:
     return ("dense",) if getattr(model, "heads", None) is None else tuple(REPS)
 
 
-def _param_arrays(model):
+def _param_arrays(model, heads: bool = True):
+    """(name, float32 array) of every encoder parameter, then of the heads' (when ``heads`` and present)."""
     import mindspore as ms
-    cells = [("encoder", model.encoder)] + ([("heads", model.heads)] if model.heads is not None else [])
+    cells = [("encoder", model.encoder)] + ([("heads", model.heads)] if heads and model.heads is not None else [])
     for prefix, cell in cells:
         for p in cell.get_parameters():
             yield f"{prefix}.{p.name}", p.data.astype(ms.float32).asnumpy()

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching_stats import layer_activation_bytes
+from .corpus_cache import _param_arrays
 from .metrics import evaluate_run, mean_scores, run_from_scores
 from .paths import cache_dir
 from .scoring import dense_score
@@ -122,14 +123,11 @@ def encoder_fingerprint(model) -> str:
     cached = getattr(model, "_bgem3_encoder_fp", None)
     if cached is not None:
         return cached
-    import mindspore as ms
-
     h = hashlib.sha256(json.dumps({"config": model.config.to_dict(), "dtype": model.dtype,
                                    "normalize": bool(model.normalize_embeddings)}, sort_keys=True).encode())
-    for p in sorted(model.encoder.get_parameters(), key=lambda p: p.name):
-        arr = np.ascontiguousarray(p.data.astype(ms.float32).asnumpy())
-        h.update(f"{p.name}{arr.shape}".encode())
-        h.update(arr.tobytes())
+    for name, arr in _param_arrays(model, heads=False):
+        h.update(f"{name}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
     model._bgem3_encoder_fp = h.hexdigest()
     return model._bgem3_encoder_fp
 
