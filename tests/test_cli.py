@@ -1,6 +1,7 @@
 """``python -m bgem3_lib``: argument parsing, encode / eval commands, train delegation, msrun scheduler."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import types
@@ -83,6 +84,8 @@ def test_encode_command_writes_npz(tmp_path):
 def test_python_m_eval_in_a_subprocess(tmp_path):
     out = tmp_path / "res"
     env = {"PYTHONPATH": str(ROOT), "GLOG_v": "3", "BGEM3_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}
+    if "BGEM3_DATA" in os.environ:                      # the data folder may live elsewhere than ../shared/data
+        env["BGEM3_DATA"] = os.environ["BGEM3_DATA"]
     run = subprocess.run([sys.executable, "-m", "bgem3_lib", "eval", "--task", "xquad-longdoc", "--model",
                           str(tiny_model_dir()), "--modes", "dense,sparse,colbert,dense+sparse,all", "--langs", "en",
                           "--out", str(out), "--limit-queries", "2", "--max-length", "32", "--batch-size", "16"],
