@@ -14,6 +14,10 @@ Where the forward starts: ``start_layer = 0`` runs embeddings and all layers fro
 run once, forward only). ``freeze_layers`` (>= start_layer) lower layers and, optionally, the
 embeddings run under ``stop_gradient`` and are left out of the optimizer.
 
+Length chunks: the passages of a batch may come as several matrices, each padded only to its own
+longest text (:func:`~bgem3_lib.bucketing.length_chunks`); scores are computed chunk by chunk and put
+back in the batch's order, so the loss is the same as with one padded matrix, with less padding.
+
 Split batch: with ``sub_batch > 0`` the texts are encoded ``sub_batch`` rows at a time through
 ``mindspore.recompute`` (the PyNative form of ``Cell.recompute()``): activations inside a sub-batch are
 not kept but recomputed in the backward pass, so memory grows with the sub-batch, not the batch,
@@ -116,16 +120,31 @@ class M3TrainNet(nn.Cell):
                                       None if hidden is None else hidden[sl]))
         return tuple(ops.cat([p[k] for p in parts], axis=0) for k in range(3))
 
-    def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden):
-        b, n = q_ids.shape[0], p_ids.shape[0]
+    def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden, p_order=None):
+        """Queries ``[B, Lq]``; passages either one padded ``[N, Lp]`` matrix or tuples of length chunks
+        (``[N_c, L_c]`` each, see :func:`~bgem3_lib.bucketing.length_chunks`) with ``p_order [N]``: the row
+        of each original passage in the chunks' concatenation."""
+        if not isinstance(p_ids, (tuple, list)):
+            p_ids, p_mask, p_pos, p_hidden = (p_ids,), (p_mask,), (p_pos,), (p_hidden,)
+        b, n = q_ids.shape[0], sum(x.shape[0] for x in p_ids)
         if n % b:
             raise ValueError(f"{n} passages for {b} queries: every query needs the same group size")
+        if p_order is not None and tuple(p_order.shape) != (n,):
+            raise ValueError(f"p_order must have shape ({n},), got {tuple(p_order.shape)}")
         q_dense, q_sparse, q_col = self.encode(q_ids, q_mask, q_pos, q_hidden)
-        p_dense, p_sparse, p_col = self.encode(p_ids, p_mask, p_pos, p_hidden)
+        dense, lex, mul = [], [], []
+        for ids, mask, pos, hidden in zip(p_ids, p_mask, p_pos, p_hidden):
+            p_dense, p_sparse, p_col = self.encode(ids, mask, pos, hidden)
+            dense.append(p_dense)
+            lex.append(sparse_scores(q_sparse, q_ids, p_sparse, ids))
+            mul.append(colbert_scores(q_col, q_mask[:, 1:], p_col, mask[:, 1:]))
+        p_dense = dense[0] if len(dense) == 1 else ops.cat(dense, axis=0)
+        s_lex = lex[0] if len(lex) == 1 else ops.cat(lex, axis=1)
+        s_mul = mul[0] if len(mul) == 1 else ops.cat(mul, axis=1)
+        if p_order is not None:
+            p_dense, s_lex, s_mul = p_dense[p_order], s_lex[:, p_order], s_mul[:, p_order]
         target = in_batch_targets(b, n // b)
         s_dense = dense_scores(q_dense, p_dense)
-        s_lex = sparse_scores(q_sparse, q_ids, p_sparse, p_ids)
-        s_mul = colbert_scores(q_col, q_mask[:, 1:], p_col, p_mask[:, 1:])
         out = m3_loss(s_dense, s_lex, s_mul, target, weights=self.teacher_weights,
                       temperature=self.temperature, use_self_distill=self.use_self_distill, lambdas=self.lambdas)
         total = out["total"]

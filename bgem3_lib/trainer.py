@@ -3,7 +3,9 @@
 ``Trainer(net, store, groups, config, out_dir).train()`` runs ``config.steps`` optimizer steps:
 
 1. the next batch of example indices from :class:`~bgem3_lib.bucketing.LengthBucketSampler` (one length
-   bucket per batch, batch size = ``token_budget // bucket upper length``);
+   bucket per batch, batch size = ``token_budget // bucket upper length``); the batch's passages are
+   encoded in up to ``length_chunks`` length-sorted chunks, each padded to its own longest text
+   (:func:`~bgem3_lib.bucketing.length_chunks`: the padding left inside an example's group);
 2. ``mindspore.value_and_grad`` of :class:`~bgem3_lib.train_model.M3TrainNet` w.r.t. the trainable
    parameters; gradients clipped to global norm ``clip_norm``;
 3. :class:`~bgem3_lib.optim.AdamW` with warm-up + linear decay (:func:`~bgem3_lib.optim.lr_at`); peak
@@ -45,7 +47,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
-from .bucketing import LengthBucketSampler
+from .bucketing import LengthBucketSampler, length_chunks
 from .encoder import position_ids_for
 from .optim import AdamW, clip_by_global_norm, lr_at
 from .progress import tqdm
@@ -83,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     sub_batch: int = 0
+    length_chunks: int = 4           # passages of a batch in <= this many length-sorted chunks (1: one matrix)
     start_layer: int = 0
     freeze_layers: int = 0
     freeze_embeddings: bool = True
@@ -152,15 +155,32 @@ class Trainer:
         raise RuntimeError("the sampler yields no batches")
 
     def tensors(self, examples: list[int]):
-        """Example indices -> the eight inputs of :class:`M3TrainNet` (queries then passages)."""
+        """Example indices -> the inputs of :class:`M3TrainNet`: queries, then passages (in
+        ``config.length_chunks`` length chunks with their order tensor when that is > 1)."""
         if self.world > 1:
             examples = examples[self.rank::self.world] or examples[:1]
-        out = []
-        for idx in ([self.groups[e][0] for e in examples], [i for e in examples for i in self.groups[e][1:]]):
-            ids, mask, hid = self.store.batch(idx)
-            pos = self.position_ids(ids, mask)
-            out += [Tensor(ids), Tensor(mask), Tensor(pos), None if hid is None else Tensor(hid)]
-        return out
+        queries = [self.groups[e][0] for e in examples]
+        passages = [i for e in examples for i in self.groups[e][1:]]
+        out = self._padded(queries)
+        if self.cfg.length_chunks <= 1:
+            return out + self._padded(passages)
+        chunks = length_chunks([self.store.length(i) for i in passages], self.cfg.length_chunks)
+        parts = [self._padded([passages[j] for j in ch]) for ch in chunks]
+        order = np.empty(len(passages), np.int32)
+        order[np.concatenate(chunks)] = np.arange(len(passages), dtype=np.int32)
+        return out + [tuple(p[k] for p in parts) for k in range(4)] + [Tensor(order)]
+
+    def _padded(self, idx: list[int]) -> list:
+        ids, mask, hid = self.store.batch(idx)
+        pos = self.position_ids(ids, mask)
+        return [Tensor(ids), Tensor(mask), Tensor(pos), None if hid is None else Tensor(hid)]
+
+    @staticmethod
+    def token_counts(inputs) -> tuple[int, int]:
+        """(real, padded) tokens of the inputs built by :meth:`tensors`."""
+        masks = [inputs[1]] + (list(inputs[5]) if isinstance(inputs[5], tuple) else [inputs[5]])
+        return (int(sum(int(m.asnumpy().sum()) for m in masks)),
+                int(sum(m.shape[0] * m.shape[1] for m in masks)))
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict:
@@ -168,6 +188,9 @@ class Trainer:
         examples = self.next_batch()
         inputs = self.tensors(examples)
         (total, *parts), grads = self.grad_fn(*inputs)
+        real, padded = self.token_counts(inputs)
+        p_ids = inputs[4] if isinstance(inputs[4], tuple) else (inputs[4],)
+        padded_len = max(int(x.shape[1]) for x in p_ids)
         if self.world > 1:
             reduce = ops.AllReduce()
             grads = tuple(reduce(g) / self.world for g in grads)
@@ -176,7 +199,8 @@ class Trainer:
         self.opt.step(grads, lr)
         self.step += 1
         rec = {"step": self.step, "lr_factor": lr, "loss": float(total.asnumpy()), "grad_norm": norm,
-               "batch_size": len(examples), "padded_len": int(inputs[4].shape[1]), "seconds": time.time() - t0}
+               "batch_size": len(examples), "padded_len": padded_len, "tokens": real, "padded_tokens": padded,
+               "seconds": time.time() - t0}
         names = PART_NAMES if self.net.use_self_distill else PART_NAMES[:5]
         rec.update({k: float(v.asnumpy()) for k, v in zip(PART_NAMES, parts) if k in names})
         self.log.append(rec)

@@ -12,7 +12,9 @@ from bgem3_lib.bucketing import (
     LengthBucketSampler,
     assign_buckets,
     bucket_batch_sizes,
+    chunked_padding,
     example_length,
+    length_chunks,
     padding_waste,
     random_batches,
     split_batch,
@@ -225,3 +227,38 @@ def test_budget_derived_buckets_cut_waste_substantially():
     assert padding_waste(bucketed, lengths)["waste_fraction"] < 0.6 * padding_waste(baseline, lengths)[
         "waste_fraction"
     ]
+
+
+def _brute_force_chunk_cost(lengths, k):
+    """Least padded tokens over every partition of the sorted lengths into <= k contiguous runs."""
+    from itertools import combinations
+
+    s = sorted(lengths)
+    best = None
+    for r in range(min(k, len(s))):
+        for cuts in combinations(range(1, len(s)), r):
+            edges = (0, *cuts, len(s))
+            cost = sum((b - a) * s[b - 1] for a, b in zip(edges, edges[1:]))
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=9), st.integers(1, 5))
+def test_length_chunks_is_an_optimal_partition(lengths, k):
+    chunks = length_chunks(lengths, k)
+    flat = [i for ch in chunks for i in ch]
+    assert sorted(flat) == list(range(len(lengths)))                 # every text exactly once
+    assert 1 <= len(chunks) <= k and all(chunks)
+    assert [lengths[i] for i in flat] == sorted(lengths)              # runs of the sorted order
+    assert chunked_padding(lengths, chunks) == _brute_force_chunk_cost(lengths, k)
+    assert chunked_padding(lengths, chunks) <= len(lengths) * max(lengths)
+
+
+def test_length_chunks_bad_input():
+    with pytest.raises(ValueError, match="max_chunks"):
+        length_chunks([3, 4], 0)
+    with pytest.raises(ValueError, match="non-empty"):
+        length_chunks([], 2)
+    with pytest.raises(ValueError, match=">= 1 token"):
+        length_chunks([3, 0], 2)

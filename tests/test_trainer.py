@@ -20,7 +20,7 @@ TOTAL_STEPS, KILL_AFTER = 5, 2
 
 
 def build(seed: int = 0, sub_batch: int = 0, use_self_distill: bool = True, steps: int = TOTAL_STEPS,
-          freeze_layers: int = 0, lr: float = 1e-3, out_dir=None):
+          freeze_layers: int = 0, lr: float = 1e-3, out_dir=None, length_chunks: int = 4):
     """Tiny XLM-R-style model, random texts, a Trainer over them (all from ``seed``)."""
     import mindspore as ms
 
@@ -44,7 +44,7 @@ def build(seed: int = 0, sub_batch: int = 0, use_self_distill: bool = True, step
                      use_self_distill=use_self_distill)
     tc = TrainConfig(steps=steps, lr=lr, head_lr=1e-2, token_budget=200, boundaries=(16, 32, 64),
                      warmup_steps=2, checkpoint_every=1, seed=seed, use_self_distill=use_self_distill,
-                     sub_batch=sub_batch, freeze_layers=freeze_layers)
+                     sub_batch=sub_batch, freeze_layers=freeze_layers, length_chunks=length_chunks)
     return Trainer(net, TextStore(texts), groups, tc, out_dir=out_dir)
 
 
@@ -129,6 +129,27 @@ def test_split_batch_recompute_matches_full_batch():
     for a, b in zip(gf, gs):
         np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-6)
     assert isinstance(lf, ms.Tensor)
+
+
+def test_length_chunks_match_one_padded_matrix():
+    whole, chunked = build(length_chunks=1), build(length_chunks=3)
+    batch = whole.next_batch()
+    while len(batch) < 3:
+        batch = whole.next_batch()
+    a, b = whole.tensors(batch), chunked.tensors(batch)
+    assert not isinstance(a[4], tuple) and isinstance(b[4], tuple) and len(b[4]) > 1
+    real_a, padded_a = whole.token_counts(a)
+    real_b, padded_b = chunked.token_counts(b)
+    assert real_a == real_b and padded_b < padded_a
+    (la, *pa), ga = whole.grad_fn(*a)
+    (lb, *pb), gb = chunked.grad_fn(*b)
+    assert abs(float(la.asnumpy()) - float(lb.asnumpy())) < 1e-5
+    for x, y in zip(pa, pb):
+        assert abs(float(x.asnumpy()) - float(y.asnumpy())) < 1e-5
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(x.asnumpy(), y.asnumpy(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="p_order"):
+        whole.net(*b[:8], b[8][:-1])
 
 
 def test_no_self_distill_loss_is_L():
