@@ -295,3 +295,20 @@ def chunked_padding(lengths: Sequence[int], chunks: Sequence[Sequence[int]]) -> 
     """
     arr = _as_lengths(lengths)
     return int(sum(len(ch) * arr[list(ch)].max() for ch in chunks))
+
+
+def chunk_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], max_chunks: int) -> list[list[list[int]]]:
+    """Each batch of text indices -> its :func:`length_chunks` (lists of text indices, each chunk padded
+    alone), as the trainer encodes a batch's passages.
+
+    >>> chunk_batches([[0, 1, 2]], [100, 12, 90], 2)
+    [[[1], [2, 0]]]
+    """
+    arr = _as_lengths(lengths)
+    out = []
+    for batch in batches:
+        items = list(batch)
+        if not items:
+            raise ValueError("chunk_batches got an empty batch")
+        out.append([[items[j] for j in ch] for ch in length_chunks(arr[items], max_chunks)])
+    return out
