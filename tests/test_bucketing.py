@@ -12,6 +12,7 @@ from bgem3_lib.bucketing import (
     LengthBucketSampler,
     assign_buckets,
     bucket_batch_sizes,
+    chunk_batches,
     chunked_padding,
     example_length,
     length_chunks,
@@ -262,3 +263,15 @@ def test_length_chunks_bad_input():
         length_chunks([], 2)
     with pytest.raises(ValueError, match=">= 1 token"):
         length_chunks([3, 0], 2)
+
+
+def test_chunk_batches_pads_each_chunk_alone():
+    lengths = [100, 12, 90, 15, 11, 40]
+    out = chunk_batches([[0, 1, 2], [3, 4, 5]], lengths, 2)
+    assert out == [[[1], [2, 0]], [[4, 3], [5]]]
+    for batch, chunks in zip([[0, 1, 2], [3, 4, 5]], out):
+        assert sorted(i for ch in chunks for i in ch) == batch
+    padded = sum(len(ch) * max(lengths[i] for i in ch) for chunks in out for ch in chunks)
+    assert padded == 12 + 2 * 100 + 2 * 15 + 40
+    with pytest.raises(ValueError, match="empty batch"):
+        chunk_batches([[0], []], lengths, 2)
