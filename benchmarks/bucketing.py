@@ -39,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bgem3_lib.batching_stats import batch_shapes  # noqa: E402
 from bgem3_lib.bucketing import LengthBucketSampler, chunk_batches, random_batches  # noqa: E402
 from bgem3_lib.trainer import TrainConfig  # noqa: E402
 
@@ -87,13 +88,11 @@ def make_trainer(ids, groups, layers: int, token_budget: int, seed: int):
 def epoch_padding(batches, groups, text_len, chunks: int) -> dict:
     """Real and padded token slots of a whole epoch, counted as the trainer pads: the queries of a batch
     in one matrix, its passages in one matrix (``chunks == 1``) or in length chunks."""
-    real = padded = 0
+    queries = [[groups[e][0] for e in b] for b in batches]
     passages = [[i for e in b for i in groups[e][1:]] for b in batches]
-    mats = ([[p] for p in passages] if chunks <= 1 else chunk_batches(passages, text_len, chunks))
-    for b, ms in zip(batches, mats):
-        q = [text_len[groups[e][0]] for e in b]
-        real += sum(q) + sum(text_len[i] for m in ms for i in m)
-        padded += len(q) * max(q) + sum(len(m) * max(text_len[i] for i in m) for m in ms)
+    mats = queries + (passages if chunks <= 1 else [m for ms in chunk_batches(passages, text_len, chunks) for m in ms])
+    rows = batch_shapes(mats, text_len)
+    real, padded = (sum(r[k] for r in rows) for k in ("real_tokens", "padded_tokens"))
     return {"real_tokens": int(real), "padded_tokens": int(padded), "waste_fraction": 1 - real / padded}
 
 

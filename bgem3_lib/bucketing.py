@@ -287,16 +287,6 @@ def length_chunks(lengths: Sequence[int], max_chunks: int) -> list[list[int]]:
     return runs[::-1]
 
 
-def chunked_padding(lengths: Sequence[int], chunks: Sequence[Sequence[int]]) -> int:
-    """Padded token count of encoding ``lengths`` in ``chunks`` (each padded to its own longest).
-
-    >>> chunked_padding([100, 12, 90, 15, 11], [[4, 1, 3], [2, 0]])
-    245
-    """
-    arr = _as_lengths(lengths)
-    return int(sum(len(ch) * arr[list(ch)].max() for ch in chunks))
-
-
 def chunk_batches(batches: Sequence[Sequence[int]], lengths: Sequence[int], max_chunks: int) -> list[list[list[int]]]:
     """Each batch of text indices -> its :func:`length_chunks` (lists of text indices, each chunk padded
     alone), as the trainer encodes a batch's passages.

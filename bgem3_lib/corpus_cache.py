@@ -47,7 +47,7 @@ def model_reps(model) -> tuple[str, ...]:
     return ("dense",) if getattr(model, "heads", None) is None else tuple(REPS)
 
 
-def _param_arrays(model, heads: bool = True):
+def param_arrays(model, heads: bool = True):
     """(name, float32 array) of every encoder parameter, then of the heads' (when ``heads`` and present)."""
     import mindspore as ms
     cells = [("encoder", model.encoder)] + ([("heads", model.heads)] if heads and model.heads is not None else [])
@@ -66,7 +66,7 @@ def model_fingerprint(model) -> str:
                    "prefixes": [model.query_instruction, model.passage_instruction],
                    "normalize": model.normalize_embeddings, "heads": model.heads is not None}
     h.update(json.dumps(conventions, sort_keys=True).encode())
-    for name, arr in _param_arrays(model):
+    for name, arr in param_arrays(model):
         h.update(f"{name}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())        # every byte: exact, and ~1 s per GB
     model._bgem3_fingerprint = h.hexdigest()

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .batching_stats import layer_activation_bytes
-from .corpus_cache import _param_arrays
+from .corpus_cache import param_arrays
 from .metrics import evaluate_run, mean_scores, run_from_scores
 from .paths import cache_dir
 from .scoring import dense_score
@@ -125,7 +125,7 @@ def encoder_fingerprint(model) -> str:
         return cached
     h = hashlib.sha256(json.dumps({"config": model.config.to_dict(), "dtype": model.dtype,
                                    "normalize": bool(model.normalize_embeddings)}, sort_keys=True).encode())
-    for name, arr in _param_arrays(model, heads=False):
+    for name, arr in param_arrays(model, heads=False):
         h.update(f"{name}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     model._bgem3_encoder_fp = h.hexdigest()

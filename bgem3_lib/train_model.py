@@ -38,6 +38,15 @@ from .losses import colbert_scores, dense_scores, in_batch_targets, info_nce, m3
 PART_NAMES = ("dense", "lex", "mul", "inter", "L", "distill_dense", "distill_lex", "distill_mul", "L_distill")
 
 
+def as_chunks(x) -> tuple:
+    """Passage inputs as a tuple of length chunks: one padded matrix becomes a 1-tuple."""
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _cat(parts: list, axis: int):
+    return parts[0] if len(parts) == 1 else ops.cat(parts, axis=axis)
+
+
 def _normalize(x, eps: float = 1e-12):
     return x / ops.maximum(ops.norm(x, dim=-1, keepdim=True), Tensor(eps, x.dtype))
 
@@ -124,8 +133,7 @@ class M3TrainNet(nn.Cell):
         """Queries ``[B, Lq]``; passages either one padded ``[N, Lp]`` matrix or tuples of length chunks
         (``[N_c, L_c]`` each, see :func:`~bgem3_lib.bucketing.length_chunks`) with ``p_order [N]``: the row
         of each original passage in the chunks' concatenation."""
-        if not isinstance(p_ids, (tuple, list)):
-            p_ids, p_mask, p_pos, p_hidden = (p_ids,), (p_mask,), (p_pos,), (p_hidden,)
+        p_ids, p_mask, p_pos, p_hidden = (as_chunks(x) for x in (p_ids, p_mask, p_pos, p_hidden))
         b, n = q_ids.shape[0], sum(x.shape[0] for x in p_ids)
         if n % b:
             raise ValueError(f"{n} passages for {b} queries: every query needs the same group size")
@@ -138,9 +146,7 @@ class M3TrainNet(nn.Cell):
             dense.append(p_dense)
             lex.append(sparse_scores(q_sparse, q_ids, p_sparse, ids))
             mul.append(colbert_scores(q_col, q_mask[:, 1:], p_col, mask[:, 1:]))
-        p_dense = dense[0] if len(dense) == 1 else ops.cat(dense, axis=0)
-        s_lex = lex[0] if len(lex) == 1 else ops.cat(lex, axis=1)
-        s_mul = mul[0] if len(mul) == 1 else ops.cat(mul, axis=1)
+        p_dense, s_lex, s_mul = _cat(dense, 0), _cat(lex, 1), _cat(mul, 1)
         if p_order is not None:
             p_dense, s_lex, s_mul = p_dense[p_order], s_lex[:, p_order], s_mul[:, p_order]
         target = in_batch_targets(b, n // b)

@@ -51,7 +51,7 @@ from .bucketing import LengthBucketSampler, length_chunks
 from .encoder import position_ids_for
 from .optim import AdamW, clip_by_global_norm, lr_at
 from .progress import tqdm
-from .train_model import PART_NAMES, M3TrainNet, TextStore  # noqa: F401 (TextStore re-exported)
+from .train_model import PART_NAMES, M3TrainNet, TextStore, as_chunks  # noqa: F401 (TextStore re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
 
@@ -178,7 +178,7 @@ class Trainer:
     @staticmethod
     def token_counts(inputs) -> tuple[int, int]:
         """(real, padded) tokens of the inputs built by :meth:`tensors`."""
-        masks = [inputs[1]] + (list(inputs[5]) if isinstance(inputs[5], tuple) else [inputs[5]])
+        masks = [inputs[1], *as_chunks(inputs[5])]
         return (int(sum(int(m.asnumpy().sum()) for m in masks)),
                 int(sum(m.shape[0] * m.shape[1] for m in masks)))
 
@@ -189,8 +189,7 @@ class Trainer:
         inputs = self.tensors(examples)
         (total, *parts), grads = self.grad_fn(*inputs)
         real, padded = self.token_counts(inputs)
-        p_ids = inputs[4] if isinstance(inputs[4], tuple) else (inputs[4],)
-        padded_len = max(int(x.shape[1]) for x in p_ids)
+        padded_len = max(int(x.shape[1]) for x in as_chunks(inputs[4]))
         if self.world > 1:
             reduce = ops.AllReduce()
             grads = tuple(reduce(g) / self.world for g in grads)

@@ -7,13 +7,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bgem3_lib.batching_stats import batch_shapes
 from bgem3_lib.bucketing import (
     DEFAULT_BOUNDARIES,
     LengthBucketSampler,
     assign_buckets,
     bucket_batch_sizes,
     chunk_batches,
-    chunked_padding,
     example_length,
     length_chunks,
     padding_waste,
@@ -230,6 +230,11 @@ def test_budget_derived_buckets_cut_waste_substantially():
     ]
 
 
+def _padded(lengths, chunks):
+    """Padded slots of encoding ``chunks`` of ``lengths`` (each chunk padded to its own longest)."""
+    return sum(row["padded_tokens"] for row in batch_shapes(chunks, lengths))
+
+
 def _brute_force_chunk_cost(lengths, k):
     """Least padded tokens over every partition of the sorted lengths into <= k contiguous runs."""
     from itertools import combinations
@@ -252,8 +257,8 @@ def test_length_chunks_is_an_optimal_partition(lengths, k):
     assert sorted(flat) == list(range(len(lengths)))                 # every text exactly once
     assert 1 <= len(chunks) <= k and all(chunks)
     assert [lengths[i] for i in flat] == sorted(lengths)              # runs of the sorted order
-    assert chunked_padding(lengths, chunks) == _brute_force_chunk_cost(lengths, k)
-    assert chunked_padding(lengths, chunks) <= len(lengths) * max(lengths)
+    assert _padded(lengths, chunks) == _brute_force_chunk_cost(lengths, k)
+    assert _padded(lengths, chunks) <= len(lengths) * max(lengths)
 
 
 def test_length_chunks_bad_input():
