@@ -40,7 +40,16 @@ def resolve_device_id(device: str, device_id: int | None, env: Mapping[str, str]
 
 
 def set_device(device: str | None = None, device_id: int | None = None) -> str:
+    """Select the device. MindSpore refuses ``set_device`` once any kernel has run in the process, even
+    for the device already in use; that case is accepted, another device then is a clear error."""
     canonical = canonical_device(device)
     device_id = resolve_device_id(canonical, device_id, os.environ)
-    ms.set_device(canonical, device_id) if device_id is not None else ms.set_device(canonical)
+    try:
+        ms.set_device(canonical, device_id) if device_id is not None else ms.set_device(canonical)
+    except RuntimeError as exc:
+        current = ms.get_context("device_target"), ms.get_context("device_id")
+        if current[0] != canonical or device_id not in (None, current[1]):
+            raise RuntimeError(f"this process already runs MindSpore on {current[0]} (device {current[1]}); "
+                               f"{canonical} (device {device_id}) must be chosen before the first "
+                               "computation: start a new process") from exc
     return canonical
