@@ -19,9 +19,33 @@ def project_root() -> Path:
     return _PROJECT_ROOT
 
 
+def _origin_checkout(root: Path) -> Path | None:
+    """The local repository this checkout was cloned from (``git clone /path/to/repo``), if any."""
+    config = root / ".git" / "config"
+    if not config.is_file():
+        return None
+    section = None
+    for line in config.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == '[remote "origin"]' and line.startswith("url"):
+            url = line.split("=", 1)[1].strip().removeprefix("file://")
+            path = Path(url) if url.startswith("/") else (root / url)
+            return path.resolve() if path.is_dir() else None
+    return None
+
+
 def data_dir() -> Path:
-    """Real text, read in place: ``$BGEM3_DATA`` or ``<project>/../shared/data``."""
-    return Path(os.environ.get("BGEM3_DATA") or _PROJECT_ROOT.parent / "shared" / "data")
+    """Real text, read in place: ``$BGEM3_DATA``, else ``<project>/../shared/data``; a local clone that
+    has no such folder beside it (e.g. ``git clone . $(mktemp -d)``) reads the one beside its origin."""
+    if os.environ.get("BGEM3_DATA"):
+        return Path(os.environ["BGEM3_DATA"])
+    beside = _PROJECT_ROOT.parent / "shared" / "data"
+    origin = None if beside.is_dir() else _origin_checkout(_PROJECT_ROOT)
+    if origin is not None and (origin.parent / "shared" / "data").is_dir():
+        return origin.parent / "shared" / "data"
+    return beside
 
 
 def cache_dir() -> Path:
