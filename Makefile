@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 assets: venv
-	$(PY) -m bgem3_lib.assets
+	$(PY) -m bgem3_lib.weights.assets
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,18 +1,18 @@
 """Benchmark: length-bucketed vs random batches for fine-tuning, on MLQA's real length distribution.
 
-Both arms run the same number of :class:`~bgem3_lib.trainer.Trainer` steps of the same model: the
+Both arms run the same number of :class:`~bgem3_lib.training.trainer.Trainer` steps of the same model: the
 real multilingual-e5-small configuration whose top ``--layers`` layers and the two heads are trained
 (as in the M3-small recipe with ``train_layers > 0``), starting from states "cached" at the layer below.
 Those input states are seeded random numbers (their values do not change the cost); token ids and
 lengths are the real MLQA training examples (query, positive, 3 same-article negatives, cut at 512
 tokens). Arms:
 
-* bucketed: :class:`~bgem3_lib.bucketing.LengthBucketSampler`, batch size ``token_budget // bucket upper``,
+* bucketed: :class:`~bgem3_lib.training.bucketing.LengthBucketSampler`, batch size ``token_budget // bucket upper``,
   and the batch's passages encoded in ``--chunks`` length-sorted chunks (the trainer's default,
-  :func:`~bgem3_lib.bucketing.length_chunks`), which removes the padding left inside an example's group;
+  :func:`~bgem3_lib.training.bucketing.length_chunks`), which removes the padding left inside an example's group;
 * bucketed, one matrix: the same batches with every passage padded to the batch's longest (isolates the
   chunks' share);
-* random (same budget): :func:`~bgem3_lib.bucketing.random_batches` with the one batch size that fits the
+* random (same budget): :func:`~bgem3_lib.training.bucketing.random_batches` with the one batch size that fits the
   same memory budget for any example, ``token_budget // 512`` — what a fixed batch size must be without
   bucketing (the paper's setting; the headline ratio);
 * random (same examples): random batches of the bucketed arm's mean batch size (more examples per step
@@ -39,17 +39,17 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bgem3_lib.batching_stats import batch_shapes  # noqa: E402
-from bgem3_lib.bucketing import LengthBucketSampler, chunk_batches, random_batches  # noqa: E402
-from bgem3_lib.trainer import TrainConfig  # noqa: E402
+from bgem3_lib.analysis.batching_stats import batch_shapes  # noqa: E402
+from bgem3_lib.training.bucketing import LengthBucketSampler, chunk_batches, random_batches  # noqa: E402
+from bgem3_lib.training.trainer import TrainConfig  # noqa: E402
 
 BOUNDARIES = (64, 128, 192, 256, 320, 384, 448, 512)
 
 
 def mlqa_examples(seed: int, max_len: int = 512):
     """Token ids of every text and (query, positive, *negatives) index groups of MLQA train examples."""
-    from bgem3_lib.tokenization import M3Tokenizer
-    from bgem3_lib.training_data import build_examples, load_mlqa, unique_texts
+    from bgem3_lib.model.tokenization import M3Tokenizer
+    from bgem3_lib.training.data import build_examples, load_mlqa, unique_texts
 
     examples = build_examples(load_mlqa(), n_negatives=3, seed=seed, split="train")
     texts, groups = unique_texts(examples)
@@ -60,11 +60,11 @@ def mlqa_examples(seed: int, max_len: int = 512):
 def make_trainer(ids, groups, layers: int, token_budget: int, seed: int):
     import mindspore as ms
 
-    from bgem3_lib.encoder import M3Encoder
-    from bgem3_lib.heads import M3Heads
-    from bgem3_lib.loading import load_base
-    from bgem3_lib.train_model import M3TrainNet, TextStore
-    from bgem3_lib.trainer import TrainConfig, Trainer, make_deterministic
+    from bgem3_lib.model.encoder import M3Encoder
+    from bgem3_lib.model.heads import M3Heads
+    from bgem3_lib.model.loading import load_base
+    from bgem3_lib.training.train_model import M3TrainNet, TextStore
+    from bgem3_lib.training.trainer import TrainConfig, Trainer, make_deterministic
 
     make_deterministic(seed)
     cfg = load_base().config

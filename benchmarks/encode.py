@@ -4,7 +4,7 @@ on MindSpore), side by side on this CPU, identical weights and inputs, all three
     .venv/bin/python benchmarks/encode.py [--quick] [--runs 5] [--no-mindnlp]
 
 * Weights: random checkpoints in the real BAAI/bge-m3 file layout, written by torch
-  (``tests/torch_reference.write_bge_m3_checkpoint``): ``full`` (XLM-R large: 24 x 1024, 8194
+  (``bgem3_lib.analysis.torch_reference.write_bge_m3_checkpoint``): ``full`` (XLM-R large: 24 x 1024, 8194
   positions) and ``m3-small`` (the M3-small / multilingual-e5-small shape: 12 x 384). Cached in
   ``cache_dir()/bench``. ``--quick`` uses ``m3-small`` only.
 * Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD

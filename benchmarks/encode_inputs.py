@@ -22,10 +22,8 @@ def make_checkpoint(size: str) -> Path:
     out = cache_dir() / "bench" / f"bge-m3-random-{size}-seed0"
     if (out / "sparse_linear.pt").is_file():
         return out
-    sys.path.insert(0, str(ROOT / "tests"))
-    from torch_reference import run_reference
-
-    from bgem3_lib.assets import asset_path
+    from bgem3_lib.analysis.torch_reference import run_reference
+    from bgem3_lib.weights.assets import asset_path
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     print(f"writing the random {size} checkpoint to {out} ...", flush=True)
     run_reference("write_bge_m3_checkpoint", out_dir=str(tmp), tokenizer_json=str(asset_path("tokenizer.json")),
@@ -47,7 +45,13 @@ class Tokens:
 
 def real_mix(n_queries: int, n_passages: int, n_docs: int, seed: int = 0) -> list[str]:
     """Queries, passages and long documents in many languages, shuffled (fixed seed)."""
-    from bgem3_lib.offline_sets import TYDI_LANGS, XQUAD_LANGS, load_tydi, load_xquad_longdoc, load_xquad_xling
+    from bgem3_lib.evaluation.offline_sets import (
+        TYDI_LANGS,
+        XQUAD_LANGS,
+        load_tydi,
+        load_xquad_longdoc,
+        load_xquad_xling,
+    )
     rng = np.random.default_rng(seed)
     pick = lambda pool, k: [pool[i] for i in rng.choice(len(pool), size=k, replace=False)]  # noqa: E731
     queries = [q for lang in ("de", "zh", "ar", "ru", "hi", "th") for q in load_xquad_xling(lang).queries.values()]
@@ -59,7 +63,7 @@ def real_mix(n_queries: int, n_passages: int, n_docs: int, seed: int = 0) -> lis
 
 def long_texts(count: int, min_tokens: int, tokens: Tokens) -> list[str]:
     """``count`` distinct real texts of at least ``min_tokens`` tokens (XQuAD articles joined)."""
-    from bgem3_lib.offline_sets import XQUAD_LANGS, load_xquad_longdoc
+    from bgem3_lib.evaluation.offline_sets import XQUAD_LANGS, load_xquad_longdoc
     docs = [d for lang in XQUAD_LANGS for d in load_xquad_longdoc(lang).corpus.values()]
     out, i = [], 0
     while len(out) < count:

@@ -23,8 +23,8 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bgem3_lib.index import VOCAB_SIZE, SparseIndex  # noqa: E402
-from bgem3_lib.scoring import lexical_matching_score  # noqa: E402
+from bgem3_lib.retrieval.index import VOCAB_SIZE, SparseIndex  # noqa: E402
+from bgem3_lib.retrieval.scoring import lexical_matching_score  # noqa: E402
 
 
 def zipf_lexical_weights(rng: np.random.Generator, count: int, nnz: int, vocab: int = VOCAB_SIZE,

@@ -11,9 +11,9 @@ __all__ = ["BGEM3", "M3Config", "__version__"]
 
 def __getattr__(name):
     if name == "BGEM3":
-        from .model import BGEM3
+        from .model.bgem3 import BGEM3
         return BGEM3
     if name == "M3Config":
-        from .config import M3Config
+        from .model.config import M3Config
         return M3Config
     raise AttributeError(f"module 'bgem3_lib' has no attribute {name!r}")

@@ -6,9 +6,9 @@ Examples::
     python -m bgem3_lib eval --task miracl --model /models/bge-m3 \\
         --modes dense,sparse,colbert,dense+sparse,all --langs sw,yo --device Ascend --out res --shard 0/2
     python -m bgem3_lib encode --model m3-small-base --input texts.txt --kind passage --out texts.npz
-    python -m bgem3_lib train --help            # delegated to bgem3_lib.trainer
+    python -m bgem3_lib train --recipe m3-small [--no-self-distill] [--out DIR]
 
-``eval`` under ``msrun`` takes its shard from the launcher (see :mod:`bgem3_lib.distributed`); the
+``eval`` under ``msrun`` takes its shard from the launcher (see :mod:`bgem3_lib.evaluation.distributed`); the
 extra scheduler process ``msrun`` starts exits at once.
 """
 from __future__ import annotations
@@ -18,9 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .distributed import is_msrun_scheduler, parse_shard
-
-_ALL_MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
+from .evaluation.distributed import is_msrun_scheduler, parse_shard
+from .retrieval.modes import MODES, check_weights, parse_modes
 
 
 def _csv(text: str) -> list[str]:
@@ -32,13 +31,16 @@ def _csv(text: str) -> list[str]:
 
 def _weights(text: str) -> tuple[float, float, float]:
     try:
-        w = tuple(float(x) for x in _csv(text))
-    except ValueError:
-        msg = f"--weights must be three numbers 'dense,sparse,colbert', got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if len(w) != 3:
-        raise argparse.ArgumentTypeError(f"--weights needs 3 numbers (dense,sparse,colbert), got {len(w)}")
-    return w
+        return check_weights(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--weights 'dense,sparse,colbert': {e}") from None
+
+
+def _modes(text: str) -> list[str]:
+    try:
+        return parse_modes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -64,15 +66,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    from .evaluate import TASKS
+    from .evaluation.runner import TASKS
     parser = argparse.ArgumentParser(prog="python -m bgem3_lib", description="BGE-M3 on MindSpore")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,encode,train}")
 
     ev = sub.add_parser("eval", help="retrieval evaluation -> results.csv / results.json")
     ev.add_argument("--task", required=True, choices=TASKS)
     _model_args(ev)
-    ev.add_argument("--modes", type=_csv, default=["dense"],
-                    help=f"comma-separated, from {','.join(_ALL_MODES)}")
+    ev.add_argument("--modes", type=_modes, default=["dense"],
+                    help=f"comma-separated, from {','.join(MODES)}")
     ev.add_argument("--langs", type=_csv, default=None, help="comma-separated (default: all of the task's)")
     ev.add_argument("--out", required=True, type=Path, help="output directory")
     ev.add_argument("--shard", type=_shard, default=None,
@@ -95,15 +97,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     en.add_argument("--sparse", action="store_true", help="also lexical weights")
     en.add_argument("--colbert", action="store_true", help="also multi-vector (ColBERT) vectors")
 
-    tr = sub.add_parser("train", help="fine-tune (delegated to bgem3_lib.trainer)")
-    if argv and argv[0] == "train":
-        try:
-            from .trainer import add_train_arguments
-        except ModuleNotFoundError as e:
-            if e.name != "bgem3_lib.trainer":
-                raise
-            parser.error("the train command is not available: bgem3_lib/trainer.py is missing")
-        add_train_arguments(tr)
+    tr = sub.add_parser("train", help="fine-tune with a recipe (unified loss, self-distillation)")
+    tr.add_argument("--recipe", default="m3-small", choices=["m3-small"],
+                    help="training recipe (default: m3-small, see bgem3_lib/training/recipe.py)")
+    tr.add_argument("--no-self-distill", action="store_true",
+                    help="ablation: unified loss without self-knowledge distillation")
+    tr.add_argument("--out", default=None,
+                    help="output model directory (default: the asset cache, m3-small or m3-small-nosd)")
+    tr.add_argument("--base", default="m3-small-base", help="starting model (name or directory)")
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--steps", type=_positive, default=None)
+    tr.add_argument("--train-layers", type=int, default=None,
+                    help="top encoder layers to train (0: heads only, dense stays the base's)")
+    tr.add_argument("--passage-tokens", type=_positive, default=None, help="training passage token budget")
+    tr.add_argument("--fresh", action="store_true", help="ignore (delete) an earlier run's checkpoint")
     return parser
 
 
@@ -132,8 +139,8 @@ def _cmd_eval(args) -> int:
     if is_msrun_scheduler():
         print("[eval] msrun scheduler process: no encoding work here, exiting")
         return 0
-    from .evaluate import run_eval
-    from .model import BGEM3
+    from .evaluation.runner import run_eval
+    from .model.bgem3 import BGEM3
     model = BGEM3(args.model, device=args.device, dtype=args.dtype)
     run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
              args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
@@ -141,8 +148,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_encode(args) -> int:
-    from .encoding_store import encodings_to_npz
-    from .model import BGEM3
+    from .evaluation.encoding_store import encodings_to_npz
+    from .model.bgem3 import BGEM3
     texts = read_texts(args.input)
     model = BGEM3(args.model, device=args.device, dtype=args.dtype)
     fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[args.kind]
@@ -154,8 +161,23 @@ def _cmd_encode(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .trainer import run_train
-    return int(run_train(args) or 0)
+    """Run the recipe named by ``args``; prints where the model went and the held-out scores."""
+    import shutil
+
+    from .training.recipe import M3SmallRecipe, default_out, run_m3_small
+
+    r = M3SmallRecipe(use_self_distill=not args.no_self_distill)
+    for field_name, value in (("seed", args.seed), ("steps", args.steps), ("train_layers", args.train_layers),
+                              ("passage_tokens", args.passage_tokens)):
+        if value is not None:
+            setattr(r, field_name, value)
+    out = Path(args.out) if args.out else default_out(r.use_self_distill)
+    if args.fresh:
+        shutil.rmtree(out / "train_state", ignore_errors=True)
+    summary = run_m3_small(r, out, base=args.base)
+    print(json.dumps({k: summary[k] for k in ("out", "seconds", "examples", "final_losses_mean_last20",
+                                              "heldout_before", "heldout_after")}, indent=1))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

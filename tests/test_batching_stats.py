@@ -1,10 +1,10 @@
-"""Tests for bgem3_lib.batching_stats: per-batch padding, timing rows, throughput, memory helpers."""
+"""Tests for bgem3_lib.analysis.batching_stats: per-batch padding, timing rows, throughput, memory helpers."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bgem3_lib.batching_stats import (
+from bgem3_lib.analysis.batching_stats import (
     batch_shapes,
     layer_activation_bytes,
     main,
@@ -13,7 +13,7 @@ from bgem3_lib.batching_stats import (
     throughput,
     time_batches,
 )
-from bgem3_lib.bucketing import padding_waste
+from bgem3_lib.training.bucketing import padding_waste
 
 
 def _pad(seqs):
@@ -97,8 +97,8 @@ def test_peak_rss_growth_sees_a_large_allocation():
 def test_padded_forward_equals_the_encoder():
     from tiny_m3 import tiny_model_dir
 
-    from bgem3_lib.encoder import encoder_inputs
-    from bgem3_lib.model import BGEM3
+    from bgem3_lib.model.bgem3 import BGEM3
+    from bgem3_lib.model.encoder import encoder_inputs
 
     m = BGEM3(str(tiny_model_dir()))
     ids, mask = m.tokenizer.batch(["a short text", "a somewhat longer text with more words in it"], 32)
@@ -121,7 +121,7 @@ def test_layer_step_cli_in_process(capsys):
 
 @pytest.mark.slow
 def test_measure_layer_memory_grows_with_length():
-    from bgem3_lib.batching_stats import measure_layer_memory
+    from bgem3_lib.analysis.batching_stats import measure_layer_memory
     rows = measure_layer_memory([32, 256], batch=4, hidden=64, heads=4, intermediate=128)
     assert [r["length"] for r in rows] == [32, 256]
     assert rows[1]["peak_bytes"] > rows[0]["peak_bytes"] and rows[1]["estimate_bytes"] > rows[0]["estimate_bytes"]

@@ -1,10 +1,10 @@
-"""bgem3_lib.benchmark_data on the real benchmark files in data_dir() and tiny corpus fixtures."""
+"""bgem3_lib.evaluation.benchmark_data on the real benchmark files in data_dir() and tiny corpus fixtures."""
 import gzip
 import json
 
 import pytest
 
-from bgem3_lib import benchmark_data as bd
+from bgem3_lib.evaluation import benchmark_data as bd
 
 
 def test_miracl_dev_counts_match_readme():

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.bucketing: length-bucketed batches, resume, padding waste, split batches."""
+"""Tests for bgem3_lib.training.bucketing: length-bucketed batches, resume, padding waste, split batches."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bgem3_lib.batching_stats import batch_shapes
-from bgem3_lib.bucketing import (
+from bgem3_lib.analysis.batching_stats import batch_shapes
+from bgem3_lib.training.bucketing import (
     DEFAULT_BOUNDARIES,
     LengthBucketSampler,
     assign_buckets,

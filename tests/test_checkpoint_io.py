@@ -1,4 +1,4 @@
-"""bgem3_lib.checkpoint_io: load/save state dicts (.bin/.pt via the safe unpickler, .safetensors, .ckpt).
+"""bgem3_lib.weights.checkpoint_io: load/save state dicts (.bin/.pt via the safe unpickler, .safetensors, .ckpt).
 
 Files in the BAAI/bge-m3 layout are written by real torch in a subprocess, which also dumps the
 expected arrays as ``.npy``; the test process never imports torch.
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bgem3_lib.checkpoint_io import check_shapes, load_state_dict, save_state_dict, strip_prefix
-from bgem3_lib.safe_unpickle import UnsafeCheckpointError
+from bgem3_lib.weights.checkpoint_io import check_shapes, load_state_dict, save_state_dict, strip_prefix
+from bgem3_lib.weights.safe_unpickle import UnsafeCheckpointError
 
 _SAVE_SCRIPT = r"""
 import sys

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 from tiny_m3 import tiny_model_dir
 
 from bgem3_lib.cli import build_parser, main, read_texts
-from bgem3_lib.evaluate import COLUMNS
+from bgem3_lib.evaluation.runner import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,16 +40,20 @@ def test_library_errors_are_reported_not_raised(tmp_path, capsys):
     assert code == 2 and "neither a model directory nor a known name" in capsys.readouterr().err
 
 
-def test_train_is_delegated_lazily(monkeypatch):
+def test_train_command_runs_the_recipe_with_the_options_given(monkeypatch, tmp_path, capsys):
+    from bgem3_lib.training import recipe
     calls = {}
-    fake = types.ModuleType("bgem3_lib.trainer")
-    fake.add_train_arguments = lambda p: p.add_argument("--steps", type=int, default=1)
-    fake.run_train = lambda args: calls.setdefault("steps", args.steps) and 0
-    monkeypatch.setitem(sys.modules, "bgem3_lib.trainer", fake)
-    assert main(["train", "--steps", "7"]) == 0 and calls == {"steps": 7}
-    monkeypatch.setitem(sys.modules, "bgem3_lib.trainer", None)          # as if trainer.py were absent
-    with pytest.raises((SystemExit, ImportError)):
-        main(["train"])
+
+    def fake_run(r, out, base):
+        calls.update(steps=r.steps, sd=r.use_self_distill, out=out, base=base)
+        return {"out": str(out), "seconds": 0, "examples": 0, "final_losses_mean_last20": {},
+                "heldout_before": {}, "heldout_after": {}}
+    monkeypatch.setattr(recipe, "run_m3_small", fake_run)
+    assert main(["train", "--steps", "7", "--no-self-distill", "--out", str(tmp_path)]) == 0
+    assert calls == {"steps": 7, "sd": False, "out": tmp_path, "base": "m3-small-base"}
+    assert '"out"' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "0"])
 
 
 def test_msrun_scheduler_process_exits_without_work(monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pytest
 from fixtures import xquad
 from tiny_m3 import TableModel, tiny_model_dir
 
-from bgem3_lib.corpus_cache import cache_key, check_corpus, corpus_encodings, corpus_fingerprint
+from bgem3_lib.evaluation.corpus_cache import cache_key, check_corpus, corpus_encodings, corpus_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ _SHARD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_corpus_cache import _corpus
     from bgem3_lib import BGEM3
-    from bgem3_lib.corpus_cache import corpus_encodings
+    from bgem3_lib.evaluation.corpus_cache import corpus_encodings
     rank = int(sys.argv[1])
     docids, texts = _corpus(5)
     out = corpus_encodings(BGEM3({model!r}), docids, texts, max_length=24, batch_size=2, shard=(rank, 2),

@@ -7,9 +7,9 @@ import pytest
 from mindspore import Tensor
 from scipy.special import erf
 
-from bgem3_lib import cpu_kernels as ck
-from bgem3_lib.config import M3Config
-from bgem3_lib.encoder import M3Encoder, pack_offsets, position_ids_for
+from bgem3_lib.kernels import cpu as ck
+from bgem3_lib.model.config import M3Config
+from bgem3_lib.model.encoder import M3Encoder, pack_offsets, position_ids_for
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="fast CPU kernels not available here")
 
@@ -98,7 +98,7 @@ def test_gelu_and_softmax_accuracy_through_ffn_and_linear():
     b = rng.normal(0, 1, 64).astype(np.float32)
     y = ck.linear(Tensor(x), Tensor(w), Tensor(b)).asnumpy()
     assert np.abs(y - (x.astype(np.float64) @ w.T + b)).max() < 1e-4
-    from bgem3_lib.encoder import FeedForward
+    from bgem3_lib.model.encoder import FeedForward
     cfg = M3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     ffn = FeedForward(cfg)
     ffn.inner.weight.set_data(Tensor(w))

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.distill_report against NumPy references and hand-made logs (fixed seeds, fast)."""
+"""Tests for bgem3_lib.analysis.distill_report against NumPy references and hand-made logs (fixed seeds, fast)."""
 from __future__ import annotations
 
 import json
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bgem3_lib.distill_report import (
+from bgem3_lib.analysis.distill_report import (
     batch_scores,
     collapse_step,
     load_training_log,
@@ -61,7 +61,7 @@ def test_smooth_rejects_nan_and_2d():
 
 
 def test_uniform_loss_is_infonce_of_equal_scores():
-    from bgem3_lib.losses import in_batch_targets, info_nce
+    from bgem3_lib.training.losses import in_batch_targets, info_nce
     b, g = 3, 4
     ref = float(info_nce(np.zeros((b, b * g)), in_batch_targets(b, g), temperature=0.02))
     assert uniform_loss(b, g) == pytest.approx(ref, abs=1e-6)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bgem3_lib.distributed import is_msrun_scheduler, parse_shard, resolve_shard, shard_from_env
+from bgem3_lib.evaluation.distributed import is_msrun_scheduler, parse_shard, resolve_shard, shard_from_env
 
 
 def test_parse_shard():

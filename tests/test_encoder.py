@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from fixtures import multilingual_texts
-from torch_reference import run_reference
 
-from bgem3_lib.assets import asset_path
-from bgem3_lib.config import M3Config
-from bgem3_lib.e5_format import read_e5
-from bgem3_lib.encoder import M3Encoder, encoder_inputs, load_hf_state, position_ids_for
-from bgem3_lib.tokenization import M3Tokenizer
+from bgem3_lib.analysis.torch_reference import run_reference
+from bgem3_lib.model.config import M3Config
+from bgem3_lib.model.encoder import M3Encoder, encoder_inputs, load_hf_state, position_ids_for
+from bgem3_lib.model.tokenization import M3Tokenizer
+from bgem3_lib.weights.assets import asset_path
+from bgem3_lib.weights.e5_format import read_e5
 
 
 def test_position_ids_xlmr_and_bert():
@@ -38,7 +38,7 @@ def test_load_rejects_wrong_shape_and_nan():
                    vocab_size=20, max_position_embeddings=10)
     enc = M3Encoder(cfg)
     rng = np.random.default_rng(0)
-    from bgem3_lib.encoder import hf_to_encoder_names
+    from bgem3_lib.model.encoder import hf_to_encoder_names
     state = {hf: rng.normal(size=p.shape).astype(np.float32)
              for p in enc.get_parameters() for ours, hf in hf_to_encoder_names(cfg).items() if ours == p.name}
     for n in ("query", "key", "value"):

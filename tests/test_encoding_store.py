@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bgem3_lib.encoding_store import (
+from bgem3_lib.evaluation.encoding_store import (
     arrays_to_lexical,
     encodings_to_npz,
     gather_rows,

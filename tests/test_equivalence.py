@@ -8,9 +8,9 @@ import warnings
 import numpy as np
 import pytest
 from fixtures import long_text, multilingual_texts
-from torch_reference import run_reference
 
-from bgem3_lib.assets import asset_path
+from bgem3_lib.analysis.torch_reference import run_reference
+from bgem3_lib.weights.assets import asset_path
 
 TOL = 1e-5
 SMALL = dict(layers=2, hidden=64, heads=4, ffn=128, max_pos=514)

@@ -1,10 +1,10 @@
-"""Tests for bgem3_lib.eval_subsets on a hand-made set and on real TyDi GoldP (bn)."""
+"""Tests for bgem3_lib.evaluation.subsets on a hand-made set and on real TyDi GoldP (bn)."""
 from __future__ import annotations
 
 import pytest
 
-from bgem3_lib.eval_subsets import subset_evalset
-from bgem3_lib.offline_sets import EvalSet, load_tydi
+from bgem3_lib.evaluation.offline_sets import EvalSet, load_tydi
+from bgem3_lib.evaluation.subsets import subset_evalset
 
 
 def _toy():

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from tiny_m3 import TableModel, tiny_model_dir
 
-from bgem3_lib.benchmark_data import load_miracl_qrels, load_miracl_topics, mkqa_sample_path
-from bgem3_lib.evaluate import COLUMNS, IR_METRICS, evaluate_set, limit_queries, run_eval
-from bgem3_lib.offline_sets import EvalSet
-from bgem3_lib.retriever import MODES
+from bgem3_lib.evaluation.benchmark_data import load_miracl_qrels, load_miracl_topics, mkqa_sample_path
+from bgem3_lib.evaluation.offline_sets import EvalSet
+from bgem3_lib.evaluation.runner import COLUMNS, IR_METRICS, evaluate_set, limit_queries, run_eval
+from bgem3_lib.retrieval.modes import MODES
 
 E = np.eye(2, dtype=np.float32)
 # dense / lexical / multi-vector encodings, chosen so every mode ranks differently (see the test)

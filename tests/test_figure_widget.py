@@ -4,7 +4,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from bgem3_lib.figure_widget import PNG_MAGIC, figure_image, png_bytes  # noqa: E402
+from bgem3_lib.analysis.figure_widget import PNG_MAGIC, figure_image, png_bytes  # noqa: E402
 
 
 def _fig(n):

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.hidden_cache: cached lower-layer states equal a direct forward pass."""
+"""Tests for bgem3_lib.training.hidden_cache: cached lower-layer states equal a direct forward pass."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +8,8 @@ import pytest
 def _encoder():
     import mindspore as ms
 
-    from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import M3Encoder
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import M3Encoder
 
     cfg = M3Config(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
                    vocab_size=50, max_position_embeddings=40)
@@ -22,8 +22,8 @@ def _encoder():
 
 
 def test_cache_matches_direct_forward_and_is_reused(tmp_path):
-    from bgem3_lib.encoder import encoder_inputs
-    from bgem3_lib.hidden_cache import HiddenCache, build_hidden_cache
+    from bgem3_lib.model.encoder import encoder_inputs
+    from bgem3_lib.training.hidden_cache import HiddenCache, build_hidden_cache
 
     enc = _encoder()
     rng = np.random.default_rng(1)

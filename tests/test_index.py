@@ -1,9 +1,9 @@
-"""bgem3_lib.index against brute force built from bgem3_lib.scoring and a plain sorted() ranking."""
+"""bgem3_lib.retrieval.index against brute force built from bgem3_lib.retrieval.scoring and a plain sorted() ranking."""
 import numpy as np
 import pytest
 
-from bgem3_lib.index import DenseIndex, SparseIndex, colbert_rerank, lexical_weights_to_csr, top_k
-from bgem3_lib.scoring import colbert_score, dense_score, lexical_matching_score
+from bgem3_lib.retrieval.index import DenseIndex, SparseIndex, colbert_rerank, lexical_weights_to_csr, top_k
+from bgem3_lib.retrieval.scoring import colbert_score, dense_score, lexical_matching_score
 
 
 def _ranking(row_scores, k):
@@ -173,7 +173,7 @@ def test_sparse_search_in_query_blocks_equals_one_block(monkeypatch):
     corpus, queries = _lexical_corpus(rng, 40), _lexical_corpus(rng, 7, nnz=10)
     index = SparseIndex(corpus, vocab_size=60)
     whole = index.search(queries, 5)
-    monkeypatch.setattr("bgem3_lib.index._BLOCK", 2 * 40)          # two queries per block
+    monkeypatch.setattr("bgem3_lib.retrieval.index._BLOCK", 2 * 40)          # two queries per block
     blocked = index.search(queries, 5)
     assert blocked[0].tolist() == whole[0].tolist()
     np.testing.assert_array_equal(blocked[1], whole[1])

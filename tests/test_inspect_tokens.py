@@ -1,11 +1,10 @@
-"""bgem3_lib.inspect_tokens against hand-worked examples, the library's own scorers and brute force."""
+"""bgem3_lib.analysis.inspect_tokens against hand-worked examples, the library's own scorers and brute force."""
 import re
 
 import numpy as np
 import pytest
 
-from bgem3_lib.heads import sparse_embedding
-from bgem3_lib.inspect_tokens import (
+from bgem3_lib.analysis.inspect_tokens import (
     best_window,
     document_frequency,
     flow_layout,
@@ -21,7 +20,8 @@ from bgem3_lib.inspect_tokens import (
     text_pieces,
     token_weights,
 )
-from bgem3_lib.scoring import colbert_score, lexical_matching_score
+from bgem3_lib.model.heads import sparse_embedding
+from bgem3_lib.retrieval.scoring import colbert_score, lexical_matching_score
 
 
 def _random_lexical(rng, vocab=30, nnz=6):
@@ -183,7 +183,7 @@ def test_storage_bytes_by_hand():
 def tiny():
     from tiny_m3 import tiny_model_dir
 
-    from bgem3_lib.model import BGEM3
+    from bgem3_lib.model.bgem3 import BGEM3
     return BGEM3(str(tiny_model_dir()))
 
 

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.longdoc_eval: hand-worked numbers, NumPy references, the tiny random model."""
+"""Tests for bgem3_lib.analysis.longdoc_eval: hand-worked numbers, NumPy references, the tiny random model."""
 from __future__ import annotations
 
 import functools
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from tiny_m3 import tiny_model_dir
 
-from bgem3_lib import longdoc_eval as le
-from bgem3_lib.batching_stats import layer_activation_bytes
-from bgem3_lib.tokenization import M3Tokenizer
+from bgem3_lib.analysis import longdoc_eval as le
+from bgem3_lib.analysis.batching_stats import layer_activation_bytes
+from bgem3_lib.model.tokenization import M3Tokenizer
 
 
 class WordTokenizer:
@@ -23,7 +23,7 @@ class WordTokenizer:
 
 @functools.lru_cache(maxsize=None)
 def _tiny():
-    from bgem3_lib.model import BGEM3
+    from bgem3_lib.model.bgem3 import BGEM3
     return BGEM3(str(tiny_model_dir()))
 
 
@@ -126,7 +126,7 @@ LONG = "The committee met in Geneva and adopted the new broadcasting standard fo
 
 @pytest.mark.filterwarnings("ignore:.*truncated")
 def test_longdoc_variants_tiny_model(tmp_path, monkeypatch):
-    from bgem3_lib.pooling_variants import mcls_poolings
+    from bgem3_lib.analysis.pooling_variants import mcls_poolings
 
     monkeypatch.setattr(le, "cache_dir", lambda: tmp_path)      # not BGEM3_HOME: assets live there
     m = _tiny()

@@ -1,11 +1,11 @@
-"""Tests for bgem3_lib.losses against an independent NumPy reference and finite differences."""
+"""Tests for bgem3_lib.training.losses against an independent NumPy reference and finite differences."""
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from bgem3_lib.losses import (
+from bgem3_lib.training.losses import (
     colbert_scores,
     dense_scores,
     in_batch_targets,

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.mcls on a tiny random model with the real XLM-R tokenizer."""
+"""Tests for bgem3_lib.model.mcls on a tiny random model with the real XLM-R tokenizer."""
 from __future__ import annotations
 
 import functools
@@ -6,17 +6,17 @@ import functools
 import numpy as np
 import pytest
 
-from bgem3_lib.mcls import insert_cls, mcls_dense_embedding, mcls_positions
+from bgem3_lib.model.mcls import insert_cls, mcls_dense_embedding, mcls_positions
 
 
 @functools.lru_cache(maxsize=None)
 def _tiny(model_type: str, pooling: str, max_pos: int = 600):
     import mindspore as ms
 
-    from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import M3Encoder
-    from bgem3_lib.model import BGEM3
-    from bgem3_lib.tokenization import M3Tokenizer
+    from bgem3_lib.model.bgem3 import BGEM3
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import M3Encoder
+    from bgem3_lib.model.tokenization import M3Tokenizer
 
     class Tiny(BGEM3):          # skips weight loading: random encoder, real tokenizer
         def __init__(self):
@@ -58,7 +58,7 @@ def test_short_text_equals_plain_embedding(model_type, pooling, seg):
 
 
 def test_long_text_shape_positions_and_reference():
-    from bgem3_lib.encoder import encoder_inputs
+    from bgem3_lib.model.encoder import encoder_inputs
 
     m = _tiny("xlm-roberta", "cls")
     out = mcls_dense_embedding(m, [LONG, SHORT], max_length=520, every=128)

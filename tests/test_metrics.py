@@ -1,4 +1,4 @@
-"""bgem3_lib.metrics vs an independent pure-Python implementation of the trec_eval formulas and
+"""bgem3_lib.retrieval.metrics vs an independent pure-Python implementation of the trec_eval formulas and
 hand-worked values. (No trec_eval executable is packaged for PyPI or Debian, so the reference is
 written here from the definitions: linear-gain nDCG with log2(rank+1) discount, recall, RR.)"""
 import math
@@ -8,7 +8,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from bgem3_lib.metrics import (
+from bgem3_lib.retrieval.metrics import (
     answer_hits_at_k,
     answer_recall_at_k,
     answer_tokens,

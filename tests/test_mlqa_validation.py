@@ -1,10 +1,10 @@
-"""Tests for bgem3_lib.mlqa_validation: ranking metrics by hand, scores against direct NumPy."""
+"""Tests for bgem3_lib.training.mlqa_validation: ranking metrics by hand, scores against direct NumPy."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bgem3_lib.mlqa_validation import encode_from_states, mode_scores, rank_metrics, validate
+from bgem3_lib.training.mlqa_validation import encode_from_states, mode_scores, rank_metrics, validate
 
 
 def test_rank_metrics_hand_worked():

@@ -88,10 +88,10 @@ def test_missing_model_and_files_are_named(tmp_path):
 
 def _tiny_model_dir(tmp_path, seed=0):
     """A tiny random model saved with save_pretrained (safetensors + heads)."""
-    from bgem3_lib.assets import asset_path
-    from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import M3Encoder, hf_to_encoder_names
-    from bgem3_lib.loading import LoadedModel
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import M3Encoder, hf_to_encoder_names
+    from bgem3_lib.model.loading import LoadedModel
+    from bgem3_lib.weights.assets import asset_path
     cfg = M3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
                    max_position_embeddings=66)
     rng = np.random.default_rng(seed)
@@ -151,7 +151,7 @@ def test_truncated_safetensors_is_named(tmp_path):
 
 
 def test_wrong_head_shape_is_named(tmp_path):
-    from bgem3_lib.checkpoint_io import load_state_dict, save_state_dict
+    from bgem3_lib.weights.checkpoint_io import load_state_dict, save_state_dict
     _, path = _tiny_model_dir(tmp_path)
     heads = load_state_dict(path / "heads.safetensors")
     heads["sparse_linear.weight"] = np.zeros((1, 8), np.float32)
@@ -161,7 +161,7 @@ def test_wrong_head_shape_is_named(tmp_path):
 
 
 def test_compute_score_modes_and_weights(tmp_path):
-    from bgem3_lib.scoring import colbert_score, lexical_matching_score
+    from bgem3_lib.retrieval.scoring import colbert_score, lexical_matching_score
     m, _ = _tiny_model_dir(tmp_path)
     pairs = [("what is a cat", "a cat is a small animal"), ("hello", "hello there my friend")]
     s = m.compute_score(pairs, weights_for_different_modes=[0.5, 0.2, 0.3], batch_size=1)

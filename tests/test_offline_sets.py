@@ -1,11 +1,11 @@
-"""bgem3_lib.offline_sets on the real TyDi GoldP / XQuAD files: sizes, languages, determinism."""
+"""bgem3_lib.evaluation.offline_sets on the real TyDi GoldP / XQuAD files: sizes, languages, determinism."""
 import json
 
 import pytest
 
-from bgem3_lib import offline_sets as osets
-from bgem3_lib.metrics import answer_recall_at_k
+from bgem3_lib.evaluation import offline_sets as osets
 from bgem3_lib.paths import data_dir
+from bgem3_lib.retrieval.metrics import answer_recall_at_k
 
 TYDI_SIZES = {  # (questions, distinct gold passages) of TyDi QA GoldP v1.1 dev
     "ar": (921, 842), "bn": (113, 105), "en": (440, 429), "fi": (782, 634), "id": (565, 514),

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.pooling_variants on the tiny random model (64 usable positions, real tokenizer)."""
+"""Tests for bgem3_lib.analysis.pooling_variants on the tiny random model (64 usable positions, real tokenizer)."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from tiny_m3 import tiny_model_dir
 
-from bgem3_lib.mcls import mcls_dense_embedding
-from bgem3_lib.pooling_variants import cls_counts, mcls_layout, mcls_poolings
+from bgem3_lib.analysis.pooling_variants import cls_counts, mcls_layout, mcls_poolings
+from bgem3_lib.model.mcls import mcls_dense_embedding
 
 LONG = "The committee met in Geneva and adopted the new broadcasting standard for colour television. " * 4
 SHORT = "A short passage about television."
@@ -16,7 +16,7 @@ SHORT = "A short passage about television."
 
 @functools.lru_cache(maxsize=None)
 def _model():
-    from bgem3_lib.model import BGEM3
+    from bgem3_lib.model.bgem3 import BGEM3
     return BGEM3(str(tiny_model_dir()))
 
 
@@ -50,7 +50,7 @@ def test_matches_mcls_dense_embedding(pooling):
 
 
 def test_hand_built_reference_for_windows():
-    from bgem3_lib.encoder import encoder_inputs
+    from bgem3_lib.model.encoder import encoder_inputs
     m = _model()
     seq, cls_pos = mcls_layout(m, [LONG], every=20)[0]
     assert len(seq) == m.config.max_length == 64 and cls_pos == [0, 20, 40, 60]

@@ -1,4 +1,4 @@
-"""bgem3_lib.reference_runs: the comparison of two runs (pure NumPy) and its input checks.
+"""bgem3_lib.analysis.reference_runs: the comparison of two runs (pure NumPy) and its input checks.
 
 The subprocess runs themselves are exercised by notebooks/09_three_implementations.md and, for
 bgem3_lib vs FlagEmbedding, by tests/test_equivalence.py.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bgem3_lib.reference_runs import IMPLEMENTATIONS, RunResult, max_differences, run_implementation
+from bgem3_lib.analysis.reference_runs import IMPLEMENTATIONS, RunResult, max_differences, run_implementation
 
 
 def _run(name, dense, lexical, colbert, seconds=2.0, n_tokens=10):

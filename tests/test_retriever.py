@@ -13,7 +13,8 @@ d5   opposite          -1.0     0.1*1.0 = 0.1     (-1 + 0)/2 = -0.5     -0.97   
 import numpy as np
 import pytest
 
-from bgem3_lib.retriever import MODES, PAPER_WEIGHTS, HybridRetriever
+from bgem3_lib.retrieval.modes import MODES, PAPER_WEIGHTS
+from bgem3_lib.retrieval.retriever import HybridRetriever
 
 
 def _corpus():
@@ -133,7 +134,7 @@ def test_hybrid_in_query_blocks_equals_one_block(monkeypatch):
                "colbert_vecs": [unit(2, h) for _ in range(nq)]}
     r = HybridRetriever(corpus)
     whole = r.search(queries, "all", k=4, hybrid_depth=6)
-    monkeypatch.setattr("bgem3_lib.retriever._BLOCK", n)            # one query per block
+    monkeypatch.setattr("bgem3_lib.retrieval.retriever._BLOCK", n)            # one query per block
     blocked = r.search(queries, "all", k=4, hybrid_depth=6)
     assert blocked[0].tolist() == whole[0].tolist()
     np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-6)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bgem3_lib.runtime import canonical_device, resolve_device_id
+from bgem3_lib.model.runtime import canonical_device, resolve_device_id
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_set_device_after_a_computation_keeps_the_same_device():
     """MindSpore refuses set_device once a kernel ran; asking again for the device in use must work
     (e.g. building a model after training in the same process), another device must say why not."""
     script = ("import numpy as np, mindspore as ms\n"
-              "from bgem3_lib.runtime import set_device\n"
+              "from bgem3_lib.model.runtime import set_device\n"
               "(ms.Tensor(np.ones(3)) + 1).asnumpy()\n"
               "print(set_device('CPU'))\n"
               "try:\n    set_device('GPU', 0)\nexcept RuntimeError as e:\n    print('refused:', e)\n")

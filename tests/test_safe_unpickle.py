@@ -1,4 +1,4 @@
-"""bgem3_lib.safe_unpickle: torch.save files read without torch; pickles that would run code refused.
+"""bgem3_lib.weights.safe_unpickle: torch.save files read without torch; pickles that would run code refused.
 
 Reference files are written by real ``torch.save`` in a subprocess, which also dumps every tensor
 as ``.npy`` (bf16 via ``tensor.float()``), so the test process itself never imports torch.
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bgem3_lib.safe_unpickle import UnsafeCheckpointError, bfloat16_bits_to_float32, load_torch_checkpoint
+from bgem3_lib.weights.safe_unpickle import UnsafeCheckpointError, bfloat16_bits_to_float32, load_torch_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_module_state_dict(torch_files):
 
 
 def test_loading_does_not_import_torch(torch_files):
-    code = ("import sys; from bgem3_lib.safe_unpickle import load_torch_checkpoint as L; "
+    code = ("import sys; from bgem3_lib.weights.safe_unpickle import load_torch_checkpoint as L; "
             f"L({str(torch_files / 'new.pt')!r}); L({str(torch_files / 'legacy.pt')!r}); "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

@@ -1,8 +1,8 @@
-"""bgem3_lib.scoring against hand-worked values, plain-loop references and FlagEmbedding (slow)."""
+"""bgem3_lib.retrieval.scoring against hand-worked values, plain-loop references and FlagEmbedding (slow)."""
 import numpy as np
 import pytest
 
-from bgem3_lib.scoring import (
+from bgem3_lib.retrieval.scoring import (
     COMBINED_MODES,
     check_weights,
     colbert_score,

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.trainer / train_model / optim on a tiny random model (hidden 32, 2 layers).
+"""Tests for bgem3_lib.training.trainer / train_model / optim on a tiny random model (hidden 32, 2 layers).
 
 The resume test runs this file as a script in subprocesses: one uninterrupted run, one run that the
 test kills with SIGKILL right after its checkpoint of step ``KILL_AFTER``, and a run resuming from that
@@ -24,11 +24,11 @@ def build(seed: int = 0, sub_batch: int = 0, use_self_distill: bool = True, step
     """Tiny XLM-R-style model, random texts, a Trainer over them (all from ``seed``)."""
     import mindspore as ms
 
-    from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import M3Encoder
-    from bgem3_lib.heads import M3Heads
-    from bgem3_lib.train_model import M3TrainNet
-    from bgem3_lib.trainer import TextStore, TrainConfig, Trainer, make_deterministic
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import M3Encoder
+    from bgem3_lib.model.heads import M3Heads
+    from bgem3_lib.training.train_model import M3TrainNet
+    from bgem3_lib.training.trainer import TextStore, TrainConfig, Trainer, make_deterministic
 
     make_deterministic(seed)
     cfg = M3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -55,7 +55,7 @@ def _params(trainer) -> dict:
 def _child(out_dir: str, result: str) -> None:
     """Script mode: train (resuming from out_dir if a checkpoint is there), print each step, save params."""
     tr = build(out_dir=out_dir)
-    from bgem3_lib.trainer import CHECKPOINT
+    from bgem3_lib.training.trainer import CHECKPOINT
     start = 0
     if (Path(out_dir) / CHECKPOINT).is_file():
         tr.load_checkpoint(Path(out_dir) / CHECKPOINT)
@@ -161,7 +161,7 @@ def test_no_self_distill_loss_is_L():
 def test_adamw_matches_numpy_reference():
     import mindspore as ms
 
-    from bgem3_lib.optim import AdamW, clip_by_global_norm, lr_at
+    from bgem3_lib.training.optim import AdamW, clip_by_global_norm, lr_at
 
     rng = np.random.default_rng(1)
     w0 = rng.normal(size=(3, 2)).astype(np.float32)
@@ -184,7 +184,7 @@ def test_adamw_matches_numpy_reference():
 
 
 def test_bad_inputs_raise():
-    from bgem3_lib.trainer import TextStore
+    from bgem3_lib.training.trainer import TextStore
 
     with pytest.raises(ValueError, match="at least one text"):
         TextStore([])

@@ -1,4 +1,4 @@
-"""Tests for bgem3_lib.training_data on the real MLQA dev files (read in place)."""
+"""Tests for bgem3_lib.training.data on the real MLQA dev files (read in place)."""
 from __future__ import annotations
 
 import functools
@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bgem3_lib.paths import data_dir
-from bgem3_lib.training_data import (
+from bgem3_lib.training.data import (
     MLQA_LANGS,
     TrainExample,
     build_examples,

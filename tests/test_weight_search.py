@@ -3,11 +3,7 @@ weights, and the fast metrics equal trec_eval (metrics.evaluate_run) on the re-r
 import numpy as np
 import pytest
 
-from bgem3_lib import index
-from bgem3_lib.metrics import evaluate_run
-from bgem3_lib.retriever import PAPER_WEIGHTS, HybridRetriever
-from bgem3_lib.scoring import colbert_score
-from bgem3_lib.weight_search import (
+from bgem3_lib.analysis.weight_search import (
     CandidateScores,
     best_weights,
     colbert_candidate_scores,
@@ -15,13 +11,18 @@ from bgem3_lib.weight_search import (
     evaluate_weights,
     judgements,
     relevant_ranks,
-    rerank,
     score_candidates,
     select_queries,
     simplex_grid,
     ternary_xy,
     to_simplex,
 )
+from bgem3_lib.retrieval import index
+from bgem3_lib.retrieval.index import top_k
+from bgem3_lib.retrieval.metrics import evaluate_run
+from bgem3_lib.retrieval.modes import PAPER_WEIGHTS
+from bgem3_lib.retrieval.retriever import HybridRetriever
+from bgem3_lib.retrieval.scoring import colbert_score
 
 VOCAB = 40
 H = 8
@@ -37,6 +38,12 @@ def _encodings(rng, n, tokens=(3, 9), vectors=(2, 6)):
         lexical.append({str(t): float(rng.integers(1, 4)) / 4 for t in ids})
     colbert = [rng.normal(size=(rng.integers(*vectors), H)).astype(np.float32) for _ in range(n)]
     return {"dense_vecs": dense, "lexical_weights": lexical, "colbert_vecs": colbert}
+
+
+def rerank(cs, weights, k):
+    """Top-k candidates of ``combine`` (what the retriever's ``all`` mode returns)."""
+    pos, best = top_k(combine(cs, weights), k)
+    return np.take_along_axis(cs.ids, pos, axis=1), best
 
 
 @pytest.fixture(scope="module")

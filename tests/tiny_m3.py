@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bgem3_lib.assets import asset_path
+from bgem3_lib.weights.assets import asset_path
 
 
 def _shape(hf_name: str, cfg) -> tuple[int, ...]:
@@ -33,10 +33,10 @@ def _shape(hf_name: str, cfg) -> tuple[int, ...]:
 
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(seed: int = 0) -> Path:
-    from bgem3_lib.config import M3Config
-    from bgem3_lib.encoder import hf_to_encoder_names
-    from bgem3_lib.loading import LoadedModel
-    from bgem3_lib.model import BGEM3
+    from bgem3_lib.model.bgem3 import BGEM3
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import hf_to_encoder_names
+    from bgem3_lib.model.loading import LoadedModel
 
     cfg = M3Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                    max_position_embeddings=66)                     # 64 usable tokens

@@ -1,0 +1,11 @@
+"""The analysis wing: what the book's chapters and the benchmarks need that is not the model.
+
+What lives here: token inspection (``inspect_tokens``), the hybrid-weight simplex search
+(``weight_search``), batching statistics (``batching_stats``), distillation reports
+(``distill_report``), MCLS pooling variants (``pooling_variants``), the long-document study
+(``longdoc_eval``), the live-figure widget (``figure_widget``), and the runs of the reference
+implementations in their own processes (``reference_runs``, ``torch_reference``).
+
+May import every other wing. Nothing outside ``analysis``, ``benchmarks``, ``notebooks`` (and the tests)
+imports it.
+"""

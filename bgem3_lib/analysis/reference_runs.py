@@ -1,0 +1,226 @@
+"""One M3 checkpoint, three implementations: ``bgem3_lib`` (MindSpore), FlagEmbedding (PyTorch) and
+MindNLP 0.5 (transformers on MindSpore), each run in its own Python process.
+
+Separate processes are required, not just tidy: importing ``mindnlp`` replaces ``torch`` by its
+MindSpore shim for the whole process, and PyTorch and MindSpore each bring their own thread pools.
+The parent process never imports torch or mindnlp; texts go in and outputs come back as JSON/NPZ
+files in a work directory.
+
+* :func:`write_random_checkpoint` - a random-weight checkpoint in the exact ``BAAI/bge-m3`` file
+  layout, written by torch (:mod:`bgem3_lib.analysis.torch_reference`) in a subprocess;
+* :func:`run_implementation` - encode texts with one implementation (dense, sparse, ColBERT) after
+  a warm-up call on four texts; returns a :class:`RunResult` with the outputs and the timed encode;
+* :func:`max_differences` - largest absolute difference of two runs per representation.
+
+The MindNLP run uses MindNLP for everything up to the head projections (tokenizer, XLM-RoBERTa
+encoder, ``colbert_linear`` / ``sparse_linear`` as shim-torch ``Linear`` layers) and the NumPy
+post-processing of :mod:`bgem3_lib.model.heads` (CLS pick, per-token max, padding removal,
+normalisation), which the equivalence test checks against FlagEmbedding.
+
+>>> ckpt = write_random_checkpoint("/tmp/m3-rand", layers=2, hidden=64, heads=4, ffn=128)  # doctest: +SKIP
+>>> ref = run_implementation("flagembedding", ckpt, ["hello", "bonjour"], "/tmp/w")        # doctest: +SKIP
+>>> ref.dense.shape, ref.n_tokens                                                          # doctest: +SKIP
+((2, 64), 7)
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+IMPLEMENTATIONS = ("bgem3_lib", "flagembedding", "mindnlp")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class RunResult:
+    """Outputs of one implementation for N texts and the timing of its encode call.
+
+    ``dense`` [N, H]; ``lexical`` N dicts {token_id_str: weight}; ``colbert`` N arrays [n_i - 1, H];
+    ``seconds`` wall time and ``cpu_seconds`` process CPU time of the timed encode (after a warm-up
+    call, model already loaded); ``n_tokens`` tokens encoded (special tokens included).
+    """
+    name: str
+    dense: np.ndarray
+    lexical: list[dict[str, float]]
+    colbert: list[np.ndarray]
+    seconds: float
+    cpu_seconds: float
+    n_tokens: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.n_tokens / self.seconds
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), TQDM_DISABLE="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def _run(args: list[str], what: str, timeout: float) -> None:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=_subprocess_env(),
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def write_random_checkpoint(out_dir: str | Path, layers: int, hidden: int, heads: int, ffn: int,
+                            max_pos: int = 514, seed: int = 0, timeout: float = 1800) -> Path:
+    """Write a random BGE-M3-layout checkpoint (torch, in a subprocess) unless ``out_dir`` has one."""
+    out = Path(out_dir)
+    if (out / "pytorch_model.bin").is_file() and (out / "sparse_linear.pt").is_file():
+        return out
+    from ..weights.assets import asset_path
+    from .torch_reference import run_reference
+    run_reference("write_bge_m3_checkpoint", timeout=int(timeout), out_dir=str(out),
+                  tokenizer_json=str(asset_path("tokenizer.json")), layers=layers, hidden=hidden, heads=heads,
+                  ffn=ffn, max_pos=max_pos, seed=seed)
+    return out
+
+
+def run_implementation(name: str, model_dir: str | Path, texts: list[str], workdir: str | Path,
+                       max_length: int = 512, batch_size: int = 16, timeout: float = 3600) -> RunResult:
+    """Encode ``texts`` with implementation ``name`` (one of :data:`IMPLEMENTATIONS`) in a subprocess."""
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown implementation {name!r}; choose one of {IMPLEMENTATIONS}")
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise ValueError("texts must be a non-empty list of non-empty strings")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint in {model_dir} (config.json missing)")
+    out = Path(workdir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+    _run(["-m", "bgem3_lib.analysis.reference_runs", name, str(model_dir), str(out), str(max_length), str(batch_size)],
+         f"the {name} run", timeout)
+    return load_result(name, out)
+
+
+def load_result(name: str, out: Path) -> RunResult:
+    timing = json.loads((out / "timing.json").read_text())
+    colbert = np.load(out / "colbert.npz")
+    return RunResult(name, np.load(out / "dense.npy"), json.loads((out / "lexical.json").read_text()),
+                     [colbert[f"arr_{i}"] for i in range(len(colbert.files))], timing["seconds"],
+                     timing["cpu_seconds"], timing["n_tokens"])
+
+
+def max_differences(a: RunResult, b: RunResult) -> dict[str, float]:
+    """Max |a - b| of ``dense`` vectors, ``sparse`` weights (over the union of tokens, a missing token
+    counting as weight 0), ``colbert`` vectors and the dense score matrix ``dense_scores`` (texts x texts).
+
+    >>> r = RunResult("x", np.eye(2), [{"5": 1.0}, {}], [np.ones((1, 2))] * 2, 1.0, 1.0, 4)
+    >>> max_differences(r, RunResult("y", np.eye(2), [{"5": 0.5}, {"7": 0.25}], [np.ones((1, 2))] * 2,
+    ...                                1.0, 1.0, 4))["sparse"]
+    0.5
+    """
+    if a.dense.shape != b.dense.shape or len(a.lexical) != len(b.lexical) or len(a.colbert) != len(b.colbert):
+        raise ValueError(f"runs {a.name} and {b.name} encode different inputs: dense {a.dense.shape} vs "
+                         f"{b.dense.shape}, {len(a.lexical)} vs {len(b.lexical)} texts")
+    sparse = 0.0
+    for x, y in zip(a.lexical, b.lexical):
+        for t in set(x) | set(y):
+            sparse = max(sparse, abs(x.get(t, 0.0) - y.get(t, 0.0)))
+    colbert = 0.0
+    for i, (x, y) in enumerate(zip(a.colbert, b.colbert)):
+        if x.shape != y.shape:
+            raise ValueError(f"text {i}: ColBERT shapes differ ({a.name} {x.shape}, {b.name} {y.shape})")
+        colbert = max(colbert, float(np.abs(x - y).max()))
+    return {"dense": float(np.abs(a.dense - b.dense).max()), "sparse": sparse, "colbert": colbert,
+            "dense_scores": float(np.abs(a.dense @ a.dense.T - b.dense @ b.dense.T).max())}
+
+
+# ----------------------------------------------------------------------------- subprocess side
+
+def _encode_bgem3_lib(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+    from bgem3_lib import BGEM3
+    model = BGEM3(str(model_dir))
+    n_tokens = sum(len(x) for x in model.tokenizer.encode_ids(texts, max_length, warn=False))
+
+    def encode(batch):
+        out = model.encode(batch, batch_size=batch_size, max_length=max_length, return_dense=True,
+                           return_sparse=True, return_colbert_vecs=True, show_progress=False)
+        return out["dense_vecs"], out["lexical_weights"], out["colbert_vecs"]
+    return encode, n_tokens
+
+
+def _encode_flagembedding(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+    import torch
+    from FlagEmbedding import BGEM3FlagModel
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    model = BGEM3FlagModel(str(model_dir), use_fp16=False, devices="cpu")
+    ids = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    n_tokens = sum(len(x) for x in ids)
+
+    def encode(batch):
+        out = model.encode(batch, batch_size=batch_size, max_length=max_length, return_dense=True,
+                           return_sparse=True, return_colbert_vecs=True)
+        return np.asarray(out["dense_vecs"]), out["lexical_weights"], out["colbert_vecs"]
+    return encode, n_tokens
+
+
+def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+    import mindnlp  # noqa: F401  (first: from here on `torch` is MindNLP's MindSpore shim)
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from bgem3_lib.model.heads import colbert_embedding, dense_embedding, sparse_embedding
+    if "mindtorch" not in getattr(torch, "__file__", ""):
+        raise RuntimeError(f"mindnlp did not take over torch (torch is {torch.__file__})")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    hidden = model.config.hidden_size
+    colbert_linear, sparse_linear = torch.nn.Linear(hidden, hidden), torch.nn.Linear(hidden, 1)
+    for layer, f in ((colbert_linear, "colbert_linear.pt"), (sparse_linear, "sparse_linear.pt")):
+        layer.load_state_dict({k: v.float() for k, v in torch.load(str(model_dir / f)).items()})
+    special = [tokenizer.cls_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id]
+    n_tokens = sum(len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
+
+    def encode(batch):
+        lengths = [len(x) for x in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]]
+        order = np.argsort([-n for n in lengths], kind="stable")
+        dense, lexical, colbert = [None] * len(batch), [None] * len(batch), [None] * len(batch)
+        for s in range(0, len(batch), batch_size):
+            idx = order[s:s + batch_size]
+            enc = tokenizer([batch[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            with torch.no_grad():
+                h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                weights = torch.relu(sparse_linear(h)).squeeze(-1).numpy()
+                col = colbert_linear(h[:, 1:]).numpy()
+            ids, mask = enc["input_ids"].numpy(), enc["attention_mask"].numpy()
+            d = dense_embedding(h.numpy(), mask, "cls")
+            lw = sparse_embedding(weights, ids, mask, special)
+            cv = colbert_embedding(col, mask)
+            for j, i in enumerate(idx):
+                dense[i], lexical[i], colbert[i] = d[j], lw[j], cv[j]
+        return np.stack(dense), lexical, colbert
+    return encode, n_tokens
+
+
+def _main(argv: list[str]) -> None:
+    name, model_dir, out, max_length, batch_size = argv
+    model_dir, out, max_length, batch_size = Path(model_dir), Path(out), int(max_length), int(batch_size)
+    texts = json.loads((out / "texts.json").read_text(encoding="utf-8"))
+    setup = {"bgem3_lib": _encode_bgem3_lib, "flagembedding": _encode_flagembedding,
+             "mindnlp": _encode_mindnlp}[name]
+    encode, n_tokens = setup(model_dir, texts, max_length, batch_size)
+    encode(texts[:4])                                   # warm-up: first-call setup, allocations
+    wall, cpu = time.perf_counter(), time.process_time()
+    dense, lexical, colbert = encode(texts)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    np.save(out / "dense.npy", np.asarray(dense, dtype=np.float32))
+    (out / "lexical.json").write_text(json.dumps([{str(k): float(v) for k, v in d.items()} for d in lexical]))
+    np.savez(out / "colbert.npz", *[np.asarray(c, dtype=np.float32) for c in colbert])
+    (out / "timing.json").write_text(json.dumps({"seconds": wall, "cpu_seconds": cpu, "n_tokens": n_tokens}))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])

@@ -1,0 +1,249 @@
+"""``BGEM3``: encode and score with the M3 model, API-compatible with FlagEmbedding's
+``BGEM3FlagModel``.
+
+>>> m = BGEM3("m3-small-base")                                        # doctest: +SKIP
+>>> out = m.encode(["query: hello", "query: bonjour"], return_sparse=False)   # doctest: +SKIP
+>>> out["dense_vecs"].shape                                           # doctest: +SKIP
+(2, 384)
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from mindspore import Tensor, ops
+
+from ..kernels import cpu as cpu_kernels
+from ..progress import tqdm
+from ..retrieval.scoring import colbert_score, lexical_matching_score
+from ..weights.checkpoint_io import save_state_dict
+from .config import M3Config
+from .encoder import M3Encoder, cast_encoder, load_hf_state
+from .heads import M3Heads, l2_normalize, sparse_embedding
+from .loading import LoadedModel, resolve
+from .runtime import set_device
+from .tokenization import M3Tokenizer, check_texts
+
+MODES = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+
+
+def _check_no_empty(texts: list[str]) -> None:
+    for i, t in enumerate(texts):
+        if t == "":
+            raise ValueError(f"texts[{i}] is an empty string: nothing to encode")
+
+
+class BGEM3:
+    """M3 encoder + dense / sparse / ColBERT heads on MindSpore."""
+
+    def __init__(self, model_name_or_path: str | Path = "m3-small", device: str = "CPU",
+                 dtype: str = "float32", pooling: str | None = None, normalize_embeddings: bool = True,
+                 loaded: LoadedModel | None = None):
+        set_device(device)
+        self.device = device
+        lm = loaded if loaded is not None else resolve(model_name_or_path)
+        self.source = lm.source
+        self.config: M3Config = lm.config
+        if pooling is not None:
+            self.config.pooling = pooling
+        self.normalize_embeddings = normalize_embeddings
+        self.query_instruction, self.passage_instruction = lm.instructions
+        self.tokenizer = M3Tokenizer.from_file(lm.tokenizer_path)
+        self.encoder = M3Encoder(self.config)
+        load_hf_state(self.encoder, lm.encoder_state, share_memory=loaded is None)  # resolve()'s arrays: no copy
+        self.dtype = dtype
+        cast_encoder(self.encoder, dtype)
+        self.encoder.set_train(False)
+        self.heads = None
+        if lm.heads_state is not None:
+            self.heads = M3Heads(self.config.hidden_size, lm.heads_state["colbert_linear.weight"].shape[0])
+            self.load_heads(lm.heads_state)
+        self.special_ids = (self.config.bos_token_id, self.config.eos_token_id,
+                            self.config.pad_token_id, self.config.unk_token_id)
+
+    # ------------------------------------------------------------------ weights
+    def load_heads(self, heads_state: dict) -> None:
+        H = self.config.hidden_size
+        expected = {"colbert_linear.weight": (self.heads.colbert_linear.weight.shape[0], H),
+                    "colbert_linear.bias": (self.heads.colbert_linear.weight.shape[0],),
+                    "sparse_linear.weight": (1, H), "sparse_linear.bias": (1,)}
+        for name, shape in expected.items():
+            if name not in heads_state:
+                raise KeyError(f"head weights have no tensor {name!r}")
+            arr = np.asarray(heads_state[name], dtype=np.float32)
+            if arr.shape != shape:
+                raise ValueError(f"head tensor {name!r} has shape {arr.shape}, the model expects {shape}")
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"head tensor {name!r} contains NaN or inf")
+            cell = getattr(self.heads, name.split(".")[0])
+            getattr(cell, name.split(".")[1]).set_data(Tensor(arr))
+
+    def heads_state(self) -> dict[str, np.ndarray]:
+        if self.heads is None:
+            return {}
+        return {f"{c}.{p}": getattr(getattr(self.heads, c), p).asnumpy()
+                for c in ("colbert_linear", "sparse_linear") for p in ("weight", "bias")}
+
+    def encoder_state(self) -> dict[str, np.ndarray]:
+        from .encoder import hf_to_encoder_names
+        params = {p.name: p.asnumpy().astype(np.float32) for p in self.encoder.get_parameters()}
+        out = {hf: params[ours] for ours, hf in hf_to_encoder_names(self.config).items()}
+        H = self.config.hidden_size
+        for i in range(self.config.num_hidden_layers):
+            w, b = params[f"layers.{i}.attention.qkv.weight"], params[f"layers.{i}.attention.qkv.bias"]
+            for j, n in enumerate(("query", "key", "value")):
+                out[f"encoder.layer.{i}.attention.self.{n}.weight"] = w[j * H:(j + 1) * H]
+                out[f"encoder.layer.{i}.attention.self.{n}.bias"] = b[j * H:(j + 1) * H]
+        return out
+
+    def save_pretrained(self, path: str | Path, tokenizer_path: str | Path | None = None) -> Path:
+        """Write config.json, model.safetensors, heads.safetensors (and the tokenizer) to ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        save_state_dict(self.encoder_state(), path / "model.safetensors")
+        if self.heads is not None:
+            save_state_dict(self.heads_state(), path / "heads.safetensors")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, path / "tokenizer.json")
+        if self.query_instruction:
+            (path / "e5_prefixes").write_text(json.dumps([self.query_instruction, self.passage_instruction]))
+        return path
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool, colbert: bool):
+        """One padded batch -> dense [B,H] / lexical dicts / colbert list (NumPy).
+
+        The encoder returns only the attended tokens, packed [T, H]; each head reads them once:
+        dense the CLS rows (or a segment mean), sparse one weight per token, ColBERT tokens 1..n-1."""
+        if (sparse or colbert) and self.heads is None:
+            raise ValueError(f"model {self.source!r} has no sparse/ColBERT heads (dense only); "
+                             "load 'm3-small' or a BGE-M3 directory with colbert_linear.pt/sparse_linear.pt")
+        packed, offsets = self.encoder.forward_packed(input_ids, mask)         # [T, H], [B+1]
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        out = {}
+        if dense:
+            if self.config.pooling == "cls":
+                pooled = ops.gather(packed, Tensor(starts), 0).asnumpy()
+            elif self.config.pooling == "mean":
+                pooled = np.add.reduceat(packed.asnumpy(), starts, axis=0) / lengths[:, None].astype(np.float32)
+            else:
+                raise ValueError(f"unknown pooling {self.config.pooling!r}; expected 'cls' or 'mean'")
+            out["dense"] = l2_normalize(pooled) if self.normalize_embeddings else pooled
+        if sparse:
+            weights = np.zeros(input_ids.shape, np.float32)                    # [B, L]: O(B*L), never B*L*V
+            weights[mask.astype(bool)] = self.heads.sparse_weights(packed[None]).asnumpy()[0]
+            out["sparse"] = sparse_embedding(weights, input_ids, mask, self.special_ids)
+        if colbert:
+            lin = self.heads.colbert_linear
+            vecs = (cpu_kernels.linear(packed, lin.weight, lin.bias) if self.encoder.cpu_kernels_ready()
+                    else lin(packed)).asnumpy()
+            not_cls = np.ones(len(vecs), bool)
+            not_cls[starts] = False
+            vecs = vecs[not_cls]                                               # tokens 1..n-1 of every text
+            if self.normalize_embeddings:
+                vecs = l2_normalize(vecs)
+            out["colbert"] = np.split(vecs, np.cumsum(lengths - 1)[:-1])
+        return out
+
+    def encode(self, sentences: str | Sequence[str], batch_size: int = 256, max_length: int | None = None,
+               return_dense: bool = True, return_sparse: bool = False, return_colbert_vecs: bool = False,
+               sort_by_length: bool = True, show_progress: bool | None = None) -> dict:
+        """Encode texts. Returns ``dense_vecs`` [N, H], ``lexical_weights`` (list of dict),
+        ``colbert_vecs`` (list of [n_i, H]) in input order (a single string gives single items)."""
+        single = isinstance(sentences, str)
+        texts = check_texts(sentences)
+        _check_no_empty(texts)
+        if not (return_dense or return_sparse or return_colbert_vecs):
+            raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        max_length = max_length or self.config.max_length
+        if max_length > self.config.max_length:
+            raise ValueError(f"max_length={max_length} exceeds the model's position table ({self.config.max_length})")
+        ids = self.tokenizer.encode_ids(texts, max_length)
+        order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(len(ids))
+        dense, lexical, colbert = [None] * len(ids), [None] * len(ids), [None] * len(ids)
+        starts = range(0, len(ids), batch_size)
+        show = show_progress if show_progress is not None else len(starts) > 2
+        for s in tqdm(starts, desc="encode", disable=not show):
+            idx = order[s:s + batch_size]
+            input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
+            out = self._forward(input_ids, mask, return_dense, return_sparse, return_colbert_vecs)
+            for j, i in enumerate(idx):
+                if return_dense:
+                    dense[i] = out["dense"][j]
+                if return_sparse:
+                    lexical[i] = out["sparse"][j]
+                if return_colbert_vecs:
+                    colbert[i] = out["colbert"][j]
+        result = {"dense_vecs": np.stack(dense) if return_dense else None,
+                  "lexical_weights": lexical if return_sparse else None,
+                  "colbert_vecs": colbert if return_colbert_vecs else None}
+        if single:
+            result = {k: (v[0] if v is not None else None) for k, v in result.items()}
+        return result
+
+    def encode_queries(self, queries, **kw) -> dict:
+        """``encode`` with the model's query prefix (``"query: "`` for e5, none for BGE-M3)."""
+        return self.encode(self._prefix(queries, self.query_instruction), **kw)
+
+    def encode_corpus(self, passages, **kw) -> dict:
+        return self.encode(self._prefix(passages, self.passage_instruction), **kw)
+
+    @staticmethod
+    def _prefix(texts, prefix: str):
+        if isinstance(texts, str):
+            return prefix + texts
+        return [prefix + t if isinstance(t, str) else t for t in check_texts(texts)]
+
+    # ------------------------------------------------------------------ scoring
+    def compute_score(self, sentence_pairs, batch_size: int = 256, max_query_length: int | None = None,
+                      max_passage_length: int | None = None, weights_for_different_modes=None) -> dict:
+        """Score (query, passage) pairs in all modes, as FlagEmbedding's ``compute_score``.
+
+        Returns {mode: list of float} for ``colbert``, ``sparse``, ``dense``, ``sparse+dense``
+        (w_s*sparse + w_d*dense)/(w_s + w_d) and ``colbert+sparse+dense``
+        (w_d*dense + w_s*sparse + w_c*colbert)/(w_d + w_s + w_c); weights default to [1, 1, 1].
+        As in the official code, within a batch a passage shorter than the longest one also
+        "sees" zero padding vectors, so a ColBERT max-sim below 0 is floored at 0 for it.
+        """
+        if isinstance(sentence_pairs, tuple) and len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str):
+            sentence_pairs, single = [sentence_pairs], True
+        else:
+            single = False
+        if not isinstance(sentence_pairs, (list, tuple)) or len(sentence_pairs) == 0:
+            raise ValueError("sentence_pairs must be a non-empty list of (query, passage) pairs")
+        for i, p in enumerate(sentence_pairs):
+            if not (isinstance(p, (list, tuple)) and len(p) == 2):
+                raise ValueError(f"sentence_pairs[{i}] is not a (query, passage) pair: {p!r:.80}")
+        w = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(x) for x in weights_for_different_modes]
+        if len(w) != 3 or sum(w) == 0 or w[0] + w[1] == 0:
+            raise ValueError(f"weights_for_different_modes must be 3 weights [dense, sparse, colbert] "
+                             f"with non-zero sums, got {weights_for_different_modes}")
+        max_query_length = max_query_length or min(512, self.config.max_length)
+        scores = {m: [] for m in MODES}
+        for s in range(0, len(sentence_pairs), batch_size):
+            batch = sentence_pairs[s:s + batch_size]
+            kw = dict(batch_size=len(batch), return_sparse=True, return_colbert_vecs=True, show_progress=False)
+            q = self.encode([p[0] for p in batch], max_length=max_query_length, **kw)
+            p = self.encode([p[1] for p in batch], max_length=max_passage_length, **kw)
+            longest = max(len(v) for v in p["colbert_vecs"])
+            for i in range(len(batch)):
+                d = float(np.dot(q["dense_vecs"][i], p["dense_vecs"][i]))
+                sp = lexical_matching_score(q["lexical_weights"][i], p["lexical_weights"][i])
+                pv = p["colbert_vecs"][i]
+                if len(pv) < longest:
+                    pv = np.vstack([pv, np.zeros((1, pv.shape[1]), pv.dtype)])
+                c = colbert_score(q["colbert_vecs"][i], pv)
+                scores["dense"].append(d)
+                scores["sparse"].append(float(sp))
+                scores["colbert"].append(float(c))
+                scores["sparse+dense"].append((w[1] * sp + w[0] * d) / (w[1] + w[0]))
+                scores["colbert+sparse+dense"].append((w[2] * c + w[1] * sp + w[0] * d) / sum(w))
+        if single:
+            return {k: v[0] for k, v in scores.items()}
+        return scores

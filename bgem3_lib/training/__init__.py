@@ -1,0 +1,11 @@
+"""The training wing: unified fine-tuning with self-knowledge distillation.
+
+What lives here: ``losses`` (InfoNCE per mode, the integrated score, ``self_distill_loss``),
+``bucketing`` (length-bucketed batches and length chunks), ``data`` (MLQA training examples),
+``train_model`` (the trainable network on the model's heads), ``optim`` (AdamW and the schedule),
+``hidden_cache`` (cached states of frozen lower layers), ``trainer`` (the training loop),
+``recipe`` (the M3-small recipe) and ``mlqa_validation`` (held-out MLQA metrics).
+
+May import: ``model``, ``retrieval``, ``weights`` and the foundation modules; never ``evaluation`` or
+``analysis``.
+"""
