@@ -59,7 +59,8 @@ def _positive(text: str) -> int:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="'m3-small', 'm3-small-base' or a model directory "
                    "(e.g. a BAAI/bge-m3 download)")
-    p.add_argument("--device", default="CPU", choices=["CPU", "GPU", "Ascend"])
+    p.add_argument("--device", default=None, choices=["CPU", "GPU", "Ascend"],
+                   help="default: $BGEM3_DEVICE, else CPU")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--max-length", type=_positive, default=None, help="passage tokens (default: the model's)")
     p.add_argument("--batch-size", type=_positive, default=32)

@@ -82,6 +82,9 @@ class TableModel:
                                          [[0] * min(len(t.split()) + 2, max_length) for t in texts])
         self.corpus_calls = 0
 
+    def resolve_max_length(self, max_length=None) -> int:
+        return self.config.max_length if max_length is None else int(max_length)
+
     def _lookup(self, text: str):
         if text in self.table:
             return self.table[text]

@@ -64,7 +64,7 @@ def token_weights(model, texts: Sequence[str], max_length: int | None = None) ->
     texts = check_texts(texts)
     if any(not t.strip() for t in texts):
         raise ValueError("texts contain an empty string: nothing to weigh")
-    max_length = int(max_length or model.config.max_length)
+    max_length = model.resolve_max_length(max_length)
     ids = model.tokenizer.encode_ids(texts, max_length, warn=False)
     input_ids, mask = model.tokenizer.pad(ids)
     packed, offsets = model.encoder.forward_packed(input_ids, mask)          # [T, H], [B+1]

@@ -4,7 +4,7 @@ long inputs with and without recomputation / split batches.
 
 MCLS (M3-Embedding, arXiv 2402.03216, Sec. 3.4; :mod:`bgem3_lib.model.mcls`) puts a CLS token every ``every``
 tokens and averages their final states. The variants compared, all from
-:func:`~bgem3_lib.analysis.pooling_variants.mcls_poolings` (one packed encoder pass per ``every``):
+:func:`~bgem3_lib.model.mcls.mcls_dense_embedding` (one packed encoder pass per ``every``):
 
 * ``"CLS"`` / ``"mean"``: plain CLS / mean pooling (``every >= max_length``: no CLS inserted);
 * ``"MCLS-256 (CLS)"``: the paper's MCLS, the mean of the CLS states, one CLS every 256 tokens;
@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.corpus_cache import param_arrays
+from ..model.fingerprint import model_fingerprint
+from ..model.mcls import mcls_dense_embedding
 from ..paths import cache_dir
 from ..retrieval.metrics import evaluate_run, mean_scores, run_from_scores
 from ..retrieval.scoring import dense_score
@@ -118,20 +119,6 @@ def training_activation_bytes(batch: int, length: int, hidden: int, heads: int, 
     return {"stored": int(stored), "working": int(working), "total": int(stored + working)}
 
 
-def encoder_fingerprint(model) -> str:
-    """Hex sha256 of the encoder's parameters, config, dtype and normalisation (cached on the model)."""
-    cached = getattr(model, "_bgem3_encoder_fp", None)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256(json.dumps({"config": model.config.to_dict(), "dtype": model.dtype,
-                                   "normalize": bool(model.normalize_embeddings)}, sort_keys=True).encode())
-    for name, arr in param_arrays(model, heads=False):
-        h.update(f"{name}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    model._bgem3_encoder_fp = h.hexdigest()
-    return model._bgem3_encoder_fp
-
-
 def cached_arrays(key: str, compute: Callable[[], Mapping[str, np.ndarray]],
                   root: str | Path | None = None) -> dict[str, np.ndarray]:
     """``compute()`` stored as ``<root>/<key>.npz`` (default root ``cache_dir()/mcls``), loaded when present.
@@ -152,15 +139,14 @@ def cached_arrays(key: str, compute: Callable[[], Mapping[str, np.ndarray]],
 
 def pooled_texts(model, texts: Sequence[str], every: int, max_length: int | None = None, batch_size: int = 8,
                  cache: bool = True, show_progress: bool = False) -> dict[str, np.ndarray]:
-    """``{"cls": [N, H], "mean": [N, H]}`` from :func:`~bgem3_lib.analysis.pooling_variants.mcls_poolings`, cached.
+    """``{"cls": [N, H], "mean": [N, H]}`` from :func:`~bgem3_lib.model.mcls.mcls_dense_embedding`, cached.
     Texts are used as given (add prefixes before)."""
-    from .pooling_variants import mcls_poolings
-
-    max_length = int(max_length or model.config.max_length)
+    max_length = model.resolve_max_length(max_length)
     every = min(int(every), max_length)
 
     def compute():
-        return mcls_poolings(model, list(texts), every, max_length, batch_size, show_progress)
+        return mcls_dense_embedding(model, list(texts), every, max_length, ("cls", "mean"), batch_size,
+                                    show_progress)
 
     if not cache:
         return compute()
@@ -168,7 +154,7 @@ def pooled_texts(model, texts: Sequence[str], every: int, max_length: int | None
     for t in texts:
         b = t.encode("utf-8")
         h.update(len(b).to_bytes(8, "little") + b)
-    blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder_fingerprint(model), "texts": h.hexdigest(),
+    blob = json.dumps({"v": CACHE_VERSION, "encoder": model_fingerprint(model, heads=False), "texts": h.hexdigest(),
                        "n": len(texts), "every": every, "max_length": max_length}, sort_keys=True)
     return cached_arrays(hashlib.sha256(blob.encode()).hexdigest()[:24], compute)
 
@@ -178,7 +164,7 @@ def longdoc_variants(model, queries: Sequence[str], docs: Sequence[str], everies
                      show_progress: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{variant name: (query vectors [Nq, H], document vectors [Nd, H])}`` for plain CLS, plain mean and
     MCLS (CLS and mean) at each ``every < max_length``; the model's query / passage prefixes are added."""
-    max_length = int(max_length or model.config.max_length)
+    max_length = model.resolve_max_length(max_length)
     q_texts = [model.query_instruction + q for q in queries]
     d_texts = [model.passage_instruction + d for d in docs]
     q = pooled_texts(model, q_texts, max_length, max_length, 8 * batch_size, cache, show_progress)
@@ -212,7 +198,7 @@ def evaluate_longdoc(model, langs: Sequence[str], everies: Sequence[int] = (256,
     languages, and how many documents exceed the window. ``max_queries``: seeded subset per language."""
     from ..evaluation.offline_sets import load_xquad_longdoc
 
-    max_length = int(max_length or model.config.max_length)
+    max_length = model.resolve_max_length(max_length)
     start, per_lang, info = time.perf_counter(), {}, {}
     for lang in langs:
         es = load_xquad_longdoc(lang)

@@ -171,7 +171,7 @@ def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_si
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from bgem3_lib.model.heads import colbert_embedding, dense_embedding, sparse_embedding
+    from bgem3_lib.model.heads import colbert_embedding, dense_embedding, pack_padded, sparse_embedding
     if "mindtorch" not in getattr(torch, "__file__", ""):
         raise RuntimeError(f"mindnlp did not take over torch (torch is {torch.__file__})")
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -194,11 +194,12 @@ def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_si
             with torch.no_grad():
                 h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
                 weights = torch.relu(sparse_linear(h)).squeeze(-1).numpy()
-                col = colbert_linear(h[:, 1:]).numpy()
+                col = colbert_linear(h).numpy()
             ids, mask = enc["input_ids"].numpy(), enc["attention_mask"].numpy()
-            d = dense_embedding(h.numpy(), mask, "cls")
-            lw = sparse_embedding(weights, ids, mask, special)
-            cv = colbert_embedding(col, mask)
+            states, offsets = pack_padded(h.numpy(), mask)
+            d = dense_embedding(states, offsets, "cls")
+            lw = sparse_embedding(pack_padded(weights, mask)[0], pack_padded(ids, mask)[0], offsets, special)
+            cv = colbert_embedding(pack_padded(col, mask)[0], offsets)
             for j, i in enumerate(idx):
                 dense[i], lexical[i], colbert[i] = d[j], lw[j], cv[j]
         return np.stack(dense), lexical, colbert

@@ -3,9 +3,9 @@
 Cache folder: ``cache_dir()/encodings/<key>/`` (files of :mod:`bgem3_lib.evaluation.encoding_store` + ``meta.json``),
 ``key`` = hash of (model fingerprint, corpus hash, max_length, dtype):
 
-* :func:`model_fingerprint` - config, prefixes, pooling, normalisation, dtype and the bytes of every
-  encoder / head parameter (so retrained weights, even under the same path, give a new key; no float
-  reductions, whose rounding could depend on the thread count);
+* :func:`~bgem3_lib.model.fingerprint.model_fingerprint` - config, prefixes, pooling, normalisation,
+  dtype and the bytes of every encoder / head parameter (so retrained weights, even under the same
+  path, give a new key; no float reductions, whose rounding could depend on the thread count);
 * :func:`corpus_fingerprint` - sha256 over the ordered (docid, text) pairs.
 
 Batches do not depend on sharding. The corpus is tokenised, ordered by token length (longest first,
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..model.fingerprint import model_fingerprint
 from ..paths import cache_dir
 from ..progress import tqdm
 from .distributed import check_shard
@@ -45,32 +46,6 @@ def encodings_root() -> Path:
 def model_reps(model) -> tuple[str, ...]:
     """Representations ``model`` can produce: ("dense",) for a dense-only model, else all three."""
     return ("dense",) if getattr(model, "heads", None) is None else tuple(REPS)
-
-
-def param_arrays(model, heads: bool = True):
-    """(name, float32 array) of every encoder parameter, then of the heads' (when ``heads`` and present)."""
-    import mindspore as ms
-    cells = [("encoder", model.encoder)] + ([("heads", model.heads)] if heads and model.heads is not None else [])
-    for prefix, cell in cells:
-        for p in cell.get_parameters():
-            yield f"{prefix}.{p.name}", p.data.astype(ms.float32).asnumpy()
-
-
-def model_fingerprint(model) -> str:
-    """Hex sha256 identifying a loaded model's weights and encoding conventions (cached on the object)."""
-    cached = getattr(model, "_bgem3_fingerprint", None)
-    if cached is not None:
-        return cached
-    h = hashlib.sha256()
-    conventions = {"config": model.config.to_dict(), "dtype": model.dtype,
-                   "prefixes": [model.query_instruction, model.passage_instruction],
-                   "normalize": model.normalize_embeddings, "heads": model.heads is not None}
-    h.update(json.dumps(conventions, sort_keys=True).encode())
-    for name, arr in param_arrays(model):
-        h.update(f"{name}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())        # every byte: exact, and ~1 s per GB
-    model._bgem3_fingerprint = h.hexdigest()
-    return model._bgem3_fingerprint
 
 
 def corpus_fingerprint(docids: Sequence[str], texts: Sequence[str]) -> str:
@@ -212,7 +187,7 @@ def corpus_encodings(model, docids: Sequence[str], texts: Sequence[str], reps: S
     rank, world = check_shard(tuple(shard))
     check_corpus(docids, texts)
     reps = check_reps(reps if reps is not None else model_reps(model))
-    max_length = int(max_length or model.config.max_length)
+    max_length = model.resolve_max_length(max_length)
     key = cache_key(model_fingerprint(model), corpus_fingerprint(docids, texts), max_length, model.dtype)
     folder = Path(root) if root is not None else encodings_root()
     folder = folder / key

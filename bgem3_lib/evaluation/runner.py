@@ -172,7 +172,7 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
     if enc is None:
         return None
     qids = list(es.queries)
-    max_len = max_length or model.config.max_length
+    max_len = model.resolve_max_length(max_length)
     q_enc = model.encode_queries([es.queries[q] for q in qids], batch_size=batch_size,
                                  max_length=min(512, max_len), return_dense="dense" in needed,
                                  return_sparse="sparse" in needed, return_colbert_vecs="colbert" in needed)
@@ -224,7 +224,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
 def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequence[str] | None = None,
              out_dir: str | Path = "eval_results", weights: Sequence[float] | None = None,
              max_length: int | None = None, batch_size: int = 32, shard=None, limit: int | None = None,
-             cache_root: str | Path | None = None, device: str = "CPU", limit_docs: int | None = None,
+             cache_root: str | Path | None = None, device: str | None = None, limit_docs: int | None = None,
              seed: int = 0) -> pd.DataFrame:
     """Evaluate ``model`` (a ``BGEM3`` or a name/path) on ``task``; write and return the results table.
 

@@ -18,16 +18,15 @@ from mindspore import Tensor, ops
 
 from ..kernels import cpu as cpu_kernels
 from ..progress import tqdm
+from ..retrieval.modes import FLAGEMBEDDING_KEYS, check_weights, fuse_all
 from ..retrieval.scoring import colbert_score, lexical_matching_score
 from ..weights.checkpoint_io import save_state_dict
 from .config import M3Config
 from .encoder import M3Encoder, cast_encoder, load_hf_state
-from .heads import M3Heads, l2_normalize, sparse_embedding
+from .heads import M3Heads, colbert_embedding, dense_embedding, sparse_embedding
 from .loading import LoadedModel, resolve
 from .runtime import set_device
 from .tokenization import M3Tokenizer, check_texts
-
-MODES = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 
 
 def _check_no_empty(texts: list[str]) -> None:
@@ -37,13 +36,17 @@ def _check_no_empty(texts: list[str]) -> None:
 
 
 class BGEM3:
-    """M3 encoder + dense / sparse / ColBERT heads on MindSpore."""
+    """M3 encoder + dense / sparse / ColBERT heads on MindSpore.
 
-    def __init__(self, model_name_or_path: str | Path = "m3-small", device: str = "CPU",
+    The facade owns the defaults and resolves them once: ``device=None`` is ``$BGEM3_DEVICE``, else CPU
+    (:func:`~bgem3_lib.model.runtime.set_device`); ``max_length=None`` is the model's position table
+    (:meth:`resolve_max_length`). Everything below receives resolved values.
+    """
+
+    def __init__(self, model_name_or_path: str | Path = "m3-small", device: str | None = None,
                  dtype: str = "float32", pooling: str | None = None, normalize_embeddings: bool = True,
                  loaded: LoadedModel | None = None):
-        set_device(device)
-        self.device = device
+        self.device = set_device(device)
         lm = loaded if loaded is not None else resolve(model_name_or_path)
         self.source = lm.source
         self.config: M3Config = lm.config
@@ -113,40 +116,42 @@ class BGEM3:
             (path / "e5_prefixes").write_text(json.dumps([self.query_instruction, self.passage_instruction]))
         return path
 
+    def resolve_max_length(self, max_length: int | None = None) -> int:
+        """``None`` -> the model's maximum (8192 for BGE-M3, 512 for e5); else checked to lie in [2, maximum]."""
+        if max_length is None:
+            return self.config.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2 (room for <s> and </s>), got {max_length!r}")
+        if max_length > self.config.max_length:
+            raise ValueError(f"max_length={max_length} exceeds the model's position table ({self.config.max_length})")
+        return int(max_length)
+
     # ------------------------------------------------------------------ forward
     def _forward(self, input_ids: np.ndarray, mask: np.ndarray, dense: bool, sparse: bool, colbert: bool):
         """One padded batch -> dense [B,H] / lexical dicts / colbert list (NumPy).
 
-        The encoder returns only the attended tokens, packed [T, H]; each head reads them once:
-        dense the CLS rows (or a segment mean), sparse one weight per token, ColBERT tokens 1..n-1."""
+        The encoder returns only the attended tokens, packed [T, H] with offsets [B+1]; the paper-named
+        heads of :mod:`bgem3_lib.model.heads` read them: ``dense_embedding`` (CLS or mean),
+        ``sparse_embedding`` (one weight per token), ``colbert_embedding`` (tokens 1..n-1)."""
         if (sparse or colbert) and self.heads is None:
             raise ValueError(f"model {self.source!r} has no sparse/ColBERT heads (dense only); "
                              "load 'm3-small' or a BGE-M3 directory with colbert_linear.pt/sparse_linear.pt")
         packed, offsets = self.encoder.forward_packed(input_ids, mask)         # [T, H], [B+1]
-        starts, lengths = offsets[:-1], np.diff(offsets)
         out = {}
         if dense:
-            if self.config.pooling == "cls":
-                pooled = ops.gather(packed, Tensor(starts), 0).asnumpy()
-            elif self.config.pooling == "mean":
-                pooled = np.add.reduceat(packed.asnumpy(), starts, axis=0) / lengths[:, None].astype(np.float32)
+            if self.config.pooling == "cls":                                   # gather B rows, not T
+                states, offs = ops.gather(packed, Tensor(offsets[:-1]), 0).asnumpy(), np.arange(len(offsets))
             else:
-                raise ValueError(f"unknown pooling {self.config.pooling!r}; expected 'cls' or 'mean'")
-            out["dense"] = l2_normalize(pooled) if self.normalize_embeddings else pooled
+                states, offs = packed.asnumpy(), offsets
+            out["dense"] = dense_embedding(states, offs, self.config.pooling, self.normalize_embeddings)
         if sparse:
-            weights = np.zeros(input_ids.shape, np.float32)                    # [B, L]: O(B*L), never B*L*V
-            weights[mask.astype(bool)] = self.heads.sparse_weights(packed[None]).asnumpy()[0]
-            out["sparse"] = sparse_embedding(weights, input_ids, mask, self.special_ids)
+            weights = self.heads.sparse_weights(packed).asnumpy()             # [T]: O(T), never T*V
+            out["sparse"] = sparse_embedding(weights, input_ids[mask.astype(bool)], offsets, self.special_ids)
         if colbert:
             lin = self.heads.colbert_linear
             vecs = (cpu_kernels.linear(packed, lin.weight, lin.bias) if self.encoder.cpu_kernels_ready()
-                    else lin(packed)).asnumpy()
-            not_cls = np.ones(len(vecs), bool)
-            not_cls[starts] = False
-            vecs = vecs[not_cls]                                               # tokens 1..n-1 of every text
-            if self.normalize_embeddings:
-                vecs = l2_normalize(vecs)
-            out["colbert"] = np.split(vecs, np.cumsum(lengths - 1)[:-1])
+                    else self.heads.colbert_states(packed)).asnumpy()          # [T, D]
+            out["colbert"] = colbert_embedding(vecs, offsets, self.normalize_embeddings)
         return out
 
     def encode(self, sentences: str | Sequence[str], batch_size: int = 256, max_length: int | None = None,
@@ -161,10 +166,7 @@ class BGEM3:
             raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        max_length = max_length or self.config.max_length
-        if max_length > self.config.max_length:
-            raise ValueError(f"max_length={max_length} exceeds the model's position table ({self.config.max_length})")
-        ids = self.tokenizer.encode_ids(texts, max_length)
+        ids = self.tokenizer.encode_ids(texts, self.resolve_max_length(max_length))
         order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(len(ids))
         dense, lexical, colbert = [None] * len(ids), [None] * len(ids), [None] * len(ids)
         starts = range(0, len(ids), batch_size)
@@ -205,9 +207,12 @@ class BGEM3:
                       max_passage_length: int | None = None, weights_for_different_modes=None) -> dict:
         """Score (query, passage) pairs in all modes, as FlagEmbedding's ``compute_score``.
 
-        Returns {mode: list of float} for ``colbert``, ``sparse``, ``dense``, ``sparse+dense``
-        (w_s*sparse + w_d*dense)/(w_s + w_d) and ``colbert+sparse+dense``
-        (w_d*dense + w_s*sparse + w_c*colbert)/(w_d + w_s + w_c); weights default to [1, 1, 1].
+        Returns {mode: list of float} under the library's mode names (:data:`~bgem3_lib.retrieval.modes.MODES`)
+        and FlagEmbedding's spellings of the same lists (``sparse+dense``, ``colbert+sparse+dense``):
+        ``dense+sparse`` = (w_d*dense + w_s*sparse)/(w_d + w_s), ``all`` =
+        (w_d*dense + w_s*sparse + w_c*colbert)/(w_d + w_s + w_c) (:func:`~bgem3_lib.retrieval.modes.fuse`).
+        ``weights_for_different_modes`` = [w_dense, w_sparse, w_colbert], default [1, 1, 1], validated by
+        :func:`~bgem3_lib.retrieval.modes.check_weights` (finite, >= 0, not all zero).
         As in the official code, within a batch a passage shorter than the longest one also
         "sees" zero padding vectors, so a ColBERT max-sim below 0 is floored at 0 for it.
         """
@@ -220,12 +225,11 @@ class BGEM3:
         for i, p in enumerate(sentence_pairs):
             if not (isinstance(p, (list, tuple)) and len(p) == 2):
                 raise ValueError(f"sentence_pairs[{i}] is not a (query, passage) pair: {p!r:.80}")
-        w = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(x) for x in weights_for_different_modes]
-        if len(w) != 3 or sum(w) == 0 or w[0] + w[1] == 0:
-            raise ValueError(f"weights_for_different_modes must be 3 weights [dense, sparse, colbert] "
-                             f"with non-zero sums, got {weights_for_different_modes}")
-        max_query_length = max_query_length or min(512, self.config.max_length)
-        scores = {m: [] for m in MODES}
+        w = check_weights((1.0, 1.0, 1.0) if weights_for_different_modes is None else weights_for_different_modes)
+        max_query_length = min(512, self.config.max_length) if max_query_length is None else max_query_length
+        max_query_length = self.resolve_max_length(max_query_length)
+        max_passage_length = self.resolve_max_length(max_passage_length)
+        raw = {"dense": [], "sparse": [], "colbert": []}
         for s in range(0, len(sentence_pairs), batch_size):
             batch = sentence_pairs[s:s + batch_size]
             kw = dict(batch_size=len(batch), return_sparse=True, return_colbert_vecs=True, show_progress=False)
@@ -233,17 +237,16 @@ class BGEM3:
             p = self.encode([p[1] for p in batch], max_length=max_passage_length, **kw)
             longest = max(len(v) for v in p["colbert_vecs"])
             for i in range(len(batch)):
-                d = float(np.dot(q["dense_vecs"][i], p["dense_vecs"][i]))
-                sp = lexical_matching_score(q["lexical_weights"][i], p["lexical_weights"][i])
                 pv = p["colbert_vecs"][i]
                 if len(pv) < longest:
                     pv = np.vstack([pv, np.zeros((1, pv.shape[1]), pv.dtype)])
-                c = colbert_score(q["colbert_vecs"][i], pv)
-                scores["dense"].append(d)
-                scores["sparse"].append(float(sp))
-                scores["colbert"].append(float(c))
-                scores["sparse+dense"].append((w[1] * sp + w[0] * d) / (w[1] + w[0]))
-                scores["colbert+sparse+dense"].append((w[2] * c + w[1] * sp + w[0] * d) / sum(w))
+                raw["dense"].append(float(np.dot(q["dense_vecs"][i], p["dense_vecs"][i])))
+                raw["sparse"].append(float(lexical_matching_score(q["lexical_weights"][i], p["lexical_weights"][i])))
+                raw["colbert"].append(float(colbert_score(q["colbert_vecs"][i], pv)))
+        fused = fuse_all(w, **{k: np.asarray(v, np.float64) for k, v in raw.items()}, normalize=True)
+        scores = {}
+        for mode, values in fused.items():
+            scores[mode] = scores[FLAGEMBEDDING_KEYS[mode]] = [float(x) for x in values]
         if single:
             return {k: v[0] for k, v in scores.items()}
         return scores

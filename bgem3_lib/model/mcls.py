@@ -19,6 +19,13 @@ multilingual-e5 (``m3-small``) the CLS state is not what it was trained to embed
 then averages the windows: the same multiple-summary idea in that model's own pooling; it equals the
 plain mean-pooled embedding for texts shorter than ``every``.
 
+One implementation, on the packed inference path (``encoder.forward_packed``: padding costs nothing):
+:func:`mcls_dense_embedding` lays every text out once for a given ``every`` (:func:`mcls_layout`),
+encodes it once and pools it in each requested way (:func:`mcls_pool`). With ``every >= max_length``
+no CLS is inserted and the two poolings are the plain CLS and mean-pooled embeddings, i.e. what
+``model.encode`` gives with ``config.pooling = "cls"`` / ``"mean"``. No prefix is added: pass
+``model.passage_instruction + text`` for e5-style models.
+
 >>> mcls_positions(600, 256)
 [0, 256, 512]
 """
@@ -26,12 +33,13 @@ from __future__ import annotations
 
 import sys
 
-import mindspore as ms
 import numpy as np
 
-from .encoder import encoder_inputs
+from ..progress import tqdm
 from .heads import l2_normalize
 from .tokenization import check_texts
+
+SEGMENT_POOLINGS = ("cls", "mean")
 
 
 def mcls_positions(length: int, every: int = 256) -> list[int]:
@@ -66,41 +74,66 @@ def insert_cls(ids: list[int], cls_id: int, eos_id: int, every: int, max_length:
     return out, [p for p in mcls_positions(len(out), every) if out[p] == cls_id and p < len(out) - 1]
 
 
-def _pool(hidden: np.ndarray, length: int, cls_pos: list[int], every: int, segment_pooling: str) -> np.ndarray:
-    if segment_pooling == "cls":
-        return hidden[cls_pos].mean(0)
-    windows = [hidden[p:min(p + every, length)].mean(0) for p in cls_pos]
-    if len(cls_pos) == 1:
-        return hidden[:length].mean(0)
-    return np.mean(windows, axis=0)
-
-
-def mcls_dense_embedding(model, texts, max_length: int | None = None, every: int = 256,
-                         batch_size: int = 8, segment_pooling: str = "cls") -> np.ndarray:
-    """``[N, H]`` MCLS embeddings of ``texts`` with ``model`` (a :class:`~bgem3_lib.model.bgem3.BGEM3`).
-
-    No prefix is added: pass ``model.passage_instruction + text`` for e5-style models.
-    """
+def mcls_layout(model, texts, every: int, max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Per text: (token ids with a CLS every ``min(every, max_length)`` tokens, CLS positions), at most
+    ``max_length`` (the model's when None) long."""
     texts = check_texts(texts)
-    if segment_pooling not in ("cls", "mean"):
-        raise ValueError(f"segment_pooling must be 'cls' or 'mean', got {segment_pooling!r}")
     cfg = model.config
-    max_length = max_length or cfg.max_length
-    if max_length > cfg.max_length:
-        raise ValueError(f"max_length={max_length} exceeds the model's position table ({cfg.max_length})")
-    if not 2 <= every <= max_length:
-        raise ValueError(f"every must lie in [2, max_length={max_length}], got {every}")
+    max_length = model.resolve_max_length(max_length)
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 2:
+        raise ValueError(f"every must be an integer >= 2, got {every!r}")
     for i, t in enumerate(texts):
         if not t.strip():
             raise ValueError(f"texts[{i}] is empty: nothing to embed")
     plain = model.tokenizer.encode_ids(texts, sys.maxsize, warn=False)
-    seqs = [insert_cls(x, cfg.bos_token_id, cfg.eos_token_id, every, max_length) for x in plain]
-    out = np.zeros((len(texts), cfg.hidden_size), np.float32)
+    window = min(int(every), max_length)
+    return [insert_cls(x, cfg.bos_token_id, cfg.eos_token_id, window, max_length) for x in plain]
+
+
+def mcls_pool(hidden: np.ndarray, cls_pos: list[int], every: int, segment_pooling: str = "cls") -> np.ndarray:
+    """One text's final states [n, H] -> [H]: the mean of its CLS states (``"cls"``, the paper's), or
+    the mean over windows of each window's mean state (``"mean"``; one window = the plain mean)."""
+    if segment_pooling == "cls":
+        return hidden[cls_pos].mean(0)
+    if segment_pooling != "mean":
+        raise ValueError(f"segment_pooling must be one of {SEGMENT_POOLINGS}, got {segment_pooling!r}")
+    if len(cls_pos) == 1:
+        return hidden.mean(0)
+    return np.mean([hidden[p:min(p + every, len(hidden))].mean(0) for p in cls_pos], axis=0)
+
+
+def mcls_dense_embedding(model, texts, every: int = 256, max_length: int | None = None,
+                         segment_pooling: str | tuple[str, ...] = "cls", batch_size: int = 8,
+                         show_progress: bool = False):
+    """MCLS embeddings of ``texts`` with ``model`` (a :class:`~bgem3_lib.model.bgem3.BGEM3`): ``[N, H]``
+    for one ``segment_pooling``, or ``{pooling: [N, H]}`` for a tuple of them (one encoder pass for all).
+    L2-normalised when the model normalises."""
+    poolings = (segment_pooling,) if isinstance(segment_pooling, str) else tuple(segment_pooling)
+    bad = [p for p in poolings if p not in SEGMENT_POOLINGS]
+    if bad or not poolings:
+        raise ValueError(f"segment_pooling must be from {SEGMENT_POOLINGS}, got {segment_pooling!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    seqs = mcls_layout(model, texts, every, max_length)
+    window = min(int(every), model.resolve_max_length(max_length))
+    out = {p: np.zeros((len(seqs), model.config.hidden_size), np.float32) for p in poolings}
     order = np.argsort([-len(s[0]) for s in seqs], kind="stable")
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc="MCLS encode", disable=not show_progress):
         idx = order[start:start + batch_size]
         ids, mask = model.tokenizer.pad([seqs[i][0] for i in idx])
-        hidden = model.encoder(*encoder_inputs(ids, mask, cfg)).astype(ms.float32).asnumpy()
+        packed, offsets = model.encoder.forward_packed(ids, mask)
+        packed = packed.asnumpy()
         for r, i in enumerate(idx):
-            out[i] = _pool(hidden[r], len(seqs[i][0]), seqs[i][1], every, segment_pooling)
-    return l2_normalize(out) if model.normalize_embeddings else out
+            hidden = packed[offsets[r]:offsets[r + 1]]                   # [n_i, H], positions 0..n_i-1
+            if hidden.shape[0] != len(seqs[i][0]):
+                raise ValueError(f"encoder returned {hidden.shape[0]} states for a {len(seqs[i][0])}-token text")
+            for p in poolings:
+                out[p][i] = mcls_pool(hidden, seqs[i][1], window, p)
+    if model.normalize_embeddings:
+        out = {p: l2_normalize(v) for p, v in out.items()}
+    return out[segment_pooling] if isinstance(segment_pooling, str) else out
+
+
+def cls_counts(model, texts, every: int, max_length: int | None = None) -> np.ndarray:
+    """``[N]`` number of CLS tokens (windows) each text gets in the MCLS layout."""
+    return np.array([len(pos) for _, pos in mcls_layout(model, texts, every, max_length)], dtype=np.int64)

@@ -26,6 +26,7 @@ import mindspore as ms
 import numpy as np
 
 from ..model.encoder import encoder_inputs
+from ..model.fingerprint import fingerprint
 from ..progress import tqdm
 
 
@@ -50,15 +51,6 @@ class HiddenCache:
             if not (path / name).is_file():
                 raise FileNotFoundError(f"hidden-state cache {path} has no {name}")
         return cls(np.load(path / "states.npy", mmap_mode="r"), np.load(path / "offsets.npy"))
-
-
-def model_fingerprint(encoder) -> str:
-    """sha1 over a few parameters: tells caches of different weights apart cheaply."""
-    h = hashlib.sha1()
-    for p in list(encoder.get_parameters())[:6]:
-        h.update(p.name.encode())
-        h.update(np.ascontiguousarray(p.asnumpy()).tobytes()[:1 << 20])
-    return h.hexdigest()
 
 
 def cache_key(ids: list, layer: int, fingerprint: str) -> str:
@@ -114,7 +106,7 @@ def build_hidden_cache(encoder, ids: list, layer: int, path: str | Path | None =
     if path is None:
         return HiddenCache(*compute_states(encoder, ids, layer, batch_tokens))
     path = Path(path)
-    key = cache_key(ids, layer, model_fingerprint(encoder))
+    key = cache_key(ids, layer, fingerprint({"encoder": encoder}, {"config": encoder.cfg.to_dict()}))
     if (path / "meta.json").is_file() and json.loads((path / "meta.json").read_text()).get("key") == key:
         return HiddenCache.open(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

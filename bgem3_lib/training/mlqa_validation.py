@@ -43,13 +43,13 @@ def encode_from_states(final, ids: list, idx: list[int], heads: dict, pooling: s
     dense, lex, col = [], [], []
     for i in idx:
         h = np.asarray(final(i), dtype=np.float32)
-        t = np.asarray(ids[i])[None]
-        m = np.ones_like(t)
-        dense.append(dense_embedding(h[None], m, pooling)[0])
+        t = np.asarray(ids[i])
+        one = np.array([0, len(h)])                          # a single text: offsets [0, n]
+        dense.append(dense_embedding(h, one, pooling)[0])
         w = np.maximum(h @ heads["sparse_linear.weight"][0] + heads["sparse_linear.bias"][0], 0.0)
-        lex.append(sparse_embedding(w[None].astype(np.float32), t, m, special_ids)[0])
-        c = h[1:] @ heads["colbert_linear.weight"].T + heads["colbert_linear.bias"]
-        col.append(colbert_embedding(c[None], m)[0])
+        lex.append(sparse_embedding(w.astype(np.float32), t, one, special_ids)[0])
+        c = h @ heads["colbert_linear.weight"].T + heads["colbert_linear.bias"]
+        col.append(colbert_embedding(c, one)[0])
     return {"dense": np.stack(dense), "lexical": lex, "colbert": col}
 
 

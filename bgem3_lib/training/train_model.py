@@ -1,7 +1,8 @@
 """``M3TrainNet``: encoder (whole, or its top layers over cached states) + heads -> unified loss.
 
 A batch holds ``B`` queries and ``N = B * G`` passages (each query's positive, then its ``G - 1`` hard
-negatives). Each text becomes, as in inference (:mod:`bgem3_lib.model.heads`) but kept differentiable:
+negatives). Each text becomes, as in inference (:mod:`bgem3_lib.model.heads`) but kept differentiable
+(:meth:`~bgem3_lib.model.heads.M3Heads.train_outputs`):
 
 * dense   ``[B, H]``    pooled (CLS or masked mean, per config) and L2-normalised,
 * sparse  ``[B, L]``    ``relu(sparse_linear(h))``, zero at padding and special tokens,
@@ -48,10 +49,6 @@ def _cat(parts: list, axis: int):
     return parts[0] if len(parts) == 1 else ops.cat(parts, axis=axis)
 
 
-def _normalize(x, eps: float = 1e-12):
-    return x / ops.maximum(ops.norm(x, dim=-1, keepdim=True), Tensor(eps, x.dtype))
-
-
 class EncodeBlock(nn.Cell):
     """Hidden states (or ids) of one (sub-)batch -> (dense [B,H], sparse [B,L], colbert [B,L-1,D])."""
 
@@ -75,17 +72,7 @@ class EncodeBlock(nn.Cell):
         if self.frozen > self.start:
             x = ops.stop_gradient(self.encoder.run_layers(x, bias, self.start, self.frozen))
         h = self.encoder.run_layers(x, bias, max(self.start, self.frozen), n).astype(ms.float32)
-        m = mask.astype(ms.float32)
-        if self.cfg.pooling == "mean":
-            dense = (h * m[:, :, None]).sum(1) / m.sum(1, keepdims=True)
-        else:
-            dense = h[:, 0]
-        keep = m
-        for s in self.special_ids:
-            keep = keep * (ids != s).astype(ms.float32)
-        sparse = self.heads.sparse_weights(h) * keep
-        colbert = _normalize(self.heads.colbert_states(h)) * m[:, 1:, None]
-        return _normalize(dense), sparse, colbert
+        return self.heads.train_outputs(h, mask, ids, self.cfg.pooling, self.special_ids)
 
 
 class M3TrainNet(nn.Cell):

@@ -17,7 +17,7 @@ any moment (even ``SIGKILL`` during the write) leaves the previous complete chec
 trainable parameters, AdamW's ``m``/``v`` and step, and as JSON metadata the sampler state (seed, epoch,
 position in the epoch — the data position and the only random state of the loop: there is no dropout)
 and the loss log. ``Trainer(...).train()`` with an existing checkpoint resumes from it; the
-continuation is bit-identical to an uninterrupted run (``tests/test_trainer.py``) because every step is
+continuation is bit-identical to an uninterrupted run (``tests/training/test_trainer.py``) because every step is
 a deterministic function of (parameters, optimizer state, batch).
 
 Determinism on CPU: :func:`make_deterministic` calls ``mindspore.set_deterministic(True)`` and

@@ -22,7 +22,7 @@ import pytest
 
 from bgem3_lib.weights.safe_unpickle import UnsafeCheckpointError, bfloat16_bits_to_float32, load_torch_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 _SAVE_SCRIPT = r"""
 import collections, sys

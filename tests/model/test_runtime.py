@@ -7,7 +7,7 @@ import pytest
 
 from bgem3_lib.model.runtime import canonical_device, resolve_device_id
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_canonical_device_names():

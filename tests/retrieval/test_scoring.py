@@ -2,15 +2,7 @@
 import numpy as np
 import pytest
 
-from bgem3_lib.retrieval.scoring import (
-    COMBINED_MODES,
-    check_weights,
-    colbert_score,
-    colbert_score_batch_ms,
-    combine_scores,
-    dense_score,
-    lexical_matching_score,
-)
+from bgem3_lib.retrieval.scoring import colbert_score, dense_score, lexical_matching_score
 
 
 def _rng(seed=0):
@@ -100,73 +92,6 @@ def test_colbert_rejects_bad_input():
         colbert_score(np.ones((2, 4)), np.ones((3, 5)))
     with pytest.raises(ValueError, match="NaN"):
         colbert_score(np.ones((2, 4)), np.full((3, 4), np.nan))
-
-
-# ---------------------------------------------------------------- combination
-
-def test_combine_scores_hand_worked():
-    out = combine_scores(0.5, 0.2, 0.4, weights=(1.0, 0.3, 1.0))
-    assert set(out) == set(COMBINED_MODES)
-    assert float(out["dense"]) == 0.5 and float(out["sparse"]) == 0.2 and float(out["colbert"]) == 0.4
-    assert float(out["sparse+dense"]) == pytest.approx((0.3 * 0.2 + 1.0 * 0.5) / 1.3)
-    assert float(out["colbert+sparse+dense"]) == pytest.approx((0.5 + 0.06 + 0.4) / 2.3)
-
-
-def test_combine_scores_arrays_and_default_weights():
-    d, s, c = np.array([0.9, 0.1]), np.array([0.0, 0.6]), np.array([0.3, 0.3])
-    out = combine_scores(d, s, c)
-    np.testing.assert_allclose(out["sparse+dense"], [0.45, 0.35])
-    np.testing.assert_allclose(out["colbert+sparse+dense"], [0.4, 1.0 / 3])
-
-
-def test_combine_scores_rejects_bad_input():
-    with pytest.raises(ValueError, match="all zero"):
-        combine_scores(0.1, 0.2, 0.3, weights=(0, 0, 0))
-    with pytest.raises(ValueError, match=r"\(2,\).*\(3,\)"):
-        combine_scores(np.ones(2), np.ones(3), np.ones(2))
-    with pytest.raises(ValueError, match="NaN"):
-        combine_scores(np.nan, 0.2, 0.3)
-    with pytest.raises(ValueError, match="sparse\\+dense"):
-        combine_scores(0.1, 0.2, 0.3, weights=(0, 0, 1))
-    with pytest.raises(ValueError, match="3 values|got 2"):
-        check_weights((1.0, 0.3))
-    with pytest.raises(ValueError, match=">= 0"):
-        check_weights((1.0, -0.3, 1.0))
-
-
-# ---------------------------------------------------------------- batched MindSpore colbert
-
-def test_colbert_batch_ms_matches_per_pair_numpy():
-    rng = _rng(4)
-    b, n, m, h = 4, 5, 7, 8
-    q = rng.normal(size=(b, n, h)).astype(np.float32)
-    p = rng.normal(size=(b, m, h)).astype(np.float32)
-    q_len, p_len = [5, 1, 3, 4], [7, 2, 1, 5]
-    q_mask = (np.arange(n)[None] < np.array(q_len)[:, None]).astype(np.int32)
-    p_mask = (np.arange(m)[None] < np.array(p_len)[:, None]).astype(np.int32)
-    for i in range(b):
-        p[i, p_len[i]:] = 100.0 * q[i, 0]              # padding would win every max if it leaked in
-    got = colbert_score_batch_ms(q, q_mask, p, p_mask).asnumpy()
-    ref = [colbert_score(q[i, :q_len[i]], p[i, :p_len[i]]) for i in range(b)]
-    assert got.shape == (b,)
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
-
-
-def test_colbert_batch_ms_padding_is_not_a_zero_vector():
-    q = np.array([[[1.0, 0.0]]], np.float32)
-    p = np.array([[[-1.0, 0.0], [0.0, 0.0]]], np.float32)     # second row is padding
-    got = colbert_score_batch_ms(q, np.ones((1, 1)), p, np.array([[1, 0]])).asnumpy()
-    assert got[0] == pytest.approx(-1.0)
-
-
-def test_colbert_batch_ms_rejects_bad_input():
-    q, p = np.ones((2, 3, 4), np.float32), np.ones((2, 5, 4), np.float32)
-    with pytest.raises(ValueError, match="shape mismatch"):
-        colbert_score_batch_ms(q, np.ones((2, 4)), p, np.ones((2, 5)))
-    with pytest.raises(ValueError, match=r"p_mask: row\(s\) \[1\]"):
-        colbert_score_batch_ms(q, np.ones((2, 3)), p, np.array([[1, 1, 0, 0, 0], [0] * 5]))
-    with pytest.raises(ValueError, match="NaN"):
-        colbert_score_batch_ms(np.full_like(q, np.nan), np.ones((2, 3)), p, np.ones((2, 5)))
 
 
 # ---------------------------------------------------------------- FlagEmbedding 1.4.2 cross-check

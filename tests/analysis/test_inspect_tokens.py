@@ -51,7 +51,7 @@ def test_shared_tokens_by_hand_and_bad_input():
 def test_position_weights_spread_the_max_per_id():
     ids = np.array([0, 10, 11, 10, 2])
     raw = np.array([0.0, 0.5, 0.2, 0.9, 0.0], np.float32)
-    lex = sparse_embedding(raw[None], ids[None], np.ones((1, 5)), special_ids=(0, 1, 2, 3))[0]
+    lex = sparse_embedding(raw, ids, [0, 5], special_ids=(0, 1, 2, 3))[0]
     np.testing.assert_allclose(position_weights(ids, lex), [0, 0.9, 0.2, 0.9, 0])
     with pytest.raises(ValueError, match="1-D integer"):
         position_weights(np.array([[1, 2]]), lex)
@@ -195,7 +195,7 @@ def test_token_weights_reduce_to_the_models_lexical_weights(tiny):
         ids, pieces = text_pieces(tiny.tokenizer, text, 32)
         assert w.shape == ids.shape and len(pieces) == len(ids) and pieces[0] == "<s>" and pieces[-1] == "</s>"
         assert (w >= 0).all()
-        got = sparse_embedding(w[None], ids[None], np.ones((1, len(ids))), tiny.special_ids)[0]
+        got = sparse_embedding(w, ids, [0, len(ids)], tiny.special_ids)[0]
         assert got.keys() == expected.keys()
         np.testing.assert_allclose([got[k] for k in got], [expected[k] for k in got], rtol=1e-5, atol=1e-6)
         pos = position_weights(ids, expected)

@@ -5,9 +5,9 @@ import functools
 
 import numpy as np
 import pytest
+from bgem3_lib.analysis.pooling_variants import cls_counts, mcls_layout, mcls_poolings
 from tiny_m3 import tiny_model_dir
 
-from bgem3_lib.analysis.pooling_variants import cls_counts, mcls_layout, mcls_poolings
 from bgem3_lib.model.mcls import mcls_dense_embedding
 
 LONG = "The committee met in Geneva and adopted the new broadcasting standard for colour television. " * 4

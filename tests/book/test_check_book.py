@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("check_book", Path(__file__).resolve().parents[1] / "book" /
+_spec = importlib.util.spec_from_file_location("check_book", Path(__file__).resolve().parents[2] / "book" /
                                                "check_book.py")
 check_book = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(check_book)

@@ -14,7 +14,7 @@ from tiny_m3 import TableModel, tiny_model_dir
 
 from bgem3_lib.evaluation.corpus_cache import cache_key, check_corpus, corpus_encodings, corpus_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _corpus(n: int = 6):
@@ -62,7 +62,7 @@ def test_keys_and_bad_corpora():
 
 _SHARD_SCRIPT = textwrap.dedent("""
     import json, sys
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, {tests!r} + '/evaluation']
     from test_corpus_cache import _corpus
     from bgem3_lib import BGEM3
     from bgem3_lib.evaluation.corpus_cache import corpus_encodings

@@ -1,7 +1,7 @@
 """bgem3_lib.analysis.reference_runs: the comparison of two runs (pure NumPy) and its input checks.
 
 The subprocess runs themselves are exercised by notebooks/09_three_implementations.md and, for
-bgem3_lib vs FlagEmbedding, by tests/test_equivalence.py.
+bgem3_lib vs FlagEmbedding, by tests/model/test_equivalence.py.
 """
 from __future__ import annotations
 
