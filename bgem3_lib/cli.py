@@ -31,9 +31,9 @@ def _csv(text: str) -> list[str]:
 
 def _weights(text: str) -> tuple[float, float, float]:
     try:
-        return check_weights(text)
+        return check_weights(text, name="--weights")
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--weights 'dense,sparse,colbert': {e}") from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _modes(text: str) -> list[str]:

@@ -23,7 +23,7 @@ def test_eval_arguments_parse():
                                    "--limit-queries", "5", "--max-length", "128", "--batch-size", "8"])
     assert (a.task, a.modes, a.langs, a.shard, a.weights) == ("tydi", ["dense", "all"], ["ar", "de"], (1, 4),
                                                               (1.0, 0.3, 1.0))
-    assert (a.limit_queries, a.max_length, a.batch_size, a.device) == (5, 128, 8, "CPU")
+    assert (a.limit_queries, a.max_length, a.batch_size, a.device) == (5, 128, 8, None)   # None: $BGEM3_DEVICE
 
 
 @pytest.mark.parametrize("extra", [["--task", "msmarco"], ["--shard", "4/4"], ["--weights", "1,2"],

@@ -2,7 +2,7 @@
 
 What lives here: token inspection (``inspect_tokens``), the hybrid-weight simplex search
 (``weight_search``), batching statistics (``batching_stats``), distillation reports
-(``distill_report``), MCLS pooling variants (``pooling_variants``), the long-document study
+(``distill_report``), the long-document study
 (``longdoc_eval``), the live-figure widget (``figure_widget``), and the runs of the reference
 implementations in their own processes (``reference_runs``, ``torch_reference``).
 

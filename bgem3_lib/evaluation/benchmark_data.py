@@ -1,9 +1,8 @@
-"""Readers for the real benchmark files: MIRACL, Mr.TyDi, BEIR-NQ topics/qrels, MKQA, and corpora.
+"""Readers for the real benchmark files the runner evaluates: MIRACL topics/qrels, MKQA, and corpora.
 
 Topic and qrel files are read as shipped by anserini-tools (``data_dir()``; see its README):
 
-* topics ``qid<TAB>query``: ``miracl/topics.miracl-v1.0-<lang>-dev.tsv``,
-  ``mrtydi/topics.mrtydi-v1.1-<lang>.<split>.txt.gz``, ``beir_nq/topics.beir-v1.0.0-nq.test.tsv.gz``;
+* topics ``qid<TAB>query``: ``miracl/topics.miracl-v1.0-<lang>-dev.tsv``;
 * qrels ``qid Q0 docid rel`` (any whitespace; BEIR writes ``0`` for ``Q0``).
 
 The passage corpora (millions of passages) are not shipped; a user with network access puts them
@@ -39,7 +38,6 @@ from ..progress import tqdm
 
 MIRACL_LANGS = ("ar", "bn", "de", "en", "es", "fa", "fi", "fr", "hi", "id", "ja", "ko", "ru", "sw",
                 "te", "th", "yo", "zh")
-MRTYDI_LANGS = ("ar", "bn", "en", "fi", "id", "ja", "ko", "ru", "sw", "te", "th")
 MKQA_LANGS = ("ar", "da", "de", "es", "fi", "fr", "he", "hu", "it", "ja", "km", "ko", "ms", "nl", "no",
               "pl", "pt", "ru", "sv", "th", "tr", "vi", "zh_cn", "zh_hk", "zh_tw")
 MKQA_ALL_LANGS = ("en",) + MKQA_LANGS
@@ -123,35 +121,6 @@ def load_miracl_qrels(lang: str, data: Path | None = None) -> dict[str, dict[str
     """MIRACL v1.0 dev qrels (rel 0/1) of one of :data:`MIRACL_LANGS`."""
     check_lang(lang, MIRACL_LANGS, "MIRACL")
     return read_qrels(_root(data) / "miracl" / f"qrels.miracl-v1.0-{lang}-dev.tsv")
-
-
-def _check_split(split: str) -> None:
-    if split not in ("dev", "test"):
-        raise ValueError(f"unknown Mr.TyDi split {split!r}; known: dev, test")
-
-
-def load_mrtydi_topics(lang: str, split: str = "test", data: Path | None = None) -> dict[str, str]:
-    """Mr.TyDi v1.1 topics (``split`` dev or test) of one of :data:`MRTYDI_LANGS`."""
-    check_lang(lang, MRTYDI_LANGS, "Mr.TyDi")
-    _check_split(split)
-    return read_topics(_root(data) / "mrtydi" / f"topics.mrtydi-v1.1-{lang}.{split}.txt.gz")
-
-
-def load_mrtydi_qrels(lang: str, split: str = "test", data: Path | None = None) -> dict[str, dict[str, int]]:
-    """Mr.TyDi v1.1 qrels (``split`` dev or test) of one of :data:`MRTYDI_LANGS`."""
-    check_lang(lang, MRTYDI_LANGS, "Mr.TyDi")
-    _check_split(split)
-    return read_qrels(_root(data) / "mrtydi" / f"qrels.mrtydi-v1.1-{lang}.{split}.txt")
-
-
-def load_beir_nq_topics(data: Path | None = None) -> dict[str, str]:
-    """BEIR NQ test topics (English queries of the MKQA corpus)."""
-    return read_topics(_root(data) / "beir_nq" / "topics.beir-v1.0.0-nq.test.tsv.gz")
-
-
-def load_beir_nq_qrels(data: Path | None = None) -> dict[str, dict[str, int]]:
-    """BEIR NQ test qrels."""
-    return read_qrels(_root(data) / "beir_nq" / "qrels.beir-v1.0.0-nq.test.txt")
 
 
 # ---------------------------------------------------------------- corpora (user-supplied)

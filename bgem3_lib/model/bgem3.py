@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+import mindspore as ms
 import numpy as np
 from mindspore import Tensor, ops
 
@@ -22,7 +23,7 @@ from ..retrieval.modes import FLAGEMBEDDING_KEYS, check_weights, fuse_all
 from ..retrieval.scoring import colbert_score, lexical_matching_score
 from ..weights.checkpoint_io import save_state_dict
 from .config import M3Config
-from .encoder import M3Encoder, cast_encoder, load_hf_state
+from .encoder import DTYPES, M3Encoder, cast_encoder, load_hf_state
 from .heads import M3Heads, colbert_embedding, dense_embedding, sparse_embedding
 from .loading import LoadedModel, resolve
 from .runtime import set_device
@@ -57,6 +58,9 @@ class BGEM3:
         self.tokenizer = M3Tokenizer.from_file(lm.tokenizer_path)
         self.encoder = M3Encoder(self.config)
         load_hf_state(self.encoder, lm.encoder_state, share_memory=loaded is None)  # resolve()'s arrays: no copy
+        if DTYPES.get(dtype) == ms.bfloat16 and self.device == "CPU":
+            raise ValueError("dtype='bfloat16' needs device='Ascend' or 'GPU': MindSpore's CPU backend has no "
+                             "bfloat16 matrix multiply; use float32 (or float16) on CPU")
         self.dtype = dtype
         cast_encoder(self.encoder, dtype)
         self.encoder.set_train(False)
@@ -225,7 +229,8 @@ class BGEM3:
         for i, p in enumerate(sentence_pairs):
             if not (isinstance(p, (list, tuple)) and len(p) == 2):
                 raise ValueError(f"sentence_pairs[{i}] is not a (query, passage) pair: {p!r:.80}")
-        w = check_weights((1.0, 1.0, 1.0) if weights_for_different_modes is None else weights_for_different_modes)
+        w = check_weights((1.0, 1.0, 1.0) if weights_for_different_modes is None else weights_for_different_modes,
+                          name="weights_for_different_modes")
         max_query_length = min(512, self.config.max_length) if max_query_length is None else max_query_length
         max_query_length = self.resolve_max_length(max_query_length)
         max_passage_length = self.resolve_max_length(max_passage_length)

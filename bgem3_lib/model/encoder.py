@@ -113,7 +113,7 @@ class SelfAttention(nn.Cell):
         scores = ops.matmul(q, k.transpose(0, 1, 3, 2)) * self.scale + mask_bias
         probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
         ctx = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(B, L, H)
-        return self.norm(x + self.out(ctx))
+        return self.norm(x + self.out(ctx)).astype(x.dtype)           # LayerNorm in float32, back to x's dtype
 
 
 class FeedForward(nn.Cell):
@@ -125,7 +125,7 @@ class FeedForward(nn.Cell):
         self.approximate = "none" if cfg.hidden_act == "gelu" else "tanh"
 
     def construct(self, x):
-        return self.norm(x + self.outer(ops.gelu(self.inner(x), approximate=self.approximate)))
+        return self.norm(x + self.outer(ops.gelu(self.inner(x), approximate=self.approximate))).astype(x.dtype)
 
 
 class Layer(nn.Cell):
@@ -270,7 +270,7 @@ def cast_encoder(encoder: M3Encoder, dtype: str) -> M3Encoder:
     target = DTYPES[dtype]
     for name, p in encoder.parameters_and_names():
         if name.startswith("layers.") and ".norm." not in name:
-            p.set_data(p.data.astype(target))
+            p.set_dtype(target)          # set_data(x.astype(t)) keeps the old dtype in MindSpore 2.7
     for layer in encoder.layers:
         for norm in (layer.attention.norm, layer.ffn.norm):
             norm.to_float(ms.float32)

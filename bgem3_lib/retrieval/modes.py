@@ -88,21 +88,23 @@ def needed_representations(modes: Sequence[str]) -> list[str]:
     return [r for r in REPRESENTATIONS if r in used]
 
 
-def check_weights(weights: str | Sequence[float]) -> tuple[float, float, float]:
-    """Validate ``(w_dense, w_sparse, w_colbert)`` (or ``"d,s,c"``): three finite numbers >= 0, not all zero."""
+def check_weights(weights: str | Sequence[float], name: str = "weights") -> tuple[float, float, float]:
+    """Validate ``(w_dense, w_sparse, w_colbert)`` (or ``"d,s,c"``): three finite numbers >= 0, not all zero.
+
+    ``name`` is how errors call the argument (e.g. ``weights_for_different_modes``, ``--weights``)."""
     raw = weights.split(",") if isinstance(weights, str) else weights
     if raw is None or isinstance(raw, (int, float)):
-        raise ValueError(f"weights must be three numbers (w_dense, w_sparse, w_colbert), got {weights!r}")
+        raise ValueError(f"{name} must be three numbers (w_dense, w_sparse, w_colbert), got {weights!r}")
     try:
         w = tuple(float(x) for x in raw)
     except (TypeError, ValueError):
-        raise ValueError(f"weights must be three numbers (w_dense, w_sparse, w_colbert), got {weights!r}") from None
+        raise ValueError(f"{name} must be three numbers (w_dense, w_sparse, w_colbert), got {weights!r}") from None
     if len(w) != 3:
-        raise ValueError(f"weights must be (w_dense, w_sparse, w_colbert), got {len(w)} values: {w}")
+        raise ValueError(f"{name} must be (w_dense, w_sparse, w_colbert), got {len(w)} values: {w}")
     if not all(math.isfinite(x) and x >= 0 for x in w):
-        raise ValueError(f"weights must be finite and >= 0, got {w}")
+        raise ValueError(f"{name} must be finite and >= 0, got {w}")
     if sum(w) == 0:
-        raise ValueError(f"weights are all zero: {w}")
+        raise ValueError(f"{name} are all zero: {w}")
     return w
 
 

@@ -126,14 +126,15 @@ LONG = "The committee met in Geneva and adopted the new broadcasting standard fo
 
 @pytest.mark.filterwarnings("ignore:.*truncated")
 def test_longdoc_variants_tiny_model(tmp_path, monkeypatch):
-    from bgem3_lib.analysis.pooling_variants import mcls_poolings
+    from bgem3_lib.model.mcls import mcls_dense_embedding
 
     monkeypatch.setattr(le, "cache_dir", lambda: tmp_path)      # not BGEM3_HOME: assets live there
     m = _tiny()
     docs, queries = [LONG, "A short passage about television."], ["where did the committee meet?"]
     out = le.longdoc_variants(m, queries, docs, everies=(16,), max_length=64)
     assert list(out) == ["CLS", "mean", "MCLS-16 (CLS)", "MCLS-16 (mean)"]
-    ref = mcls_poolings(m, [m.passage_instruction + d for d in docs], every=16, max_length=64)
+    ref = mcls_dense_embedding(m, [m.passage_instruction + d for d in docs], every=16, max_length=64,
+                               segment_pooling=("cls", "mean"))
     np.testing.assert_allclose(out["MCLS-16 (CLS)"][1], ref["cls"], atol=1e-6)
     np.testing.assert_allclose(out["MCLS-16 (mean)"][1], ref["mean"], atol=1e-6)
     assert out["CLS"][0].shape == (1, m.config.hidden_size)

@@ -29,23 +29,6 @@ def test_miracl_first_rows():
     assert qrels["0"]["151236#1"] == 1 and qrels["0"]["151236#0"] == 0
 
 
-def test_mrtydi_counts():
-    sizes = {lang: len(bd.load_mrtydi_topics(lang, "test")) for lang in bd.MRTYDI_LANGS}
-    assert sizes["ar"] == 1081 and sizes["th"] == 1190 and sizes["bn"] == 111
-    assert sum(sizes.values()) == 8661
-    qrels = bd.load_mrtydi_qrels("sw", "dev")
-    assert len(bd.load_mrtydi_topics("sw", "dev")) == 526 and sum(map(len, qrels.values())) == 623
-    with pytest.raises(ValueError, match="split"):
-        bd.load_mrtydi_topics("sw", "train")
-
-
-def test_beir_nq_counts():
-    topics, qrels = bd.load_beir_nq_topics(), bd.load_beir_nq_qrels()
-    assert len(topics) == 3452 and sum(map(len, qrels.values())) == 4201
-    assert set(qrels) == set(topics)
-    assert topics["test1"] == "how many episodes are in chicago fire season 4"
-
-
 def test_mkqa_sample_6_queries_26_languages():
     path = bd.mkqa_sample_path()
     rows = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
@@ -79,7 +62,7 @@ def test_mkqa_missing_full_file_message(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("call", [
-    lambda: bd.load_miracl_topics("xx"), lambda: bd.load_mrtydi_qrels("de"),
+    lambda: bd.load_miracl_topics("xx"), lambda: bd.load_miracl_qrels("el"),
     lambda: bd.load_mkqa("en_us", bd.mkqa_sample_path()), lambda: bd.miracl_corpus_dir("el"),
 ])
 def test_unknown_language_lists_known(call):

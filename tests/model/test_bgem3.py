@@ -1,6 +1,7 @@
 """BGEM3 user API: real weights on real text (XQuAD), and bad input handling."""
 from __future__ import annotations
 
+import mindspore as ms
 import numpy as np
 import pytest
 from fixtures import xquad
@@ -185,9 +186,37 @@ def test_compute_score_modes_and_weights(tmp_path):
 def test_half_precision_runs_close_to_fp32(tmp_path):
     _, path = _tiny_model_dir(tmp_path)
     ref = BGEM3(str(path)).encode(["hello world", "bonjour"])["dense_vecs"]
-    for dtype in ("float16", "bfloat16"):
-        try:
-            out = BGEM3(str(path), dtype=dtype).encode(["hello world", "bonjour"])["dense_vecs"]
-        except RuntimeError as exc:   # a kernel missing on this backend is reported, not hidden
-            pytest.skip(f"{dtype} not supported on this backend: {exc}")
-        assert np.abs(out - ref).max() < 3e-2, dtype
+    half = BGEM3(str(path), dtype="float16")
+    assert half.encoder.layers[0].attention.qkv.weight.dtype == ms.float16       # really cast, not float32
+    assert not half.encoder.cpu_kernels_ready()          # the fused kernels are float32 only
+    out = half.encode(["hello world", "bonjour"])["dense_vecs"]
+    assert np.abs(out - ref).max() < 3e-2 and not np.allclose(out, ref, atol=1e-7)
+
+
+def test_bfloat16_on_cpu_is_a_clear_error(tmp_path):
+    _, path = _tiny_model_dir(tmp_path)
+    with pytest.raises(ValueError, match="bfloat16.*Ascend"):
+        BGEM3(str(path), dtype="bfloat16")
+
+
+def test_device_default_is_bgem3_device_then_cpu(tmp_path, monkeypatch):
+    """``device=None`` reads ``$BGEM3_DEVICE`` (any case); an unknown value there is named in the error."""
+    _, path = _tiny_model_dir(tmp_path)
+    monkeypatch.setenv("BGEM3_DEVICE", "cpu")
+    assert BGEM3(str(path)).device == "CPU"
+    monkeypatch.setenv("BGEM3_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        BGEM3(str(path))
+    assert BGEM3(str(path), device="CPU").device == "CPU"          # an explicit device wins over the variable
+    monkeypatch.delenv("BGEM3_DEVICE")
+    assert BGEM3(str(path)).device == "CPU"
+
+
+def test_max_length_is_resolved_by_the_facade(tmp_path):
+    m = BGEM3(str(_tiny_model_dir(tmp_path)[1]))
+    assert m.resolve_max_length(None) == m.config.max_length and m.resolve_max_length(16) == 16
+    for bad in (1, 0, m.config.max_length + 1, 2.5, True):
+        with pytest.raises(ValueError, match="max_length"):
+            m.resolve_max_length(bad)
+    with pytest.raises(ValueError, match="max_query_length|max_length"):
+        m.compute_score([("a", "b")], max_query_length=m.config.max_length + 1)

@@ -76,7 +76,7 @@ def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: in
     ref_scores = json.loads((ref / "scores.json").read_text())
     our_scores = model.compute_score(pairs, batch_size=batch_size, max_query_length=32,
                                      max_passage_length=max_length, weights_for_different_modes=weights)
-    assert set(ref_scores) == set(our_scores)
+    assert set(ref_scores) <= set(our_scores)      # FlagEmbedding's keys, plus the library's mode names
     for mode in ref_scores:
         diffs[f"score:{mode}"] = float(np.abs(np.array(ref_scores[mode]) - np.array(our_scores[mode])).max())
     print("max abs differences vs FlagEmbedding:", json.dumps(diffs))

@@ -1,14 +1,20 @@
-"""Tests for bgem3_lib.analysis.pooling_variants on the tiny random model (64 usable positions, real tokenizer)."""
+"""bgem3_lib.model.mcls on the packed path, both poolings in one pass: the tiny random model (64 usable positions,
+real tokenizer) against plain ``encode`` and hand-built sequences run through the padded encoder."""
 from __future__ import annotations
 
 import functools
 
 import numpy as np
 import pytest
-from bgem3_lib.analysis.pooling_variants import cls_counts, mcls_layout, mcls_poolings
 from tiny_m3 import tiny_model_dir
 
-from bgem3_lib.model.mcls import mcls_dense_embedding
+from bgem3_lib.model.mcls import cls_counts, mcls_dense_embedding, mcls_layout
+
+BOTH = ("cls", "mean")
+
+
+def mcls_poolings(model, texts, every, **kw):
+    return mcls_dense_embedding(model, texts, every, segment_pooling=BOTH, **kw)
 
 LONG = "The committee met in Geneva and adopted the new broadcasting standard for colour television. " * 4
 SHORT = "A short passage about television."
@@ -40,15 +46,6 @@ def test_every_at_max_length_gives_the_plain_poolings():
     assert not np.allclose(out["cls"], out["mean"], atol=1e-3)
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_matches_mcls_dense_embedding(pooling):
-    m = _model()
-    texts = [LONG, SHORT, LONG[:150]]
-    ours = mcls_poolings(m, texts, every=16, batch_size=2)[pooling]
-    ref = mcls_dense_embedding(m, texts, every=16, segment_pooling=pooling)
-    np.testing.assert_allclose(ours, ref, atol=3e-5)
-
-
 def test_hand_built_reference_for_windows():
     from bgem3_lib.model.encoder import encoder_inputs
     m = _model()
@@ -78,6 +75,8 @@ def test_bad_inputs():
         mcls_poolings(m, ["ok"], every=1)
     with pytest.raises(ValueError, match="max_length"):
         mcls_poolings(m, ["ok"], every=16, max_length=10**5)
+    with pytest.raises(ValueError, match="segment_pooling"):
+        mcls_dense_embedding(m, ["ok"], segment_pooling=("cls", "max"))
     with pytest.raises(ValueError, match="batch_size"):
         mcls_poolings(m, ["ok"], every=16, batch_size=0)
     with pytest.raises(TypeError):
