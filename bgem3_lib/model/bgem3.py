@@ -36,17 +36,45 @@ def _check_no_empty(texts: list[str]) -> None:
             raise ValueError(f"texts[{i}] is an empty string: nothing to encode")
 
 
+BACKENDS = ("kernels", "mindspore")
+
+
+def select_backend(backend: str | None, device: str, dtype: str, config: M3Config) -> str:
+    """The inference backend, chosen once at load: ``"kernels"`` (the fused CPU kernels of
+    :mod:`bgem3_lib.kernels.cpu`: CPU, float32, erf GELU, and they build here) or ``"mindspore"`` (plain
+    MindSpore cells: every device and dtype, the path Ascend and GPU run). ``None`` picks the kernels
+    when they can run and falls back otherwise; asking for ``"kernels"`` where they cannot is an error."""
+    if backend not in (None, *BACKENDS):
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} (or None: automatic)")
+    if backend == "mindspore":
+        return backend
+    if device != "CPU":
+        why = f"the device is {device}, not CPU"
+    elif DTYPES[dtype] != ms.float32:
+        why = f"dtype {dtype!r} is not float32"
+    elif config.hidden_act != "gelu":
+        why = f"hidden_act {config.hidden_act!r} is not erf GELU"
+    elif not cpu_kernels.available():
+        why = "they are unavailable here (BGEM3_CPU_KERNELS=0, or no compiler/OpenBLAS: see the warning)"
+    else:
+        return "kernels"
+    if backend == "kernels":
+        raise ValueError(f"backend='kernels' cannot run: {why}")
+    return "mindspore"
+
+
 class BGEM3:
     """M3 encoder + dense / sparse / ColBERT heads on MindSpore.
 
     The facade owns the defaults and resolves them once: ``device=None`` is ``$BGEM3_DEVICE``, else CPU
     (:func:`~bgem3_lib.model.runtime.set_device`); ``max_length=None`` is the model's position table
-    (:meth:`resolve_max_length`). Everything below receives resolved values.
+    (:meth:`resolve_max_length`). Everything below receives resolved values. ``backend=None`` picks the
+    fused CPU kernels where they run, else plain MindSpore (:func:`select_backend`).
     """
 
     def __init__(self, model_name_or_path: str | Path = "m3-small", device: str | None = None,
                  dtype: str = "float32", pooling: str | None = None, normalize_embeddings: bool = True,
-                 loaded: LoadedModel | None = None):
+                 loaded: LoadedModel | None = None, backend: str | None = None):
         self.device = set_device(device)
         lm = loaded if loaded is not None else resolve(model_name_or_path)
         self.source = lm.source
@@ -64,6 +92,8 @@ class BGEM3:
         self.dtype = dtype
         cast_encoder(self.encoder, dtype)
         self.encoder.set_train(False)
+        self.backend = select_backend(backend, self.device, dtype, self.config)
+        self.encoder.use_cpu_kernels = self.backend == "kernels"
         self.heads = None
         if lm.heads_state is not None:
             self.heads = M3Heads(self.config.hidden_size, lm.heads_state["colbert_linear.weight"].shape[0])

@@ -45,6 +45,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .index import top_k
+
 DEFAULT_METRICS = ("ndcg@10", "recall@100", "mrr@10")
 _METRIC_RE = re.compile(r"^(ndcg|recall|mrr)@([1-9][0-9]*)$")
 _TREC_NAMES = {"ndcg": "ndcg_cut", "recall": "recall"}
@@ -141,40 +143,13 @@ def mean_scores(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float
     return {m: float(np.mean(list(v.values()))) if v else float("nan") for m, v in per_query.items()}
 
 
-def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices and values of the k best documents per query, ties broken by lower corpus index.
-
-    ``scores``: [Nq, Nd] -> (indices [Nq, min(k, Nd)] int64, values [Nq, min(k, Nd)]).
-
-    >>> top_k(np.array([[0.5, 0.9, 0.9, 0.1]]), 2)[0].tolist()
-    [[1, 2]]
-    """
-    scores = np.asarray(scores)
-    if scores.ndim != 2 or scores.shape[1] == 0:
-        raise ValueError(f"scores must be [Nq, Nd] with Nd >= 1, got shape {scores.shape}")
-    if not np.all(np.isfinite(scores)):
-        raise ValueError("scores contain NaN or inf")
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
-    k = min(int(k), scores.shape[1])
-    idx = np.empty((scores.shape[0], k), dtype=np.int64)
-    for i, row in enumerate(scores):
-        if k < row.shape[0]:  # keep everything tied with the k-th value, then sort exactly
-            kth = np.partition(row, row.shape[0] - k)[row.shape[0] - k]
-            cand = np.flatnonzero(row >= kth)
-        else:
-            cand = np.arange(row.shape[0])
-        order = np.lexsort((cand, -row[cand]))  # score desc, then index asc
-        idx[i] = cand[order[:k]]
-    return idx, np.take_along_axis(scores, idx, axis=1)
-
-
 def run_from_scores(scores: np.ndarray, qids: Sequence[str], docids: Sequence[str], k: int = 100,
                     ) -> dict[str, dict[str, float]]:
     """Score matrix [Nq, Nd] -> trec run of the top k per query with tie-free rank values.
 
     Stored values are ``k', k'-1, ..., 1`` (k' = min(k, Nd)) so trec_eval keeps exactly our
-    order (score desc, ties by corpus order) instead of re-breaking ties by docid.
+    order (score desc, ties by corpus order: :func:`~bgem3_lib.retrieval.index.top_k`) instead of
+    re-breaking ties by docid.
 
     >>> run_from_scores(np.array([[0.2, 0.7, 0.7]]), ["q"], ["a", "b", "c"], k=2)
     {'q': {'b': 2.0, 'c': 1.0}}

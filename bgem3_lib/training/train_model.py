@@ -99,7 +99,7 @@ class M3TrainNet(nn.Cell):
         """Parameters the optimizer updates: the heads, the unfrozen top layers, embeddings if unfrozen."""
         b = self.block
         out = []
-        if b.start == 0 and not b.freeze_embeddings:
+        if b.start == 0 and not b.freeze_embeddings and b.frozen == 0:   # frozen layers above cut their gradient
             out += list(b.encoder.embeddings.get_parameters())
         for i in range(b.frozen, len(b.encoder.layers)):
             out += list(b.encoder.layers[i].get_parameters())

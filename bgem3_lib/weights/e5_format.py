@@ -16,6 +16,7 @@ parameter names, so the same encoder loader serves e5 and BGE-M3 checkpoints.
 """
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -49,9 +50,10 @@ def _hf_name(name: str) -> str:
     }
     if name in fixed:
         return fixed[name]
-    layer, part, wb = name.split(".")
-    if not layer.startswith("l") or wb not in ("w", "b"):
+    pieces = name.split(".")
+    if len(pieces) != 3 or not re.fullmatch(r"l[0-9]+", pieces[0]) or pieces[2] not in ("w", "b"):
         raise ValueError(f"unexpected tensor name {name!r} in e5 file")
+    layer, part, wb = pieces
     suffix = "weight" if wb == "w" else "bias"
     parts = {
         "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",

@@ -220,3 +220,21 @@ def test_max_length_is_resolved_by_the_facade(tmp_path):
             m.resolve_max_length(bad)
     with pytest.raises(ValueError, match="max_query_length|max_length"):
         m.compute_score([("a", "b")], max_query_length=m.config.max_length + 1)
+
+
+def test_backend_is_chosen_at_load_and_both_agree(tmp_path, monkeypatch):
+    _, path = _tiny_model_dir(tmp_path)
+    texts = ["hello world", "bonjour le monde, ça va ?"]
+    auto, plain = BGEM3(str(path)), BGEM3(str(path), backend="mindspore")
+    assert auto.backend == "kernels" and auto.encoder.cpu_kernels_ready()
+    assert plain.backend == "mindspore" and not plain.encoder.cpu_kernels_ready()
+    a = auto.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    b = plain.encode(texts, return_sparse=True, return_colbert_vecs=True)
+    np.testing.assert_allclose(a["dense_vecs"], b["dense_vecs"], atol=1e-5)
+    for x, y in zip(a["colbert_vecs"], b["colbert_vecs"]):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert BGEM3(str(path), dtype="float16").backend == "mindspore"           # kernels are float32 only
+    with pytest.raises(ValueError, match="backend='kernels' cannot run: dtype 'float16'"):
+        BGEM3(str(path), dtype="float16", backend="kernels")
+    with pytest.raises(ValueError, match="unknown backend 'onnx'"):
+        BGEM3(str(path), backend="onnx")

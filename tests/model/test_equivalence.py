@@ -46,7 +46,13 @@ def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: in
                   max_query_length=32, max_passage_length=max_length, batch_size=batch_size, weights=weights,
                   timeout=timeout)
 
-    model = BGEM3(str(ckpt))
+    return {backend: _compare_backend(BGEM3(str(ckpt), backend=backend), ref, texts, pairs, weights, max_length,
+                                      batch_size) for backend in ("kernels", "mindspore")}
+
+
+def _compare_backend(model, ref, texts, pairs, weights, max_length: int, batch_size: int) -> dict:
+    """One backend's outputs against FlagEmbedding's (already written to ``ref``)."""
+    assert model.encoder.cpu_kernels_ready() == (model.backend == "kernels")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ours = model.encode(texts, batch_size=batch_size, max_length=max_length, return_dense=True,
@@ -79,7 +85,7 @@ def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: in
     assert set(ref_scores) <= set(our_scores)      # FlagEmbedding's keys, plus the library's mode names
     for mode in ref_scores:
         diffs[f"score:{mode}"] = float(np.abs(np.array(ref_scores[mode]) - np.array(our_scores[mode])).max())
-    print("max abs differences vs FlagEmbedding:", json.dumps(diffs))
+    print(f"max abs differences vs FlagEmbedding ({model.backend} backend):", json.dumps(diffs))
     assert len(texts) >= 50
     for k, v in diffs.items():
         assert v <= TOL, f"{k}: max abs difference {v:.3g} > {TOL}"

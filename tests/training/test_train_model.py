@@ -262,10 +262,6 @@ def test_frozen_parts_get_no_gradient():
     assert np.abs(word[used]).sum() > 0 and not word[unused].any()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with freeze_layers > 0 and freeze_embeddings=False, "
-                   "trainable_params() still lists the embeddings, but EncodeBlock's stop_gradient over the frozen "
-                   "layers cuts every gradient to them (test_frozen_parts_get_no_gradient): "
-                   "AdamW then only applies weight decay, shrinking the word embeddings by (1 - lr*wd) each step")
 @pytest.mark.parametrize("freeze", [1, 2])
 def test_embeddings_below_frozen_layers_are_not_trainable(freeze):
     _, enc, heads = tiny(4)

@@ -209,10 +209,6 @@ def test_unknown_tensor_names(tmp_path, name):
         read_e5(tmp_path / "u.bin")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: e5_format._hf_name only names malformed tensor names that split "
-                   "into three parts; 'garbage' / 'l0.q' / 'l0.q.w.extra' fail in its tuple unpacking ('not enough "
-                   "/ too many values to unpack') and 'lx.q.w' in int() ('invalid literal'), none of which says "
-                   "which tensor name is wrong, instead of its own 'unexpected tensor name ...' error")
 @pytest.mark.parametrize("name", ["garbage", "l0.q", "l0.q.w.extra", "lx.q.w"])
 def test_malformed_tensor_names_are_named(tmp_path, name):
     write_e5(tmp_path / "m.bin", TINY, [(name, 0, 4, np.zeros(4, "<f4").tobytes())])
