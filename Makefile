@@ -24,11 +24,14 @@ assets: venv
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
-# Fast suite (everything not marked slow), then lint.
+# Fast suite (everything not marked slow, the package's doctests included), then lint: ruff and the
+# import-linter contracts of pyproject.toml (the wings' layers, no cycles, no tests imported).
 test: assets
 	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 # Everything, including the full-size (24-layer, 8194-position) equivalence run.
 test-all: assets
