@@ -40,6 +40,7 @@ MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
 ALIASES = {"sparse+dense": "dense+sparse", "colbert+sparse+dense": "all", "multi-vector": "colbert"}
 FLAGEMBEDDING_KEYS = {"dense": "dense", "sparse": "sparse", "colbert": "colbert",
                       "dense+sparse": "sparse+dense", "all": "colbert+sparse+dense"}
+HYBRID_MODES = ("dense+sparse", "all")
 REPRESENTATIONS = ("dense", "sparse", "colbert")
 NEEDS = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("dense", "colbert"),
          "dense+sparse": ("dense", "sparse"), "all": ("dense", "sparse", "colbert")}

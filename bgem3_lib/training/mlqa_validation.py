@@ -18,7 +18,7 @@ from collections import defaultdict
 import numpy as np
 
 from ..model.heads import colbert_embedding, dense_embedding, sparse_embedding
-from ..retrieval.modes import MODES, fuse, paper_weights
+from ..retrieval.modes import HYBRID_MODES, MODES, fuse, paper_weights
 from ..retrieval.scoring import lexical_matching_score
 
 
@@ -67,7 +67,7 @@ def mode_scores(q: dict, p: dict) -> dict[str, np.ndarray]:
     s = {"dense": q["dense"] @ p["dense"].T,
          "sparse": np.array([[lexical_matching_score(a, b) for b in p["lexical"]] for a in q["lexical"]]),
          "colbert": _colbert_matrix(q["colbert"], p["colbert"])}
-    for mode in ("dense+sparse", "all"):
+    for mode in HYBRID_MODES:
         s[mode] = fuse(mode, paper_weights("miracl", mode), dense=s["dense"], sparse=s["sparse"], colbert=s["colbert"])
     return s
 
