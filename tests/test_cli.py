@@ -27,7 +27,8 @@ def test_eval_arguments_parse():
 
 
 @pytest.mark.parametrize("extra", [["--task", "msmarco"], ["--shard", "4/4"], ["--weights", "1,2"],
-                                   ["--weights", "a,b,c"], ["--batch-size", "0"]])
+                                   ["--weights", "a,b,c"], ["--batch-size", "0"], ["--weights", "nan,0.3,1"],
+                                   ["--weights", "-1,0.3,1"], ["--weights", "0,0,0"], ["--modes", "dense,hybrid"]])
 def test_bad_arguments_exit_with_usage(extra, capsys):
     args = ["eval", "--task", "tydi", "--model", "m", "--out", "o"] + extra
     with pytest.raises(SystemExit) as e:
