@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -74,8 +75,8 @@ class BGEM3:
 
     def __init__(self, model_name_or_path: str | Path = "m3-small", device: str | None = None,
                  dtype: str = "float32", pooling: str | None = None, normalize_embeddings: bool = True,
-                 loaded: LoadedModel | None = None, backend: str | None = None):
-        self.device = set_device(device)
+                 loaded: LoadedModel | None = None, backend: str | None = None, device_id: int | None = None):
+        self.device = set_device(device, device_id)
         lm = loaded if loaded is not None else resolve(model_name_or_path)
         self.source = lm.source
         self.config: M3Config = lm.config
@@ -151,13 +152,17 @@ class BGEM3:
         return path
 
     def resolve_max_length(self, max_length: int | None = None) -> int:
-        """``None`` -> the model's maximum (8192 for BGE-M3, 512 for e5); else checked to lie in [2, maximum]."""
+        """``None`` -> the model's maximum (8192 for BGE-M3, 512 for e5); an integer >= 2 is kept, and one
+        beyond the position table is cut to it with a warning (as a tokenizer with ``model_max_length``
+        does: ``encode(..., max_length=8192)`` on a 512-position model encodes 512 tokens)."""
         if max_length is None:
             return self.config.max_length
         if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2 (room for <s> and </s>), got {max_length!r}")
         if max_length > self.config.max_length:
-            raise ValueError(f"max_length={max_length} exceeds the model's position table ({self.config.max_length})")
+            warnings.warn(f"max_length={max_length} exceeds the model's position table: texts are cut at "
+                          f"{self.config.max_length} tokens", stacklevel=3)
+            return self.config.max_length
         return int(max_length)
 
     # ------------------------------------------------------------------ forward
@@ -250,7 +255,8 @@ class BGEM3:
         As in the official code, within a batch a passage shorter than the longest one also
         "sees" zero padding vectors, so a ColBERT max-sim below 0 is floored at 0 for it.
         """
-        if isinstance(sentence_pairs, tuple) and len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str):
+        if (isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2
+                and all(isinstance(s, str) for s in sentence_pairs)):          # one pair, as FlagEmbedding reads it
             sentence_pairs, single = [sentence_pairs], True
         else:
             single = False

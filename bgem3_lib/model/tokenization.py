@@ -90,5 +90,9 @@ class M3Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens kept (as ``transformers``' ``decode`` does by default)."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
     def tokens(self, text: str) -> list[str]:
         return self._tok.encode(text, add_special_tokens=True).tokens

@@ -68,8 +68,12 @@ def test_over_length_warns_and_is_truncated(base):
     with pytest.warns(UserWarning, match="longer than max_length=16 tokens were truncated"):
         out = base.encode(["word " * 100], max_length=16)
     assert out["dense_vecs"].shape == (1, 384)
-    with pytest.raises(ValueError, match="exceeds the model's position table"):
-        base.encode(["x"], max_length=10_000)
+    long = "word " * 600                                     # > 512 tokens
+    with pytest.warns(UserWarning, match="max_length=10000 exceeds the model's position table: texts are cut at 512"):
+        cut = base.encode([long], max_length=10_000)["dense_vecs"]
+    with pytest.warns(UserWarning, match="truncated"):
+        at_512 = base.encode([long], max_length=512)["dense_vecs"]
+    np.testing.assert_array_equal(cut, at_512)
 
 
 def test_dense_only_model_refuses_sparse_with_reason(base):
@@ -215,11 +219,11 @@ def test_device_default_is_bgem3_device_then_cpu(tmp_path, monkeypatch):
 def test_max_length_is_resolved_by_the_facade(tmp_path):
     m = BGEM3(str(_tiny_model_dir(tmp_path)[1]))
     assert m.resolve_max_length(None) == m.config.max_length and m.resolve_max_length(16) == 16
-    for bad in (1, 0, m.config.max_length + 1, 2.5, True):
+    for bad in (1, 0, 2.5, True, None.__class__):
         with pytest.raises(ValueError, match="max_length"):
             m.resolve_max_length(bad)
-    with pytest.raises(ValueError, match="max_query_length|max_length"):
-        m.compute_score([("a", "b")], max_query_length=m.config.max_length + 1)
+    with pytest.warns(UserWarning, match="position table"):
+        assert m.resolve_max_length(m.config.max_length + 1) == m.config.max_length
 
 
 def test_backend_is_chosen_at_load_and_both_agree(tmp_path, monkeypatch):

@@ -86,7 +86,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="empty"):
         mcls_dense_embedding(m, ["ok", "  "])
     with pytest.raises(ValueError, match="max_length"):
-        mcls_dense_embedding(m, ["ok"], max_length=10**5)
+        mcls_dense_embedding(m, ["ok"], max_length=1)
     with pytest.raises(TypeError):
         mcls_dense_embedding(m, [3])
     with pytest.raises(ValueError, match="segment_pooling"):
