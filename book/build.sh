@@ -26,6 +26,7 @@ fi
 
 export BGEM3_QUICK=$([[ "$mode" == quick ]] && echo 1 || echo 0)
 export TQDM_DISABLE=${TQDM_DISABLE:-1}   # no progress-bar widgets in the executed pages
+export BGEM3_BOOK_BUILD=1               # chapters show their static explorers (no kernel behind the page)
 start=$(date +%s)
 "$JB" build . -W -n --keep-going
 echo "book ($mode) built in $(( $(date +%s) - start )) s: $(find _build/html -name '*.html' -not -path '*/_static/*' | wc -l) pages in _build/html"

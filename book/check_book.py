@@ -12,10 +12,16 @@ protocol over a small stdlib websocket client. Per page it asserts:
 * notebook chapters (``notebooks/*.md``) show figures: at least one ``img``/``svg`` of 100x100 px or
   more in cell outputs (icons of buttons do not count);
 * chapters that use ipywidgets have their widgets rendered in the DOM by the vendored widget manager;
-* every math node is typeset by MathJax (contains an ``mjx-container``).
+* every math node is typeset by MathJax (contains an ``mjx-container``);
+* the static explorers work without a kernel (``bgem3_lib.analysis.static_widgets``): on a weight explorer
+  the sliders are moved to every weighting the build checked in Python (each slider to at least two new
+  values), the metric buttons pressed, and the numbers the page draws must equal the build's to 1e-6 and
+  differ from the first drawing; on a figure switcher every button combination must show its own image.
+  Screenshots before and after the first move must differ.
 
 Screenshots (1280x900 viewport: the top of each page, and the first figure and first widget of
-notebook pages) go to ``--screenshots``. Exit status 1 lists every failed assertion.
+notebook pages; each explorer before and after a move) go to ``--screenshots``. Each page's load time
+(navigation to MathJax and widgets done) is printed. Exit status 1 lists every failed assertion.
 """
 from __future__ import annotations
 
@@ -237,7 +243,9 @@ def expectations(html_dir: Path, source_dir: Path = ROOT) -> dict[str, dict]:
         src = source_dir / Path(rel).with_suffix(".md")
         text = src.read_text(encoding="utf-8") if src.is_file() else ""
         notebook = rel.startswith("notebooks/") and "{code-cell}" in text
-        pages[rel] = {"notebook": notebook, "widgets": notebook and "ipywidgets" in text}
+        static = "BGEM3_BOOK_BUILD" in text            # the chapter shows static explorers in the book
+        pages[rel] = {"notebook": notebook, "widgets": notebook and "ipywidgets" in text and not static,
+                      "explorers": text.count("weight_explorer_html(") + text.count("image_switcher_html(")}
     return pages
 
 
@@ -255,6 +263,7 @@ def check_page(dt: DevTools, base: str, rel: str, expect: dict, shots: Path | No
             mobile=False)
     dt.events.clear()
     url = f"{base}/{rel}"
+    start, load_seconds = time.monotonic(), float("nan")
     dt.call("Page.navigate", session, url=url)
     problems: list[str] = []
     deadline = time.monotonic() + 60
@@ -263,6 +272,7 @@ def check_page(dt: DevTools, base: str, rel: str, expect: dict, shots: Path | No
         if any(e["method"] == "Page.loadEventFired" and e.get("sessionId") == session for e in dt.events):
             loaded = True
             if dt.evaluate(session, READY_PROBE):
+                load_seconds = time.monotonic() - start
                 break
         time.sleep(0.25)
         dt.call("Runtime.evaluate", session, expression="0")   # pumps pending events
@@ -271,6 +281,8 @@ def check_page(dt: DevTools, base: str, rel: str, expect: dict, shots: Path | No
     time.sleep(0.5)   # let late requests (fonts, lazy MathJax components) show up
     dt.call("Runtime.evaluate", session, expression="0")
     info = json.loads(dt.evaluate(session, PAGE_PROBE)) if loaded else {}
+    if info:
+        info["load_seconds"] = load_seconds
 
     for e in (e for e in dt.events if e.get("sessionId") == session):
         p = e.get("params", {})
@@ -305,8 +317,122 @@ def check_page(dt: DevTools, base: str, rel: str, expect: dict, shots: Path | No
             problems.append(f"{info['widgetErrors']} widget(s) failed to render")
     if shots is not None and loaded:
         screenshot_page(dt, session, rel, expect, shots)
+    if loaded:
+        found, explorer_problems = check_explorers(dt, session, rel, shots)
+        info["explorers"] = found
+        problems += explorer_problems
+        if found < expect.get("explorers", 0):
+            problems.append(f"{expect['explorers']} static explorer(s) expected, {found} on the page")
     dt.call("Target.closeTarget", targetId=target)
     return info, problems
+
+
+# Moves a weight explorer's sliders / presses its metric button, then returns what it draws.
+SET_WEIGHTS = r"""((id, w, metric) => {
+  const root = document.getElementById(id);
+  root.querySelectorAll('input[data-weight]').forEach((s, i) => {
+    s.value = String(w[i]); s.dispatchEvent(new Event('input', {bubbles: true})); });
+  root.querySelector(`button[data-metric="${metric}"]`).click();
+  const svg = root.querySelector('svg.bgem3-chart');
+  return JSON.stringify({values: JSON.parse(svg.dataset.values || '[]'),
+    sliders: [...root.querySelectorAll('input[data-weight]')].map(s => parseFloat(s.value)),
+    title: (svg.querySelector('.bgem3-title') || {}).textContent || ''});
+})"""
+
+# Presses one button per control of a figure switcher; returns which image is visible.
+SET_OPTIONS = r"""((id, options) => {
+  const root = document.getElementById(id);
+  JSON.parse(root.dataset.controls).forEach((name, i) =>
+    root.querySelector(`.bgem3-buttons[data-control="${name}"] button[data-option="${options[i]}"]`).click());
+  const shown = [...root.querySelectorAll('img[data-key]')].filter(img => !img.hidden);
+  return JSON.stringify({shown: shown.map(img => JSON.parse(img.dataset.key)),
+                         src: shown.map(img => img.src.length + ':' + img.src.slice(-40))});
+})"""
+
+
+# The controls of a figure switcher: [[option, ...] per control].
+LIST_OPTIONS = r"""((id) => {
+  const root = document.getElementById(id);
+  return JSON.stringify(JSON.parse(root.dataset.controls).map(name =>
+    [...root.querySelectorAll(`.bgem3-buttons[data-control="${name}"] button`)].map(b => b.dataset.option)));
+})"""
+
+# The ids of the page's explorers and whether each is a weight explorer.
+LIST_EXPLORERS = r"""(() => JSON.stringify(
+  [...document.querySelectorAll('.bgem3-weight-explorer, .bgem3-image-switcher')]
+    .map(e => [e.id, e.classList.contains('bgem3-weight-explorer')])))"""
+
+
+def _js(dt: DevTools, session: str, function: str, *args):
+    """Call a JavaScript function source with JSON arguments; its JSON string result, parsed."""
+    return json.loads(dt.evaluate(session, f"({function})({', '.join(json.dumps(a) for a in args)})"))
+
+
+def _shot(dt: DevTools, session: str, element_id: str) -> bytes:
+    dt.evaluate(session, f"document.getElementById({json.dumps(element_id)}).scrollIntoView({{block: 'center'}})")
+    time.sleep(0.2)
+    return base64.b64decode(dt.call("Page.captureScreenshot", session, format="png")["data"])
+
+
+def _check_weight_explorer(dt: DevTools, session: str, element_id: str) -> tuple[list[str], bytes | None]:
+    problems = []
+    payload = json.loads(dt.evaluate(session, f"document.getElementById({json.dumps(element_id)})"
+                                              ".querySelector('script.bgem3-data').textContent"))
+    first = _js(dt, session, SET_WEIGHTS, element_id, payload["initial"], payload["metrics"][0])
+    if not payload["checks"]:
+        problems.append(f"{element_id}: no weightings checked by the build")
+    moved, after = set(), None
+    for check in payload["checks"]:
+        got = _js(dt, session, SET_WEIGHTS, element_id, check["weights"], check["metric"])
+        after = after or _shot(dt, session, element_id)
+        moved |= {(i, v) for i, v in enumerate(got["sliders"]) if v != payload["initial"][i]}
+        diff = max((abs(a - b) for a, b in zip(got["values"], check["values"])), default=float("inf"))
+        if len(got["values"]) != len(check["values"]) or diff > 1e-6:
+            problems.append(f"{element_id}: at w={check['weights']} {check['metric']} the page draws "
+                            f"{got['values'][:4]}..., the build computed {check['values'][:4]}... "
+                            f"(max difference {diff:.3g})")
+        if (check["metric"] == payload["metrics"][0] and got["values"] == first["values"]
+                and check["weights"] != payload["initial"]):
+            problems.append(f"{element_id}: the chart did not change when the weights moved to {check['weights']}")
+    for i in range(3):
+        if len({v for j, v in moved if j == i}) < 2:
+            problems.append(f"{element_id}: slider {i} was not moved to two new values")
+    return problems, after
+
+
+def _check_switcher(dt: DevTools, session: str, element_id: str) -> tuple[list[str], bytes | None]:
+    problems = []
+    combos = [[]]
+    for opts in _js(dt, session, LIST_OPTIONS, element_id):
+        combos = [c + [o] for c in combos for o in opts]
+    seen, after = set(), None
+    for combo in combos:
+        got = _js(dt, session, SET_OPTIONS, element_id, combo)
+        after = after or _shot(dt, session, element_id)
+        if got["shown"] != [combo]:
+            problems.append(f"{element_id}: buttons {combo} show {got['shown']}")
+        seen.add(tuple(got["src"]))
+    if len(seen) != len(combos):
+        problems.append(f"{element_id}: {len(combos)} button combinations show {len(seen)} different images")
+    return problems, after
+
+
+def check_explorers(dt: DevTools, session: str, rel: str, shots: Path | None) -> tuple[int, list[str]]:
+    """Drive every static explorer of the page (see the module docstring); (explorers found, problems)."""
+    problems: list[str] = []
+    explorers = _js(dt, session, LIST_EXPLORERS)
+    stem = rel.removesuffix(".html").replace("/", "__")
+    for element_id, is_weights in explorers:
+        before = _shot(dt, session, element_id)
+        found, after = (_check_weight_explorer if is_weights else _check_switcher)(dt, session, element_id)
+        problems += found
+        if after is None or after == before:
+            problems.append(f"{element_id}: the screenshot did not change after moving the controls")
+        if shots is not None:
+            (shots / f"{stem}-{element_id}-before.png").write_bytes(before)
+            if after is not None:
+                (shots / f"{stem}-{element_id}-after.png").write_bytes(after)
+    return len(explorers), problems
 
 
 def screenshot_page(dt: DevTools, session: str, rel: str, expect: dict, shots: Path) -> None:
@@ -352,7 +478,10 @@ def main(argv=None) -> int:
             for rel, expect in pages.items():
                 info, problems = check_page(dt, f"http://127.0.0.1:{port}", rel, expect, args.screenshots)
                 summary = (f"figures {info.get('figures', '?')}, math {info.get('mathTypeset', '?')}/"
-                           f"{info.get('mathNodes', '?')}, widgets {info.get('widgetsRendered', '?')}")
+                           f"{info.get('mathNodes', '?')}, widgets {info.get('widgetsRendered', '?')}, "
+                           f"explorers {info.get('explorers', '?')}, "
+                           f"{(html_dir / rel).stat().st_size / 1024:.0f} kB, "
+                           f"loaded in {info.get('load_seconds', float('nan')):.2f} s")
                 print(f"{'FAIL' if problems else 'ok  '} {rel}: {summary}")
                 for p in problems:
                     print(f"       - {p}")

@@ -36,8 +36,15 @@ def test_expectations(tmp_path):
     (src / "notebooks").mkdir(parents=True)
     (src / "notebooks" / "a.md").write_text("```{code-cell} ipython3\nimport ipywidgets\n```\n")
     (src / "notebooks" / "b.md").write_text("```{code-cell} ipython3\nprint(1)\n```\n")
+    (html / "notebooks" / "c.html").write_text("<html></html>")
+    (src / "notebooks" / "c.md").write_text("```{code-cell} ipython3\nimport ipywidgets\n"
+                                            "if os.environ.get('BGEM3_BOOK_BUILD'):\n"
+                                            "    display(HTML(weight_explorer_html(p, 'x')))\n```\n")
     pages = check_book.expectations(html, src)
-    assert set(pages) == {"index.html", "book/intro.html", "notebooks/a.html", "notebooks/b.html"}
-    assert pages["notebooks/a.html"] == {"notebook": True, "widgets": True}
-    assert pages["notebooks/b.html"] == {"notebook": True, "widgets": False}
-    assert pages["book/intro.html"] == {"notebook": False, "widgets": False}
+    assert set(pages) == {"index.html", "book/intro.html", "notebooks/a.html", "notebooks/b.html",
+                          "notebooks/c.html"}
+    assert pages["notebooks/a.html"] == {"notebook": True, "widgets": True, "explorers": 0}
+    assert pages["notebooks/b.html"] == {"notebook": True, "widgets": False, "explorers": 0}
+    assert pages["book/intro.html"] == {"notebook": False, "widgets": False, "explorers": 0}
+    # a chapter that shows a static explorer in the book: no widget state expected, one explorer
+    assert pages["notebooks/c.html"] == {"notebook": True, "widgets": False, "explorers": 1}
