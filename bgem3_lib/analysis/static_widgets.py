@@ -86,7 +86,7 @@ def weight_explorer_html(payload: Mapping, element_id: str, step: float = 0.05) 
     data = json.dumps(payload, separators=(",", ":")).replace("</", "<\\/")
     return (f'<div class="{EXPLORER_CLASS}" id="{html.escape(element_id)}">'
             f'<div class="bgem3-sliders">{sliders}</div><div class="bgem3-buttons">metric {buttons}</div>'
-            f'<svg class="bgem3-chart" width="900" height="340" role="img"></svg>'
+            f'<svg class="bgem3-chart" viewBox="0 0 900 340" width="100%" role="img"></svg>'
             f'<script type="application/json" class="bgem3-data">{data}</script></div>')
 
 

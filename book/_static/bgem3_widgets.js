@@ -72,6 +72,7 @@
   function draw(svg, labels, values, reference, metric, w) {
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const W = 900, H = 340, left = 60, right = 20, top = 40, bottom = 80;
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);                   // scales with the page's width
     const sum = w[0] + w[1] + w[2];
     if (sum === 0) {
       svg.appendChild(el("text", { x: W / 2, y: H / 2, "text-anchor": "middle" }, "all three weights are 0: move a slider"));
