@@ -3,7 +3,8 @@
 What lives here: token inspection (``inspect_tokens``), the hybrid-weight simplex search
 (``weight_search``), batching statistics (``batching_stats``), distillation reports
 (``distill_report``), the long-document study
-(``longdoc_eval``), the live-figure widget (``figure_widget``), and the runs of the reference
+(``longdoc_eval``), the live-figure widget (``figure_widget``), the explorers that recompute in the
+built book's pages (``static_widgets``), and the runs of the reference
 implementations in their own processes (``reference_runs``, ``torch_reference``).
 
 May import every other wing. Nothing outside ``analysis``, ``benchmarks``, ``notebooks`` (and the tests)
