@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from .evaluation.distributed import is_msrun_scheduler, parse_shard
 from .retrieval.modes import MODES, check_weights, parse_modes
 
@@ -115,13 +117,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def read_texts(path: Path) -> list[str]:
-    """Texts of a file: one per line, or for ``.jsonl`` the ``title``+``text`` of each row."""
+def input_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 file, split on ``\\n`` only (a ``\\r\\n`` ending loses its ``\\r``; form feeds,
+    U+2028 and other separators ``str.splitlines`` would break on stay inside their line). Invalid UTF-8
+    names the file, the line and the byte offset.
+
+    >>> import tempfile, os
+    >>> with tempfile.NamedTemporaryFile("wb", suffix=".txt", delete=False) as f:
+    ...     _ = f.write("one\\x0cstill one\\r\\ntwo \\u2028 too\\n".encode())
+    >>> input_lines(Path(f.name)); os.unlink(f.name)
+    ['one\\x0cstill one', 'two \\u2028 too']
+    """
     if not path.is_file():
         raise FileNotFoundError(f"input file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: invalid UTF-8 at byte offset {e.start} ({e.reason})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()                                   # the newline that ends the last line
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def read_texts(path: Path) -> list[str]:
+    """Texts of a file: one per line (``\\n``), or for ``.jsonl`` the ``title``+``text`` of each row."""
     texts = []
-    for n, line in enumerate(lines, 1):
+    for n, line in enumerate(input_lines(path), 1):
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)
@@ -156,8 +180,8 @@ def _cmd_encode(args) -> int:
     fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[args.kind]
     out = fn(texts, batch_size=args.batch_size, max_length=args.max_length, return_sparse=args.sparse,
              return_colbert_vecs=args.colbert, show_progress=True)
-    path = encodings_to_npz(out, args.out)
-    print(f"[encode] {len(texts)} texts -> {path}")
+    path = encodings_to_npz(out, args.out, line_numbers=np.arange(1, len(texts) + 1))
+    print(f"[encode] {len(texts)} texts (input lines 1..{len(texts)}) -> {path}")
     return 0
 
 

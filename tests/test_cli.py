@@ -85,6 +85,43 @@ def test_encode_command_writes_npz(tmp_path):
         np.testing.assert_allclose(np.linalg.norm(z["dense"], axis=1), 1.0, rtol=1e-5)
 
 
+def test_input_lines_split_on_newline_only(tmp_path):
+    """Form feed, group separators and U+2028 inside a line stay in it: 4 lines give 4 texts (not 7)."""
+    f = tmp_path / "t.txt"
+    f.write_bytes(b"first line\nsecond\x0cpage two\nthird \xe2\x80\xa8 sep\r\nfourth\x1dgroup\n")
+    assert read_texts(f) == ["first line", "second\x0cpage two", "third \u2028 sep", "fourth\x1dgroup"]
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"text": "a \u2028 b"}\n{"title": "T", "text": "c"}\n', encoding="utf-8")   # raw U+2028, valid JSON
+    assert read_texts(j) == ["a \u2028 b", "T c"]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\nfine\nbro\xffken\n")
+    with pytest.raises(ValueError, match=r"bad.txt:3: invalid UTF-8 at byte offset 11"):
+        read_texts(bad)
+
+
+def test_encode_npz_records_lines_and_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    from bgem3_lib.evaluation import encoding_store
+    src = tmp_path / "t.txt"
+    src.write_bytes(b"first line\nsecond\x0cpage two\nthird \xe2\x80\xa8 sep\nfourth\x1dgroup\n")
+    out = tmp_path / "e.npz"
+    args = ["encode", "--model", str(tiny_model_dir()), "--input", str(src), "--out", str(out), "--max-length", "32"]
+    assert main(args) == 0
+    with np.load(out) as z:
+        assert z["dense"].shape[0] == 4 and z["line_numbers"].tolist() == [1, 2, 3, 4]
+    before = out.read_bytes()
+
+    def disk_full(file, **arrays):                  # writes half a zip, then the disk is full
+        if isinstance(file, (str, Path)):
+            Path(file).write_bytes(b"PK\x03\x04 half")
+        else:
+            file.write(b"PK\x03\x04 half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(encoding_store.np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        encoding_store.encodings_to_npz({"dense_vecs": np.ones((1, 2), np.float32)}, out)
+    assert out.read_bytes() == before and not list(tmp_path.glob(".e.npz.*"))      # intact, no temp file left
+
+
 def test_python_m_eval_in_a_subprocess(tmp_path):
     out = tmp_path / "res"
     env = {"PYTHONPATH": str(ROOT), "GLOG_v": "3", "BGEM3_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"}

@@ -22,6 +22,7 @@ One folder per encoding set, one file per representation (all NumPy ``.npy``, re
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -177,8 +178,10 @@ def gather_rows(parts: Sequence[tuple[np.ndarray, Mapping]], n: int) -> dict:
     return out
 
 
-def encodings_to_npz(enc: Mapping, path: str | Path) -> Path:
-    """One ``.npz`` with the arrays of :func:`save_encodings` (``dense``, ``sparse_*``, ``colbert*``)."""
+def encodings_to_npz(enc: Mapping, path: str | Path, line_numbers=None) -> Path:
+    """One ``.npz`` with the arrays of :func:`save_encodings` (``dense``, ``sparse_*``, ``colbert*``) and,
+    when given, ``line_numbers`` [N] (the input line of each row). Written to a temporary file in the same
+    folder and moved into place: a failed write leaves the previous file as it was."""
     arrays = {}
     if enc.get("dense_vecs") is not None:
         arrays["dense"] = np.asarray(enc["dense_vecs"])
@@ -189,7 +192,19 @@ def encodings_to_npz(enc: Mapping, path: str | Path) -> Path:
         arrays["colbert"], arrays["colbert_offsets"] = colbert_to_arrays(enc["colbert_vecs"])
     if not arrays:
         raise ValueError("nothing to save: the encodings hold no representation")
+    if line_numbers is not None:
+        arrays["line_numbers"] = np.asarray(line_numbers, dtype=np.int64)
     path = Path(path)
+    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
-    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

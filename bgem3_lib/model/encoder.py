@@ -239,6 +239,23 @@ def _tensor(arr: np.ndarray, dtype, share: bool) -> Tensor:
     return Tensor(arr.astype(np.float32), dtype)
 
 
+IGNORED_TENSORS = ("pooler.", "embeddings.position_ids")     # in HF checkpoints, unused by retrieval
+
+
+def unexpected_tensors(state: dict, cfg: M3Config) -> list[str]:
+    """Names in ``state`` that an encoder of ``cfg`` has no place for (the pooler and the position-id buffer
+    of Hugging Face checkpoints excepted), e.g. layers beyond ``num_hidden_layers``.
+
+    >>> cfg = M3Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    >>> unexpected_tensors({"encoder.layer.1.output.dense.bias": 0, "pooler.dense.bias": 0}, cfg)
+    ['encoder.layer.1.output.dense.bias']
+    """
+    known = set(hf_to_encoder_names(cfg).values())
+    known |= {f"encoder.layer.{i}.attention.self.{n}.{s}" for i in range(cfg.num_hidden_layers)
+              for n in ("query", "key", "value") for s in ("weight", "bias")}
+    return sorted(k for k in state if k not in known and not k.startswith(IGNORED_TENSORS))
+
+
 def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory: bool = False) -> None:
     """Copy a Hugging Face-named state dict (prefix already stripped) into ``encoder``.
 
@@ -249,6 +266,11 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
     missing = [h for h in hf_to_encoder_names(cfg).values() if h not in state]
     if missing:
         raise KeyError(f"checkpoint is missing {len(missing)} encoder tensor(s), e.g. {missing[:3]}")
+    unexpected = unexpected_tensors(state, cfg)
+    if unexpected:
+        raise ValueError(f"checkpoint holds {len(unexpected)} tensor(s) config.json does not describe (e.g. "
+                         f"{unexpected[:3]}): config and weights disagree "
+                         f"({cfg.num_hidden_layers} layers in the config)")
     for ours, hf in hf_to_encoder_names(cfg).items():
         p = params[ours]
         p.set_data(_tensor(_take(state, hf, p.shape), p.dtype, share_memory))

@@ -242,3 +242,21 @@ def test_backend_is_chosen_at_load_and_both_agree(tmp_path, monkeypatch):
         BGEM3(str(path), dtype="float16", backend="kernels")
     with pytest.raises(ValueError, match="unknown backend 'onnx'"):
         BGEM3(str(path), backend="onnx")
+
+
+def test_config_that_disagrees_with_the_weights_is_an_error_naming_tensors(tmp_path):
+    """A checkpoint with more layers than config.json says used to load silently (extra layers ignored)."""
+    import json
+
+    from bgem3_lib.weights.checkpoint_io import load_state_dict, save_state_dict
+    _, path = _tiny_model_dir(tmp_path)
+    state = load_state_dict(path / "model.safetensors")
+    state.update({k.replace("encoder.layer.0.", "encoder.layer.1."): v for k, v in state.items()
+                  if k.startswith("encoder.layer.0.")})                      # a second layer in the weights
+    state["pooler.dense.bias"] = np.zeros(16, np.float32)                  # HF extras stay accepted
+    save_state_dict(state, path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"tensor\(s\) config.json does not describe.*encoder.layer.1.*1 layers"):
+        BGEM3(str(path))
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
+    assert len(BGEM3(str(path)).encoder.layers) == 2                      # consistent again: loads
