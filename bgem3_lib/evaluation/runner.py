@@ -73,7 +73,7 @@ def check_langs(task: str, langs: Sequence[str] | None) -> tuple[str, ...]:
     known = TASK_LANGS[check_task(task)]
     if langs is None:
         return tuple(known)
-    langs = tuple(langs)
+    langs = tuple(dict.fromkeys(langs))                  # "de,de" runs German once
     bad = [lang for lang in langs if lang not in known]
     if bad or not langs:
         raise ValueError(f"unknown {task} language(s) {bad or '(none given)'}; known: {', '.join(known)}")

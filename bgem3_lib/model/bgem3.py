@@ -203,7 +203,7 @@ class BGEM3:
         _check_no_empty(texts)
         if not (return_dense or return_sparse or return_colbert_vecs):
             raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
-        if batch_size < 1:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         ids = self.tokenizer.encode_ids(texts, self.resolve_max_length(max_length))
         order = np.argsort([-len(x) for x in ids], kind="stable") if sort_by_length else np.arange(len(ids))

@@ -60,7 +60,24 @@ class M3Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "M3Config":
+        """Known keys of a ``config.json`` dict; a value of the wrong type is an error naming the key.
+
+        >>> M3Config.from_dict({"hidden_size": "384"})
+        Traceback (most recent call last):
+        ...
+        ValueError: config key 'hidden_size' must be an int, got str '384'
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got {type(d).__name__}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        for key, value in known.items():
+            want = type(cls.__dataclass_fields__[key].default)
+            ok = (isinstance(value, want) and not isinstance(value, bool) if want is int
+                  else isinstance(value, (int, float)) and not isinstance(value, bool) if want is float
+                  else isinstance(value, want))
+            if not ok:
+                raise ValueError(f"config key {key!r} must be a{'n' if want is int else ''} {want.__name__}, "
+                                 f"got {type(value).__name__} {value!r}")
         if "model_type" in d and d["model_type"] in ("roberta", "xlm-roberta", "xlm_roberta"):
             known["model_type"] = "xlm-roberta"
         return cls(**known)

@@ -13,6 +13,7 @@ Accepted sources:
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,7 +77,10 @@ def load_directory(path: str | Path) -> LoadedModel:
     else:
         raise FileNotFoundError(f"no model.safetensors, pytorch_model.bin or model.ckpt in {path}")
     tok = path / "tokenizer.json"
-    tok = tok if tok.is_file() else asset_path("tokenizer.json")
+    if not tok.is_file():
+        warnings.warn(f"{path} has no tokenizer.json: using the bundled XLM-R tokenizer (the one BGE-M3 and "
+                      "multilingual-e5 share); put the model's own tokenizer.json there if it differs", stacklevel=3)
+        tok = asset_path("tokenizer.json")
     prefixes = E5_PREFIXES if (path / "e5_prefixes").is_file() else ("", "")
     return LoadedModel(cfg, state, _heads_from_dir(path), tok, str(path), prefixes)
 

@@ -34,6 +34,11 @@ def check_texts(texts) -> list[str]:
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] is {type(t).__name__}, not str: {t!r:.80}")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"texts[{i}] holds a lone surrogate at character {e.start} "
+                             f"({t[e.start]!r}): not valid Unicode text") from None
     return list(texts)
 
 

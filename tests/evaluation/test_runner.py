@@ -142,3 +142,10 @@ def test_missing_corpus_and_bad_inputs_are_named(tmp_path, monkeypatch):
     bad = EvalSet("h", "xx", es.queries, es.corpus, {"q1": {"a": 1}, "q2": {"zz": 1}}, None, "")
     with pytest.raises(ValueError, match=r"not in the corpus.*\('q2', 'zz'\)"):
         evaluate_set(model, bad, ["dense"], weights=(1, 0, 0), cache_root=tmp_path)
+
+
+def test_check_langs_keeps_each_language_once():
+    from bgem3_lib.evaluation.runner import check_langs
+    assert check_langs("tydi", ["sw", "en", "sw"]) == ("sw", "en")
+    with pytest.raises(ValueError, match="unknown tydi language"):
+        check_langs("tydi", ["sw", "xx"])

@@ -260,3 +260,28 @@ def test_config_that_disagrees_with_the_weights_is_an_error_naming_tensors(tmp_p
     cfg = json.loads((path / "config.json").read_text())
     (path / "config.json").write_text(json.dumps(dict(cfg, num_hidden_layers=2)))
     assert len(BGEM3(str(path)).encoder.layers) == 2                      # consistent again: loads
+
+
+def test_config_types_surrogates_batch_size_and_missing_tokenizer_are_named(tmp_path):
+    import json
+    import warnings
+
+    from bgem3_lib.model.config import M3Config
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        M3Config.from_dict([])
+    with pytest.raises(ValueError, match="config key 'hidden_size' must be an int, got str '384'"):
+        M3Config.from_dict({"hidden_size": "384"})
+    m, path = _tiny_model_dir(tmp_path)
+    with pytest.raises(ValueError, match=r"texts\[1\] holds a lone surrogate at character 2"):
+        m.encode(["fine", "ab\ud800c"])
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 2.5"):
+        m.encode(["fine"], batch_size=2.5)
+    with pytest.raises(ValueError, match="max_length must be an integer >= 2"):
+        m.encode(["fine"], max_length=0)
+    assert not (path / "tokenizer.json").exists()
+    with pytest.warns(UserWarning, match="has no tokenizer.json: using the bundled XLM-R tokenizer"):
+        BGEM3(str(path))
+    (path / "config.json").write_text(json.dumps([]))
+    with pytest.raises(ValueError, match="JSON object"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        BGEM3(str(path))
