@@ -184,31 +184,31 @@ class BGEM3FlagModel:
                             self.passage_max_length if max_length is None else max_length,
                             return_dense, return_sparse, return_colbert_vecs)
 
+    def _encode_side(self, texts, own_prefix_fn, instruction, instruction_format, default_max_length,
+                     batch_size, max_length, flags, kwargs) -> dict:
+        """Queries or passages: the instruction when one is set, else the model's own prefix (``own_prefix_fn``)."""
+        self._warn_unused(kwargs)
+        max_length = default_max_length if max_length is None else max_length
+        if instruction is None:
+            return self._encode(own_prefix_fn, texts, batch_size, max_length, *flags)
+        return self._encode(self.model.encode, self._instruct(texts, instruction, instruction_format), batch_size,
+                            max_length, *flags)
+
     def encode_queries(self, queries, batch_size: int | None = None, max_length: int | None = None,
                        return_dense: bool | None = None, return_sparse: bool | None = None,
                        return_colbert_vecs: bool | None = None, **kwargs: Any) -> dict:
         """``encode`` with the query instruction (or the model's query prefix) and ``query_max_length``."""
-        self._warn_unused(kwargs)
-        max_length = self.query_max_length if max_length is None else max_length
-        if self.query_instruction_for_retrieval is None:
-            return self._encode(self.model.encode_queries, queries, batch_size, max_length, return_dense,
-                                return_sparse, return_colbert_vecs)
-        texts = self._instruct(queries, self.query_instruction_for_retrieval, self.query_instruction_format)
-        return self._encode(self.model.encode, texts, batch_size, max_length, return_dense, return_sparse,
-                            return_colbert_vecs)
+        return self._encode_side(queries, self.model.encode_queries, self.query_instruction_for_retrieval,
+                                 self.query_instruction_format, self.query_max_length, batch_size, max_length,
+                                 (return_dense, return_sparse, return_colbert_vecs), kwargs)
 
     def encode_corpus(self, corpus, batch_size: int | None = None, max_length: int | None = None,
                       return_dense: bool | None = None, return_sparse: bool | None = None,
                       return_colbert_vecs: bool | None = None, **kwargs: Any) -> dict:
         """``encode`` with the passage instruction (or the model's passage prefix) and ``passage_max_length``."""
-        self._warn_unused(kwargs)
-        max_length = self.passage_max_length if max_length is None else max_length
-        if self.passage_instruction_for_retrieval is None:
-            return self._encode(self.model.encode_corpus, corpus, batch_size, max_length, return_dense,
-                                return_sparse, return_colbert_vecs)
-        texts = self._instruct(corpus, self.passage_instruction_for_retrieval, self.passage_instruction_format)
-        return self._encode(self.model.encode, texts, batch_size, max_length, return_dense, return_sparse,
-                            return_colbert_vecs)
+        return self._encode_side(corpus, self.model.encode_corpus, self.passage_instruction_for_retrieval,
+                                 self.passage_instruction_format, self.passage_max_length, batch_size, max_length,
+                                 (return_dense, return_sparse, return_colbert_vecs), kwargs)
 
     # ------------------------------------------------------------------ scoring
     def compute_score(self, sentence_pairs, batch_size: int | None = None, max_query_length: int | None = None,
