@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +161,36 @@ def read_texts(path: Path) -> list[str]:
     return texts
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """Create ``path`` (and its parents) if needed and prove it is a writable folder, before any work is
+    done; ValueError naming ``what`` otherwise (a file in the way, no permission, a read-only disk).
+
+    >>> import tempfile
+    >>> writable_dir(Path(tempfile.mkdtemp()) / "new" / "dir", "--out").is_dir()
+    True
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what} {path} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path} is not writable: {e.strerror or e}") from None
+    return path
+
+
 def _cmd_eval(args) -> int:
     if is_msrun_scheduler():
         print("[eval] msrun scheduler process: no encoding work here, exiting")
         return 0
-    from .evaluation.runner import run_eval
+    from .evaluation.runner import check_langs, run_eval
     from .model.bgem3 import BGEM3
+    check_langs(args.task, args.langs)                 # everything that can fail fast fails before the model loads
+    writable_dir(args.out, "--out")
+    if args.cache is not None:
+        writable_dir(args.cache, "--cache")
     model = BGEM3(args.model, device=args.device, dtype=args.dtype)
     run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
              args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
@@ -176,6 +201,9 @@ def _cmd_encode(args) -> int:
     from .evaluation.encoding_store import encodings_to_npz
     from .model.bgem3 import BGEM3
     texts = read_texts(args.input)
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a folder: name the .npz file to write")
+    writable_dir(args.out.parent, "the folder of --out")
     model = BGEM3(args.model, device=args.device, dtype=args.dtype)
     fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[args.kind]
     out = fn(texts, batch_size=args.batch_size, max_length=args.max_length, return_sparse=args.sparse,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -120,6 +121,32 @@ def test_encode_npz_records_lines_and_a_failed_write_keeps_the_old_file(tmp_path
     with pytest.raises(OSError, match="No space left"):
         encoding_store.encodings_to_npz({"dense_vecs": np.ones((1, 2), np.float32)}, out)
     assert out.read_bytes() == before and not list(tmp_path.glob(".e.npz.*"))      # intact, no temp file left
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--langs", "sw,xx"], "unknown tydi language"),
+    (["--out", "FILE"], "--out .*is an existing file"),
+    (["--out", "FILE/sub"], "--out .*is not writable"),
+    (["--cache", "FILE/cache"], "--cache .*is not writable"),
+])
+def test_eval_fails_fast_before_the_model_loads(tmp_path, capsys, extra, message):
+    """A model path that does not exist would fail too: the checks above must come first."""
+    (tmp_path / "FILE").write_text("x")
+    args = ["eval", "--task", "tydi", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out")]
+    args += [a.replace("FILE", str(tmp_path / "FILE")) for a in extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "neither a model directory" not in err, err
+
+
+def test_encode_fails_fast_on_a_bad_out(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello\n")
+    (tmp_path / "FILE").write_text("x")
+    for out, message in ((tmp_path, "is a folder"), (tmp_path / "FILE" / "e.npz", "is an existing file, not a folder"),
+                         (tmp_path / "FILE" / "sub" / "e.npz", "not writable")):
+        assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "t.txt"),
+                     "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
 
 
 def test_python_m_eval_in_a_subprocess(tmp_path):
