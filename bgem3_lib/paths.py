@@ -1,4 +1,4 @@
-"""Where things live: the shared real-text data folder and the asset cache.
+"""Where things live: the shared real-text data folder and the asset cache; how files get there (atomically).
 
 Both are overridable by environment variables so a user can point the library at a
 real ``BAAI/bge-m3`` download or a full MIRACL corpus without editing code.
@@ -9,6 +9,9 @@ real ``BAAI/bge-m3`` download or a full MIRACL corpus without editing code.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -51,3 +54,23 @@ def data_dir() -> Path:
 def cache_dir() -> Path:
     """Asset and checkpoint cache: ``$BGEM3_HOME`` or ``~/.cache/bgem3`` (never in git)."""
     return Path(os.environ.get("BGEM3_HOME") or Path.home() / ".cache" / "bgem3")
+
+
+@contextmanager
+def atomic_write(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is fsync'd and moved into place with
+    ``os.replace``, on failure removed. Readers never see half a file, and a failed write leaves the
+    previous file as it was. ``suffix`` ends the temporary name (writers that insist on an extension).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -55,9 +55,11 @@ def encode_set(cs: CandidateScores, judged: Judgements) -> dict:
     return out
 
 
-def python_values(data: Mapping, weights: Sequence[float], metric: str) -> list[float]:
-    """The metric per set at ``weights``, as the chapter's Python figure computes it."""
-    return [float(evaluate_weights(cs, judged, weights, (metric,))[metric][0]) for cs, judged in data.values()]
+def python_values(data: Mapping, weights, metric: str) -> list[float]:
+    """The metric per set at ``weights`` (one triple, or one per set), as the chapter's Python figure computes it."""
+    per_set = weights if np.ndim(weights) == 2 else [weights] * len(data)
+    return [float(evaluate_weights(cs, judged, w, (metric,))[metric][0])
+            for (cs, judged), w in zip(data.values(), per_set)]
 
 
 def explorer_payload(data: Mapping, labels: Sequence[str], metrics: Sequence[str], initial: Sequence[float],
@@ -68,8 +70,7 @@ def explorer_payload(data: Mapping, labels: Sequence[str], metrics: Sequence[str
         raise ValueError(f"{len(data)} sets but {len(labels)} labels and {len(reference)} reference weights")
     checks = [{"weights": [float(x) for x in w], "metric": m, "values": python_values(data, w, m)}
               for w in check_weights for m in metrics]
-    ref_values = {m: [float(evaluate_weights(cs, j, w, (m,))[m][0]) for (cs, j), w in zip(data.values(), reference)]
-                  for m in metrics}
+    ref_values = {m: python_values(data, reference, m) for m in metrics}
     return {"metrics": list(metrics), "labels": list(labels), "initial": [float(x) for x in initial],
             "reference": [[float(x) for x in w] for w in reference], "reference_values": ref_values,
             "sets": [encode_set(cs, judged) for cs, judged in data.values()], "checks": checks}

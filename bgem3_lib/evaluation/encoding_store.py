@@ -21,12 +21,12 @@ One folder per encoding set, one file per representation (all NumPy ``.npy``, re
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from ..paths import atomic_write
 
 REPS = {"dense": "dense_vecs", "sparse": "lexical_weights", "colbert": "colbert_vecs"}
 _FILES = {"dense": ("dense.npy",), "sparse": ("sparse_indptr.npy", "sparse_indices.npy", "sparse_data.npy"),
@@ -90,10 +90,8 @@ def arrays_to_colbert(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]
 # ---------------------------------------------------------------- folders
 
 def _save_array(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(array), allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def stored_reps(folder: str | Path) -> set[str]:
@@ -196,15 +194,6 @@ def encodings_to_npz(enc: Mapping, path: str | Path, line_numbers=None) -> Path:
         arrays["line_numbers"] = np.asarray(line_numbers, dtype=np.int64)
     path = Path(path)
     path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
     return path

@@ -114,8 +114,9 @@ def mcls_dense_embedding(model, texts, every: int = 256, max_length: int | None 
         raise ValueError(f"segment_pooling must be from {SEGMENT_POOLINGS}, got {segment_pooling!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    max_length = model.resolve_max_length(max_length)
     seqs = mcls_layout(model, texts, every, max_length)
-    window = min(int(every), model.resolve_max_length(max_length))
+    window = min(int(every), max_length)
     out = {p: np.zeros((len(seqs), model.config.hidden_size), np.float32) for p in poolings}
     order = np.argsort([-len(s[0]) for s in seqs], kind="stable")
     for start in tqdm(range(0, len(order), batch_size), desc="MCLS encode", disable=not show_progress):

@@ -48,6 +48,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..model.encoder import position_ids_for
+from ..paths import atomic_write
 from ..progress import tqdm
 from ..retrieval.modes import TEACHER_WEIGHTS
 from .bucketing import LengthBucketSampler, length_chunks
@@ -240,15 +241,8 @@ class Trainer:
         tensors = {f"param/{p.name}": p.asnumpy() for p in self.params}
         tensors.update({f"adam_m/{k}": v for k, v in opt["m"].items()})
         tensors.update({f"adam_v/{k}": v for k, v in opt["v"].items()})
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_write(path) as tmp:
             save_file(tensors, str(tmp), metadata={"trainer": json.dumps(self.state_meta())})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:

@@ -19,14 +19,13 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
+from ..paths import atomic_write
 from .safe_unpickle import bfloat16_bits_to_float32, load_torch_checkpoint
 
 __all__ = ["load_state_dict", "save_state_dict", "strip_prefix", "check_shapes"]
@@ -149,21 +148,13 @@ def save_state_dict(tensors: dict[str, np.ndarray], path: str | Path) -> None:
     if suffix not in (".safetensors", ".ckpt"):
         raise ValueError(f"cannot save {path}: suffix must be .safetensors or .ckpt")
     tensors = _check_tensors(tensors)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_write(path, suffix=".tmp" + suffix) as tmp:
         if suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file(tensors, tmp)
+            save_file(tensors, str(tmp))
         else:
-            _write_mindspore(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+            _write_mindspore(tensors, str(tmp))
 
 
 def strip_prefix(state: dict, prefixes: tuple[str, ...] = ("roberta.", "bert.", "model.")) -> dict:
