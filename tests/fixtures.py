@@ -14,7 +14,8 @@ def xquad(lang: str) -> dict:
 
 def multilingual_texts(per_lang: int = 4) -> list[str]:
     """>= 50 texts in >= 10 scripts: XQuAD questions and paragraph openings in 12 languages,
-    plus one-word, whitespace-only (empty after normalisation) and hand-picked scripts."""
+    plus one-word texts, padding spaces / an ideographic space / a zero-width space around words (blank
+    texts themselves are refused by ``check_texts``), and hand-picked scripts."""
     texts = []
     for lang in XQUAD_LANGS:
         art = xquad(lang)["data"][0]["paragraphs"]
@@ -22,7 +23,7 @@ def multilingual_texts(per_lang: int = 4) -> list[str]:
             texts.append(art[j]["qas"][0]["question"])
             texts.append(art[j]["context"][:300])
     texts += ["hello", "Привет", "東京", "שלום עולם", "こんにちは、世界", "ქართული ენა", "안녕하세요",
-              "   ", "\u3000", "naïve café", "emoji 🙂 test", "x"]
+              "  padded  ", "\u3000全角", "zero\u200bwidth", "naïve café", "emoji 🙂 test", "x"]
     return texts
 
 

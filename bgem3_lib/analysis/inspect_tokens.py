@@ -62,8 +62,6 @@ def token_weights(model, texts: Sequence[str], max_length: int | None = None) ->
     if getattr(model, "heads", None) is None:
         raise ValueError(f"model {getattr(model, 'source', model)!r} has no sparse head (dense only)")
     texts = check_texts(texts)
-    if any(not t.strip() for t in texts):
-        raise ValueError("texts contain an empty string: nothing to weigh")
     max_length = model.resolve_max_length(max_length)
     ids = model.tokenizer.encode_ids(texts, max_length, warn=False)
     input_ids, mask = model.tokenizer.pad(ids)

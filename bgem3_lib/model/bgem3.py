@@ -31,12 +31,6 @@ from .runtime import set_device
 from .tokenization import M3Tokenizer, check_texts
 
 
-def _check_no_empty(texts: list[str]) -> None:
-    for i, t in enumerate(texts):
-        if t == "":
-            raise ValueError(f"texts[{i}] is an empty string: nothing to encode")
-
-
 BACKENDS = ("kernels", "mindspore")
 
 
@@ -200,7 +194,6 @@ class BGEM3:
         ``colbert_vecs`` (list of [n_i, H]) in input order (a single string gives single items)."""
         single = isinstance(sentences, str)
         texts = check_texts(sentences)
-        _check_no_empty(texts)
         if not (return_dense or return_sparse or return_colbert_vecs):
             raise ValueError("choose at least one of return_dense, return_sparse, return_colbert_vecs")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:

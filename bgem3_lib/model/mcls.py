@@ -82,9 +82,6 @@ def mcls_layout(model, texts, every: int, max_length: int | None = None) -> list
     max_length = model.resolve_max_length(max_length)
     if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 2:
         raise ValueError(f"every must be an integer >= 2, got {every!r}")
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise ValueError(f"texts[{i}] is empty: nothing to embed")
     plain = model.tokenizer.encode_ids(texts, sys.maxsize, warn=False)
     window = min(int(every), max_length)
     return [insert_cls(x, cfg.bos_token_id, cfg.eos_token_id, window, max_length) for x in plain]

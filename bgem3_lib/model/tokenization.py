@@ -11,6 +11,7 @@ the texts that were cut).
 """
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -21,10 +22,34 @@ from tokenizers import Tokenizer
 from ..weights.assets import asset_path
 
 
-def check_texts(texts) -> list[str]:
-    """Validate user input: a non-empty list of strings (a single string is wrapped)."""
+# Characters that carry no content: separators (Zs: spaces incl. U+3000, Zl, Zp), controls (Cc: tab,
+# newline, ...) and format characters (Cf: zero-width space / joiners, BOM, soft hyphen).
+_BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no character outside spaces, separators, controls and zero-width / format
+    characters: ``""``, ``"   "``, ``"\u3000"``, ``"\u200b\n"``. The tokenizer turns such a text into
+    ``<s> </s>`` alone, an embedding of nothing.
+
+    >>> [is_blank(t) for t in ["", " \\t\\n", "\u200b\ufeff", "\u3000", "x", " . "]]
+    [True, True, True, True, False, False]
+    """
+    return all(unicodedata.category(c) in _BLANK_CATEGORIES for c in text)
+
+
+def check_texts(texts, allow_blank: bool = False) -> list[str]:
+    """Validate user input: a non-empty list of strings (a single string is wrapped). Each must be valid
+    Unicode (no lone surrogate) and, unless ``allow_blank``, hold content (:func:`is_blank` is False):
+    an empty, whitespace-only or zero-width-only text is refused with its index.
+
+    >>> check_texts(["ok", " \u200b "])
+    Traceback (most recent call last):
+    ...
+    ValueError: texts[1] is blank (empty, whitespace or zero-width characters only): nothing to encode
+    """
     if isinstance(texts, str):
-        return [texts]
+        texts = [texts]
     if texts is None:
         raise TypeError("texts must be a string or a list of strings, got None")
     if not isinstance(texts, (list, tuple)):
@@ -39,6 +64,9 @@ def check_texts(texts) -> list[str]:
         except UnicodeEncodeError as e:
             raise ValueError(f"texts[{i}] holds a lone surrogate at character {e.start} "
                              f"({t[e.start]!r}): not valid Unicode text") from None
+        if not allow_blank and is_blank(t):
+            raise ValueError(f"texts[{i}] is blank (empty, whitespace or zero-width characters only): "
+                             "nothing to encode")
     return list(texts)
 
 
@@ -62,8 +90,9 @@ class M3Tokenizer:
             raise ValueError(f"cannot read tokenizer {path}: {exc}") from None
 
     def encode_ids(self, texts: Sequence[str], max_length: int, warn: bool = True) -> list[list[int]]:
-        """Token ids per text, each ``<s> ... </s>`` and at most ``max_length`` long."""
-        texts = check_texts(texts)
+        """Token ids per text, each ``<s> ... </s>`` and at most ``max_length`` long (a blank text gives
+        ``<s> </s>``: refusing it is the caller's choice)."""
+        texts = check_texts(texts, allow_blank=True)
         if max_length < self.n_special + 1:
             raise ValueError(f"max_length={max_length} leaves no room for text (needs > {self.n_special})")
         encs = self._tok.encode_batch(texts, add_special_tokens=True)

@@ -52,8 +52,11 @@ def test_encode_outputs_in_input_order_and_normalised(base):
 
 @pytest.mark.parametrize("bad, exc, msg", [
     ([], ValueError, "empty list"),
-    ("", ValueError, "empty string"),
-    (["ok", ""], ValueError, r"texts\[1\] is an empty string"),
+    ("", ValueError, r"texts\[0\] is blank"),
+    (["ok", ""], ValueError, r"texts\[1\] is blank"),
+    (["ok", "ok", "   "], ValueError, r"texts\[2\] is blank"),
+    (["\u3000\n"], ValueError, r"texts\[0\] is blank"),
+    (["ok", "\u200b\ufeff"], ValueError, r"texts\[1\] is blank \(empty, whitespace or zero-width"),
     (["ok", 3], TypeError, r"texts\[1\] is int"),
     (None, TypeError, "got None"),
     ([None], TypeError, r"texts\[0\] is NoneType"),

@@ -27,7 +27,7 @@ def _pairs(texts):
     queries = [t for t in texts if len(t) < 120]
     passages = [t for t in texts if len(t) >= 120]
     return [[queries[i % len(queries)], passages[(3 * i) % len(passages)]] for i in range(24)] + \
-           [[texts[-1], "x"], ["   ", texts[-2]]]
+           [[texts[-1], "x"], ["  \u3000 x", texts[-2]]]
 
 
 def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: int = 1800):

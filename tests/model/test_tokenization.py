@@ -43,7 +43,7 @@ def test_known_xlmr_ids(tok):
 
 
 def test_ids_match_tokenizers_library_on_multilingual_texts(tok, ref):
-    texts = multilingual_texts()
+    texts = multilingual_texts() + ["", "   ", "\u3000", "\u200b"]      # blank: <s> </s> (encode refuses them)
     ours = tok.encode_ids(texts, 10_000)
     assert len(ours) == len(texts)
     for text, ids in zip(texts, ours):
