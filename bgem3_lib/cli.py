@@ -14,7 +14,9 @@ extra scheduler process ``msrun`` starts exits at once.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation.distributed import is_msrun_scheduler, parse_shard
+from .paths import LockedError, file_lock
 from .retrieval.modes import MODES, check_weights, parse_modes
 
 
@@ -100,6 +103,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="prefix convention: encode_queries / encode_corpus / encode (no prefix)")
     en.add_argument("--sparse", action="store_true", help="also lexical weights")
     en.add_argument("--colbert", action="store_true", help="also multi-vector (ColBERT) vectors")
+    en.add_argument("--chunk-texts", type=_positive, default=512,
+                    help="commit progress every N texts to OUT.partial/; a killed run, restarted with the same "
+                         "command, resumes there (default 512)")
 
     tr = sub.add_parser("train", help="fine-tune with a recipe (unified loss, self-distillation)")
     tr.add_argument("--recipe", default="m3-small", choices=["m3-small"],
@@ -185,30 +191,46 @@ def _cmd_eval(args) -> int:
     if is_msrun_scheduler():
         print("[eval] msrun scheduler process: no encoding work here, exiting")
         return 0
-    from .evaluation.runner import check_langs, run_eval
+    from .evaluation.distributed import resolve_shard
+    from .evaluation.runner import check_langs, out_dir_lock, run_eval
     from .model.bgem3 import BGEM3
     check_langs(args.task, args.langs)                 # everything that can fail fast fails before the model loads
     writable_dir(args.out, "--out")
     if args.cache is not None:
         writable_dir(args.cache, "--cache")
-    model = BGEM3(args.model, device=args.device, dtype=args.dtype)
-    run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
-             args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
+    rank, _ = resolve_shard(args.shard)
+    with out_dir_lock(args.out) if rank == 0 else contextlib.nullcontext():    # a second eval on --out fails now
+        model = BGEM3(args.model, device=args.device, dtype=args.dtype)
+        run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
+                 args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
     return 0
 
 
+def npz_path(out: Path) -> Path:
+    """The file ``encode --out`` writes: ``out`` itself when it ends in ``.npz``, else ``out.npz``."""
+    return out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+
+
 def _cmd_encode(args) -> int:
+    from .evaluation.corpus_cache import model_reps, resumable_encode
     from .evaluation.encoding_store import encodings_to_npz
     from .model.bgem3 import BGEM3
     texts = read_texts(args.input)
-    if args.out.is_dir():
+    if args.out.is_dir() or npz_path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a folder: name the .npz file to write")
-    writable_dir(args.out.parent, "the folder of --out")
-    model = BGEM3(args.model, device=args.device, dtype=args.dtype)
-    fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[args.kind]
-    out = fn(texts, batch_size=args.batch_size, max_length=args.max_length, return_sparse=args.sparse,
-             return_colbert_vecs=args.colbert, show_progress=True)
-    path = encodings_to_npz(out, args.out, line_numbers=np.arange(1, len(texts) + 1))
+    out = npz_path(args.out)
+    writable_dir(out.parent, "the folder of --out")
+    work = out.with_name(out.name + ".partial")                  # committed chunks of this run (resumable)
+    with file_lock(out.with_name(f".{out.name}.lock"), f"--out {out}", wait=False):
+        model = BGEM3(args.model, device=args.device, dtype=args.dtype)
+        reps = ["dense"] + ["sparse"] * args.sparse + ["colbert"] * args.colbert
+        missing = sorted(set(reps) - set(model_reps(model)))
+        if missing:
+            raise ValueError(f"model {model.source!r} is dense-only: it has no {'/'.join(missing)} head")
+        enc = resumable_encode(model, texts, work, kind=args.kind, reps=reps, max_length=args.max_length,
+                               batch_size=args.batch_size, chunk_texts=args.chunk_texts)
+        path = encodings_to_npz(enc, out, line_numbers=np.arange(1, len(texts) + 1))
+        shutil.rmtree(work, ignore_errors=True)
     print(f"[encode] {len(texts)} texts (input lines 1..{len(texts)}) -> {path}")
     return 0
 
@@ -238,6 +260,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return {"eval": _cmd_eval, "encode": _cmd_encode, "train": _cmd_train}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError, TimeoutError) as e:
+    except (ValueError, FileNotFoundError, TypeError, TimeoutError, LockedError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,7 @@ def test_encode_npz_records_lines_and_a_failed_write_keeps_the_old_file(tmp_path
     monkeypatch.setattr(encoding_store.np, "savez", disk_full)
     with pytest.raises(OSError, match="No space left"):
         encoding_store.encodings_to_npz({"dense_vecs": np.ones((1, 2), np.float32)}, out)
-    assert out.read_bytes() == before and not list(tmp_path.glob(".e.npz.*"))      # intact, no temp file left
+    assert out.read_bytes() == before and not list(tmp_path.glob(".e.npz.*.tmp"))  # intact, no temp file left
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -18,22 +18,23 @@ A second run finds ``<key>/`` and encodes nothing.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..model.fingerprint import model_fingerprint
-from ..paths import cache_dir
+from ..paths import LockedError, atomic_write, cache_dir, file_lock, remove_stale_temps
 from ..progress import tqdm
 from .distributed import check_shard
 from .encoding_store import REPS, check_reps, gather_rows, load_encodings, save_encodings, stored_reps
+from .resumable import encode_in_chunks, load_chunks
 
 CACHE_VERSION = 1
 
@@ -96,44 +97,39 @@ def plan_batches(model, texts: Sequence[str], max_length: int, batch_size: int) 
     return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-def encode_batches(model, texts: Sequence[str], batches: Sequence[np.ndarray], reps: Sequence[str],
-                   max_length: int, desc: str = "encode corpus") -> tuple[np.ndarray, dict]:
-    """Encode the given batches with ``model.encode_corpus`` -> (rows [n], encodings of those rows)."""
-    parts = []
-    for rows in tqdm(batches, desc=desc, unit="batch"):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*longer than max_length.*")
-            out = model.encode_corpus([texts[i] for i in rows], batch_size=len(rows), max_length=max_length,
-                                      return_dense="dense" in reps, return_sparse="sparse" in reps,
-                                      return_colbert_vecs="colbert" in reps, show_progress=False)
-        parts.append((rows, out))
-    rows = np.concatenate(batches) if batches else np.zeros(0, np.int64)
-    return rows, _concat(parts, reps)
-
-
-def _concat(parts, reps) -> dict:
-    out = {key: None for key in REPS.values()}
-    for r in reps:
-        key = REPS[r]
-        if key == "dense_vecs":
-            out[key] = np.concatenate([p[1][key] for p in parts]) if parts else None
-        else:
-            out[key] = [x for p in parts for x in p[1][key]]
-    return out
-
-
 def _part_dir(folder: Path, reps: Sequence[str], world: int, batch_size: int) -> Path:
     return folder / "shards" / f"{'+'.join(reps)}-n{world}-b{batch_size}"
 
 
-def _write_part(part: Path, rows: np.ndarray, enc: dict) -> None:
-    tmp = part.with_name(f"{part.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_encodings(enc, tmp)
-    np.save(tmp / "rows.npy", rows.astype(np.int64))
-    (tmp / "done.json").write_text(json.dumps({"rows": int(rows.size)}))
-    shutil.rmtree(part, ignore_errors=True)
-    os.rename(tmp, part)
+def encode_rows_fn(model, texts: Sequence[str], reps: Sequence[str], max_length: int, kind: str = "passage"):
+    """``rows -> encodings`` of those texts as one batch, by ``kind``: ``encode_corpus`` ("passage"),
+    ``encode_queries`` ("query") or ``encode`` ("raw", no prefix)."""
+    fn = {"query": model.encode_queries, "passage": model.encode_corpus, "raw": model.encode}[kind]
+
+    def encode_rows(rows: np.ndarray) -> dict:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*longer than max_length.*")
+            return fn([texts[i] for i in rows], batch_size=len(rows), max_length=max_length,
+                      return_dense="dense" in reps, return_sparse="sparse" in reps,
+                      return_colbert_vecs="colbert" in reps, show_progress=False)
+    return encode_rows
+
+
+def resumable_encode(model, texts: Sequence[str], work: str | Path, kind: str = "passage",
+                     reps: Sequence[str] = ("dense",), max_length: int | None = None, batch_size: int = 32,
+                     chunk_texts: int = 512) -> dict:
+    """Encode ``texts`` (``BGEM3.encode`` dict, input order) through committed chunks in ``work``: a killed
+    run, restarted with the same arguments, redoes at most one chunk and gives the same arrays bit for bit.
+    ``work`` is left in place (the caller removes it once the result is safely stored)."""
+    reps = check_reps(reps)
+    max_length = model.resolve_max_length(max_length)
+    ids = [str(i) for i in range(len(texts))]
+    plan = cache_key(model_fingerprint(model), corpus_fingerprint(ids, texts), max_length, model.dtype)
+    plan = f"{plan}-{kind}-{'+'.join(reps)}-b{batch_size}-c{chunk_texts}"
+    batches = plan_batches(model, texts, max_length, batch_size)
+    encode_in_chunks(encode_rows_fn(model, texts, reps, max_length, kind), batches, reps, Path(work), plan,
+                     chunk_texts, desc=f"encode [{'+'.join(reps)}]")
+    return gather_rows([load_chunks(Path(work), reps)], len(texts))
 
 
 def _read_meta(folder: Path) -> dict:
@@ -148,14 +144,16 @@ def cached_reps(folder: Path) -> set[str]:
     return set(_read_meta(folder).get("reps", [])) & stored_reps(folder)
 
 
-def wait_for_parts(parts_dir: Path, world: int, timeout: float, poll: float = 2.0) -> None:
-    """Block until ``parts_dir/<r>/done.json`` exists for every rank (TimeoutError after ``timeout`` s)."""
+def wait_for_parts(parts_dir: Path, world: int, timeout: float, poll: float = 2.0,
+                   finished: Callable[[], bool] = lambda: False) -> None:
+    """Block until ``parts_dir/<r>/done.json`` exists for every rank, or ``finished()`` says another run has
+    completed the cache meanwhile (TimeoutError after ``timeout`` s)."""
     start = time.monotonic()
     with tqdm(total=world, desc="shards done", unit="shard") as bar:
         while True:
             done = sum((parts_dir / str(r) / "done.json").is_file() for r in range(world))
             bar.update(done - bar.n)
-            if done == world:
+            if done == world or finished():
                 return
             if time.monotonic() - start > timeout:
                 missing = [r for r in range(world) if not (parts_dir / str(r) / "done.json").is_file()]
@@ -168,56 +166,93 @@ def merge_parts(parts_dir: Path, world: int, n: int, reps: Sequence[str]) -> dic
     """Combine the ``world`` shard folders into corpus order (ValueError if rows do not tile 0..n-1)."""
     parts = []
     for r in range(world):
-        part = parts_dir / str(r)
-        rows = np.load(part / "rows.npy")
+        rows, enc = load_chunks(parts_dir / str(r), reps)
         if rows.size:                      # a shard gets no batch when world > number of batches
-            parts.append((rows, load_encodings(part, reps)))
+            parts.append((rows, enc))
     return gather_rows(parts, n)
+
+
+def _publish(folder: Path, model, merged: dict, need: Sequence[str], n: int, max_length: int) -> None:
+    """Write the merged encodings, then ``meta.json`` listing them (the commit point: a kill before it
+    leaves the representations unlisted, so the next run merges again)."""
+    save_encodings(merged, folder)
+    meta = _read_meta(folder)
+    meta.update({"model": model_fingerprint(model), "source": model.source, "n": n, "max_length": max_length,
+                 "dtype": model.dtype, "version": CACHE_VERSION,
+                 "reps": sorted(set(meta.get("reps", [])) | set(need))})
+    with atomic_write(folder / "meta.json") as tmp:
+        tmp.write_text(json.dumps(meta, indent=1))
+
+
+def _tidy(folder: Path) -> None:
+    """Under the cache lock: drop a dead process's temporaries and the shard folders of finished work
+    (those whose rank locks nobody holds)."""
+    remove_stale_temps(folder, untagged=True)
+    shards = folder / "shards"
+    if not shards.is_dir():
+        return
+    for parts_dir in shards.iterdir():
+        try:
+            with contextlib.ExitStack() as stack:
+                for lock in parts_dir.glob("*.lock"):
+                    stack.enter_context(file_lock(lock, f"shard {lock.stem} of {parts_dir}", wait=False))
+                shutil.rmtree(parts_dir, ignore_errors=True)
+        except LockedError:
+            continue                                  # a live shard still works there
+    if not any(shards.iterdir()):
+        shards.rmdir()
 
 
 def corpus_encodings(model, docids: Sequence[str], texts: Sequence[str], reps: Sequence[str] | None = None,
                      max_length: int | None = None, batch_size: int = 32, shard: tuple[int, int] = (0, 1),
                      root: str | Path | None = None, timeout: float = 7 * 24 * 3600.0,
-                     mmap: bool = False) -> dict | None:
+                     mmap: bool = False, chunk_texts: int = 512) -> dict | None:
     """Corpus encodings (``BGEM3.encode`` dict, corpus order) from the cache, encoding what is missing.
 
     With ``shard=(rank, world)`` and ``world > 1`` this process encodes only its batches; rank 0 then
     waits for the other shards, merges them and returns the full result, other ranks return None.
+    Encoding is committed every ``chunk_texts`` texts (a killed run resumes there). Processes sharing
+    the cache take turns through ``<key>/.lock``: a second run on the same corpus waits for the first, then
+    reads what it stored.
     """
     rank, world = check_shard(tuple(shard))
     check_corpus(docids, texts)
     reps = check_reps(reps if reps is not None else model_reps(model))
     max_length = model.resolve_max_length(max_length)
     key = cache_key(model_fingerprint(model), corpus_fingerprint(docids, texts), max_length, model.dtype)
-    folder = Path(root) if root is not None else encodings_root()
-    folder = folder / key
-    need = tuple(r for r in reps if r not in cached_reps(folder))
-    if need:
-        parts_dir = _part_dir(folder, need, world, batch_size)
-        part = parts_dir / str(rank)
-        if not (part / "done.json").is_file():
-            batches = plan_batches(model, texts, max_length, batch_size)[rank::world]
-            desc = f"encode corpus [{'+'.join(need)}]" + (f" shard {rank}/{world}" if world > 1 else "")
-            rows, enc = encode_batches(model, texts, batches, need, max_length, desc)
-            _write_part(part, rows, enc)
-        if rank != 0:
-            print(f"[encode] shard {rank}/{world} written to {part}; rank 0 merges the shards")
+    folder = (Path(root) if root is not None else encodings_root()) / key
+    key_lock = folder / ".lock"
+    what = f"the encoding cache {folder}"
+    with contextlib.ExitStack() as stack:
+        if world == 1:                                # one process: hold the cache for the whole job
+            stack.enter_context(file_lock(key_lock, what))
+            _tidy(folder)
+        need = tuple(r for r in reps if r not in cached_reps(folder))
+        if need:
+            parts_dir = _part_dir(folder, need, world, batch_size)
+            part = parts_dir / str(rank)
+            with file_lock(parts_dir / f"{rank}.lock", f"shard {rank} of {parts_dir}"):
+                if not (part / "done.json").is_file():
+                    batches = plan_batches(model, texts, max_length, batch_size)[rank::world]
+                    desc = f"encode corpus [{'+'.join(need)}]" + (f" shard {rank}/{world}" if world > 1 else "")
+                    encode_in_chunks(encode_rows_fn(model, texts, need, max_length), batches, need, part,
+                                     plan_id=f"{key}-{'+'.join(need)}-r{rank}", chunk_texts=chunk_texts, desc=desc)
+                    (part / "done.json").write_text(json.dumps({"rank": rank, "world": world}))
+            if rank != 0:
+                print(f"[encode] shard {rank}/{world} written to {part}; rank 0 merges the shards")
+                return None
+            if world > 1:
+                wait_for_parts(parts_dir, world, timeout,
+                               finished=lambda: all(r in cached_reps(folder) for r in need))
+                stack.enter_context(file_lock(key_lock, what))
+            need = tuple(r for r in need if r not in cached_reps(folder))
+            if need:
+                _publish(folder, model, merge_parts(parts_dir, world, len(texts), need), need, len(texts),
+                         max_length)
+            _tidy(folder)
+        elif rank != 0:
             return None
-        if world > 1:
-            wait_for_parts(parts_dir, world, timeout)
-        merged = merge_parts(parts_dir, world, len(texts), need)
-        save_encodings(merged, folder)
-        meta = _read_meta(folder)
-        meta.update({"model": model_fingerprint(model), "source": model.source, "n": len(texts),
-                     "max_length": max_length, "dtype": model.dtype, "version": CACHE_VERSION,
-                     "reps": sorted(set(meta.get("reps", [])) | set(need))})
-        (folder / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.rmtree(parts_dir, ignore_errors=True)
-        if (folder / "shards").is_dir() and not any((folder / "shards").iterdir()):
-            (folder / "shards").rmdir()
-    elif rank != 0:
-        return None
-    enc = load_encodings(folder, reps, mmap=mmap)
+        enc = load_encodings(folder, reps, mmap=mmap)
     got = len(enc[REPS[reps[0]]])
     if got != len(texts):
         raise ValueError(f"cache {folder} holds {got} encodings for a corpus of {len(texts)}: delete it")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..paths import file_lock, publish_set
 from ..retrieval.index import VOCAB_SIZE
 from ..retrieval.metrics import answer_recall_at_k, answer_tokens, evaluate_run, mean_scores
 from ..retrieval.modes import NEEDS, needed_representations, paper_weights, parse_modes
@@ -207,12 +208,14 @@ def _with_averages(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([df, avg[COLUMNS]], ignore_index=True)
 
 
-def write_results(df: pd.DataFrame, out_dir: str | Path) -> Path:
-    """``results.csv`` and ``results.json`` (records with the same five columns) in ``out_dir``."""
+def write_results(df: pd.DataFrame, out_dir: str | Path, notes: Sequence[str] = ()) -> Path:
+    """``results.csv``, ``results.json`` (records with the same five columns) and ``notes.txt`` in
+    ``out_dir``, published as one unit (:func:`~bgem3_lib.paths.publish_set`): a reader, or a run killed
+    half-way, sees the previous set or this one, never a new CSV beside an old JSON."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    df[COLUMNS].to_csv(out / "results.csv", index=False)
-    (out / "results.json").write_text(json.dumps(df[COLUMNS].to_dict(orient="records"), indent=1))
+    publish_set(out, {"results.csv": df[COLUMNS].to_csv(index=False),
+                      "results.json": json.dumps(df[COLUMNS].to_dict(orient="records"), indent=1),
+                      "notes.txt": "\n\n".join(notes) + "\n"})
     return out / "results.csv"
 
 
@@ -250,6 +253,29 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
         print(f"[eval] {msg}")
     if not run_modes:
         raise ValueError(f"none of the modes {list(modes)} can run with model {model.source!r}")
+    if rank != 0:
+        return _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world), limit,
+                          cache_root, limit_docs, seed)[0]
+    with out_dir_lock(out_dir):
+        df, notes = _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world),
+                               limit, cache_root, limit_docs, seed)
+        df = _with_averages(df)
+        write_results(df, out_dir, notes)
+    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
+        print(summary_table(df))
+    print(f"[eval] wrote {Path(out_dir) / 'results.csv'}")
+    return df
+
+
+def out_dir_lock(out_dir: str | Path):
+    """The lock one eval holds on its output folder for the whole run: a second eval writing the same
+    ``out_dir`` fails at once with :class:`~bgem3_lib.paths.LockedError` naming the holder."""
+    return file_lock(Path(out_dir) / ".eval.lock", f"--out {out_dir}", wait=False)
+
+
+def _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, shard, limit, cache_root,
+               limit_docs, seed) -> tuple[pd.DataFrame, list[str]]:
+    rank, world = shard
     rows, shared, notes = [], {}, []
     for lang in langs:
         es = load_task(task, lang, shared)
@@ -265,14 +291,6 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
                            cache_root)
         if got is not None:
             rows += got
-    df = pd.DataFrame(rows, columns=COLUMNS)
     if rank != 0:
         print(f"[eval] shard {rank}/{world} done; rank 0 writes the results")
-        return df
-    df = _with_averages(df)
-    write_results(df, out_dir)
-    (Path(out_dir) / "notes.txt").write_text("\n\n".join(notes) + "\n")
-    with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
-        print(summary_table(df))
-    print(f"[eval] wrote {Path(out_dir) / 'results.csv'}")
-    return df
+    return pd.DataFrame(rows, columns=COLUMNS), notes

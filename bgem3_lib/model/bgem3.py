@@ -30,7 +30,6 @@ from .loading import LoadedModel, resolve
 from .runtime import set_device
 from .tokenization import M3Tokenizer, check_texts
 
-
 BACKENDS = ("kernels", "mindspore")
 
 

@@ -21,7 +21,6 @@ from tokenizers import Tokenizer
 
 from ..weights.assets import asset_path
 
-
 # Characters that carry no content: separators (Zs: spaces incl. U+3000, Zl, Zp), controls (Cc: tab,
 # newline, ...) and format characters (Cf: zero-width space / joiners, BOM, soft hyphen).
 _BLANK_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf"})
