@@ -162,3 +162,81 @@ def test_python_m_eval_in_a_subprocess(tmp_path):
     df = pd.read_csv(out / "results.csv")
     assert list(df.columns) == COLUMNS and len(df) == 5 * 4 and set(df["lang"]) == {"en"}
     assert "MLDR-style stand-in" in run.stdout and (tmp_path / "home" / "encodings").is_dir()
+
+
+def _env(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "GLOG_v": "3", "BGEM3_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin",
+           "OMP_NUM_THREADS": "1"}
+    if "BGEM3_DATA" in os.environ:
+        env["BGEM3_DATA"] = os.environ["BGEM3_DATA"]
+    return env
+
+
+def _encode_cmd(src, out, *extra):
+    return [sys.executable, "-m", "bgem3_lib", "encode", "--model", str(tiny_model_dir()), "--input", str(src),
+            "--out", str(out), "--max-length", "24", "--batch-size", "25", "--chunk-texts", "100", "--sparse",
+            "--colbert", *extra]
+
+
+def test_a_killed_encode_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+    words = ["alpha", "beta", "gamma", "delta", "Straße", "東京", "мир", "λόγος"]
+    lines = [" ".join(words[(i * k) % 8] for k in range(1, 3 + i % 9)) + f" {i}" for i in range(3000)]
+    src = tmp_path / "t.txt"
+    src.write_text("\n".join(lines) + "\n")
+    out, work = tmp_path / "e.npz", tmp_path / "e.npz.partial"
+    p = subprocess.Popen(_encode_cmd(src, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(tmp_path), cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (work / "chunk-00002").is_dir() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert p.returncode == -9, "the encode finished before it could be killed"
+    committed = len(list(work.glob("chunk-*")))
+    assert 3 <= committed < 30 and not out.exists()                  # 30 chunks of 100 texts in all
+    rerun = subprocess.run(_encode_cmd(src, out), capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed at {100 * committed}" in rerun.stderr          # the progress bar starts where it stopped
+    assert not work.exists()                                         # the work folder goes once .npz is stored
+    clean = tmp_path / "clean.npz"
+    run = subprocess.run(_encode_cmd(src, clean), capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with np.load(out) as a, np.load(clean) as b:
+        assert sorted(a.files) == sorted(b.files) and a["dense"].shape[0] == 3000
+        for name in a.files:
+            assert np.array_equal(a[name], b[name]), name            # 0.0 max difference, every array
+
+
+def _hold_lock(path):
+    code = (f"import time; from bgem3_lib.paths import file_lock\n"
+            f"with file_lock({str(path)!r}, 'x'):\n    print('held', flush=True); time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_writer_to_the_same_out_fails_at_once(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello\n")
+    out = tmp_path / "e.npz"
+    holder = _hold_lock(tmp_path / ".e.npz.lock")                   # an encode writing e.npz right now
+    try:
+        assert main(["encode", "--model", str(tmp_path / "no-model"), "--input", str(tmp_path / "t.txt"),
+                     "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} is in use by another process" in err and f":{holder.pid}" in err, err
+    finally:
+        holder.kill()
+        holder.wait()
+    holder = _hold_lock(tmp_path / "res" / ".eval.lock")             # an eval writing res/ right now
+    try:
+        assert main(["eval", "--task", "tydi", "--model", str(tmp_path / "no-model"), "--out",
+                     str(tmp_path / "res")]) == 2
+        err = capsys.readouterr().err
+        assert "is in use by another process" in err and "neither a model directory" not in err, err
+    finally:
+        holder.kill()
+        holder.wait()

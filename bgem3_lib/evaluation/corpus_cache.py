@@ -185,13 +185,17 @@ def _publish(folder: Path, model, merged: dict, need: Sequence[str], n: int, max
 
 
 def _tidy(folder: Path) -> None:
-    """Under the cache lock: drop a dead process's temporaries and the shard folders of finished work
-    (those whose rank locks nobody holds)."""
+    """Under the cache lock: drop a dead process's temporaries and the shard folders of work already merged
+    into the cache (whose representations the cache holds, and whose rank locks nobody holds)."""
     remove_stale_temps(folder, untagged=True)
     shards = folder / "shards"
     if not shards.is_dir():
         return
+    have = cached_reps(folder)
     for parts_dir in shards.iterdir():
+        if not set(parts_dir.name.split("-n")[0].split("+")) <= have:
+            remove_stale_temps(parts_dir)             # not merged yet: keep it (a rerun resumes from it)
+            continue
         try:
             with contextlib.ExitStack() as stack:
                 for lock in parts_dir.glob("*.lock"):
