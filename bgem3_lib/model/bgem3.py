@@ -103,7 +103,7 @@ class BGEM3:
                     "sparse_linear.weight": (1, H), "sparse_linear.bias": (1,)}
         for name, shape in expected.items():
             if name not in heads_state:
-                raise KeyError(f"head weights have no tensor {name!r}")
+                raise ValueError(f"head weights have no tensor {name!r}")
             arr = np.asarray(heads_state[name], dtype=np.float32)
             if arr.shape != shape:
                 raise ValueError(f"head tensor {name!r} has shape {arr.shape}, the model expects {shape}")

@@ -220,7 +220,7 @@ def hf_to_encoder_names(cfg: M3Config) -> dict[str, str]:
 
 def _take(state: dict, key: str, shape: tuple) -> np.ndarray:
     if key not in state:
-        raise KeyError(f"checkpoint has no tensor {key!r}")
+        raise ValueError(f"checkpoint has no tensor {key!r}")
     arr = np.asarray(state[key])
     if tuple(arr.shape) != tuple(shape):
         raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)}, the model expects {tuple(shape)}")
@@ -265,7 +265,9 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
     params = {p.name: p for p in encoder.get_parameters()}
     missing = [h for h in hf_to_encoder_names(cfg).values() if h not in state]
     if missing:
-        raise KeyError(f"checkpoint is missing {len(missing)} encoder tensor(s), e.g. {missing[:3]}")
+        raise ValueError(f"checkpoint is missing {len(missing)} encoder tensor(s) that config.json describes "
+                         f"({cfg.num_hidden_layers} layers), e.g. {missing[:5]}: the config and the weights "
+                         "disagree")
     unexpected = unexpected_tensors(state, cfg)
     if unexpected:
         raise ValueError(f"checkpoint holds {len(unexpected)} tensor(s) config.json does not describe (e.g. "

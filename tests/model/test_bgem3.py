@@ -265,6 +265,38 @@ def test_config_that_disagrees_with_the_weights_is_an_error_naming_tensors(tmp_p
     assert len(BGEM3(str(path)).encoder.layers) == 2                      # consistent again: loads
 
 
+@pytest.mark.parametrize("edit, message", [
+    ({"hidden_size": 32, "intermediate_size": 32}, r"tensor 'embeddings.word_embeddings.weight' has shape "
+                                                   r"\(250002, 16\), the model expects \(250002, 32\)"),
+    ({"vocab_size": 1000}, r"'embeddings.word_embeddings.weight' has shape \(250002, 16\).*\(1000, 16\)"),
+    ({"max_position_embeddings": 130}, r"'embeddings.position_embeddings.weight' has shape \(66, 16\)"),
+    ({"intermediate_size": 64}, r"'encoder.layer.0.intermediate.dense.weight' has shape \(32, 16\)"),
+    ({"num_attention_heads": 3}, "hidden_size 16 is not divisible by num_attention_heads 3"),
+    ({"num_hidden_layers": 2}, r"missing \d+ encoder tensor\(s\) that config.json describes \(2 layers\).*"
+                               r"encoder.layer.1"),
+])
+def test_every_config_checkpoint_mismatch_names_the_tensor(tmp_path, edit, message):
+    import json
+    _, path = _tiny_model_dir(tmp_path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(cfg, **edit)))
+    with pytest.raises(ValueError, match=message):
+        BGEM3(str(path))
+
+
+@pytest.mark.parametrize("weights", [[float("nan"), 0.2, 0.4], [-1, 0.2, 0.4], [0, 0, 0], [1, float("inf"), 1]])
+def test_compute_score_refuses_weights_eval_refuses(tmp_path, weights):
+    """One validator (retrieval.modes.check_weights) for the API and ``eval --weights``."""
+    import argparse
+
+    from bgem3_lib.cli import _weights
+    m, _ = _tiny_model_dir(tmp_path)
+    with pytest.raises(ValueError, match="weights_for_different_modes"):
+        m.compute_score([("a cat", "a cat sat")], weights_for_different_modes=weights)
+    with pytest.raises(argparse.ArgumentTypeError, match="--weights"):
+        _weights(",".join(str(w) for w in weights))
+
+
 def test_config_types_surrogates_batch_size_and_missing_tokenizer_are_named(tmp_path):
     import json
     import warnings

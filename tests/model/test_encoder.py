@@ -51,7 +51,7 @@ def test_load_rejects_wrong_shape_and_nan():
     nan = dict(state, **{"embeddings.LayerNorm.bias": np.full((8,), np.nan, np.float32)})
     with pytest.raises(ValueError, match="NaN"):
         load_hf_state(enc, nan)
-    with pytest.raises(KeyError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         load_hf_state(enc, {k: v for k, v in state.items() if "embeddings.word" not in k})
 
 
