@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .evaluation.distributed import is_msrun_scheduler, parse_shard
-from .paths import LockedError, file_lock
+from .paths import LockedError, file_lock, remove_stale_temps
 from .retrieval.modes import MODES, check_weights, parse_modes
 
 
@@ -222,6 +222,7 @@ def _cmd_encode(args) -> int:
     writable_dir(out.parent, "the folder of --out")
     work = out.with_name(out.name + ".partial")                  # committed chunks of this run (resumable)
     with file_lock(out.with_name(f".{out.name}.lock"), f"--out {out}", wait=False):
+        remove_stale_temps(out.parent)                             # a killed earlier run's half-written .npz
         model = BGEM3(args.model, device=args.device, dtype=args.dtype)
         reps = ["dense"] + ["sparse"] * args.sparse + ["colbert"] * args.colbert
         missing = sorted(set(reps) - set(model_reps(model)))

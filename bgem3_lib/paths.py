@@ -67,11 +67,12 @@ def cache_dir() -> Path:
 def atomic_write(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is fsync'd and moved into place with
     ``os.replace``, on failure removed. Readers never see half a file, and a failed write leaves the
-    previous file as it was. ``suffix`` ends the temporary name (writers that insist on an extension).
+    previous file as it was. ``suffix`` ends the temporary name (writers that insist on an extension); the
+    name carries :func:`temp_tag`, so a killed writer's leftover is found by :func:`remove_stale_temps`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_tag()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)

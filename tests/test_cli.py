@@ -196,9 +196,13 @@ def test_a_killed_encode_resumes_and_equals_an_uninterrupted_run(tmp_path):
     assert p.returncode == -9, "the encode finished before it could be killed"
     committed = len(list(work.glob("chunk-*")))
     assert 3 <= committed < 30 and not out.exists()                  # 30 chunks of 100 texts in all
+    from bgem3_lib.paths import temp_tag
+    half = tmp_path / f".e.npz.{temp_tag().rsplit('-', 1)[0]}-{p.pid}.x1y2.tmp"   # as if killed writing e.npz
+    half.write_bytes(b"PK\x03\x04 half")
     rerun = subprocess.run(_encode_cmd(src, out), capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not half.exists()                                         # the dead writer's temporary is removed
     assert f"resumed at {100 * committed}" in rerun.stderr          # the progress bar starts where it stopped
     assert not work.exists()                                         # the work folder goes once .npz is stored
     clean = tmp_path / "clean.npz"
