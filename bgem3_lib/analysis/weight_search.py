@@ -1,13 +1,14 @@
 """Hybrid weights explored cheaply: score the candidates once, re-rank for any (w_dense, w_sparse, w_colbert).
 
-The hybrid modes of :class:`~bgem3_lib.retrieval.retriever.HybridRetriever` rank the union of the dense and the
-sparse top-``depth`` hits by ``s = w_d*s_dense + w_s*s_lex + w_c*s_mul`` (paper Eq. 1). The three
+Here every weight vector ranks the union of the dense and the sparse top-``depth`` hits (the candidates of
+Dense+Sparse, and of All with ``all_candidates="union"``; the paper's All re-ranks the Dense top-200 instead) by
+``s = w_d*s_dense + w_s*s_lex + w_c*s_mul`` (paper Eq. 1). The three
 scores of a candidate do not depend on the weights, so they are computed once
 (:func:`score_candidates`, on the retriever's own candidate union
 :meth:`~bgem3_lib.retrieval.retriever.HybridRetriever.candidates`) and any weight vector then costs one
 weighted sum (:func:`~bgem3_lib.retrieval.modes.fuse`, the retriever's) and, for metrics, a count of the
 candidates scoring above each relevant one (:func:`evaluate_weights`). The ranks are exactly those of
-``retriever.search(q, "all", k, hybrid_depth=depth, weights=w)`` (same candidates, same float32
+``retriever.search(q, "all", k, hybrid_depth=depth, weights=w, all_candidates="union")`` (same candidates, same float32
 arithmetic, same tie rule: lower corpus index first).
 
 Scaling all weights by c > 0 scales every score by c and keeps the ranking, so only the direction of

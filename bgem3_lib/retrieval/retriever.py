@@ -1,4 +1,4 @@
-"""Hybrid retrieval with the three BGE-M3 representations (paper Sec. 3.1, Eq. 1; Sec. 4).
+"""Hybrid retrieval with the three BGE-M3 representations (paper Sec. 3.1, Eq. 1; protocol of Sec. 4.1).
 
 The paper ranks with s_rank = w1*s_dense + w2*s_lex + w3*s_mul and reports five settings:
 
@@ -8,8 +8,15 @@ The paper ranks with s_rank = w1*s_dense + w2*s_lex + w3*s_mul and reports five 
 ``colbert``    the top ``colbert_depth`` (200) dense hits, re-ranked by the multi-vector score
 ``dense+sparse`` union of the top ``hybrid_depth`` (1000) hits of dense and of sparse search,
                re-ranked by w_d*s_dense + w_s*s_lex (both scores computed exactly for every candidate)
-``all``        the same union, re-ranked by w_d*s_dense + w_s*s_lex + w_c*s_mul
+``all``        the top ``colbert_depth`` (200) dense hits, re-ranked by w_d*s_dense + w_s*s_lex + w_c*s_mul
+               (``all_candidates="union"``: the Dense+Sparse union instead, an option the paper does not use)
 =============  ==================================================================================
+
+Every mode ends the same way: a candidate list per query (:meth:`HybridRetriever.candidate_ids`), exact
+scores of those candidates in float64 from the stored vectors (:func:`exact_scores`), the weighted sum
+(:func:`~bgem3_lib.retrieval.modes.fuse`) and one ``top_k`` (ties by corpus index). A backend (this in-memory
+one, or :class:`~bgem3_lib.retrieval.milvus_index.MilvusRetriever`) supplies only the candidate searches
+and the vectors, so two backends with exact indexes rank identically.
 
 The hybrid scores are plain weighted sums (as in Eq. 1). FlagEmbedding's ``compute_score`` divides
 by the weight sum instead, which rescales but never reorders. A depth smaller than ``k`` is raised
@@ -28,8 +35,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import scipy.sparse as sp
 
-from .index import _BLOCK, VOCAB_SIZE, DenseIndex, SparseIndex, colbert_rerank, top_k
+from .index import _BLOCK, VOCAB_SIZE, DenseIndex, SparseIndex, colbert_rerank, lexical_weights_to_csr, top_k
 from .modes import ENCODING_KEYS, NEEDS, canonical_mode, check_weights, fuse, paper_weights
 from .scoring import _finite_matrix
 
@@ -46,6 +54,49 @@ def _check_encodings(name: str, enc: Mapping) -> int:
     if len(set(sizes.values())) != 1:
         raise ValueError(f"{name}: representations disagree on the number of texts: {sizes}")
     return sizes[known[0]]
+
+
+ALL_CANDIDATES = ("dense", "union")    # "dense": the paper's Dense top-200 for All; "union": Dense∪Sparse
+MARGIN = 32                            # extra hits fetched for dense / sparse before exact re-scoring
+
+
+def union_rows(*id_lists: np.ndarray) -> np.ndarray:
+    """Row-wise union of candidate id arrays [Nq, *] (-1 = none) -> [Nq, C] ascending, -1 pads at the end.
+
+    >>> union_rows(np.array([[3, 1], [2, -1]]), np.array([[1, 0], [2, 2]])).tolist()
+    [[0, 1, 3], [2, -1, -1]]
+    """
+    rows = [np.unique(np.concatenate([ids[i] for ids in id_lists])) for i in range(len(id_lists[0]))]
+    rows = [r[r >= 0] for r in rows]
+    out = np.full((len(rows), max((len(r) for r in rows), default=0)), -1, np.int64)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
+
+
+def exact_scores(q_dense: np.ndarray | None, q_lexical: sp.csr_matrix | None, cand: np.ndarray,
+                 doc_dense: np.ndarray | None, doc_lexical: sp.csr_matrix | None) -> tuple:
+    """s_dense and s_lex of each query against its candidates, in float64.
+
+    ``q_dense`` [Nq, H]; ``q_lexical`` CSR [Nq, V]; ``cand`` [Nq, C] ids with -1 pads; ``doc_dense`` /
+    ``doc_lexical``: the vectors of ``np.unique(cand[cand >= 0])`` in that order ([U, H], CSR [U, V] with
+    sorted indices). -> (dense [Nq, C], sparse [Nq, C]) float32, 0 at pads (None for a missing side).
+    Each value is one pair's dot product summed in float64 and rounded once to float32, so it does not
+    depend on which other candidates share the matrix product (nor on the backend that supplied them).
+    """
+    ids = np.unique(cand[cand >= 0])
+    col = np.searchsorted(ids, np.maximum(cand, 0))
+    dense = sparse = None
+    if q_dense is not None:
+        d64 = np.asarray(doc_dense, np.float64)
+        assert d64.shape[0] == len(ids), (d64.shape, len(ids))
+        dense = np.where(cand >= 0, np.take_along_axis(np.asarray(q_dense, np.float64) @ d64.T, col, axis=1),
+                         0.0).astype(np.float32)
+    if q_lexical is not None:
+        assert doc_lexical.shape[0] == len(ids), (doc_lexical.shape, len(ids))
+        lex = np.asarray((q_lexical.astype(np.float64) @ doc_lexical.astype(np.float64).T).todense())
+        sparse = np.where(cand >= 0, np.take_along_axis(lex, col, axis=1), 0.0).astype(np.float32)
+    return dense, sparse
 
 
 class HybridRetriever:
@@ -80,89 +131,137 @@ class HybridRetriever:
     def __len__(self) -> int:
         return self.size
 
+    # ------------------------------------------------------------ what a backend supplies
+    def dense_top(self, q_dense: np.ndarray, depth: int) -> np.ndarray:
+        """Dense top-``depth`` ids per query [Nq, depth] (-1 = none)."""
+        return self.dense.search(q_dense, depth)[0]
+
+    def sparse_top(self, q_lexical: Sequence[Mapping[str, float]], depth: int) -> np.ndarray:
+        """Lexical top-``depth`` ids per query [Nq, depth]."""
+        return self.sparse.search(q_lexical, depth)[0]
+
+    def doc_vectors(self, ids: np.ndarray, dense: bool, lexical: bool) -> tuple:
+        """Stored vectors of the (ascending, unique) ``ids``: (dense [U, H] float32 | None,
+        lexical CSR [U, V] float32 with sorted indices | None)."""
+        d = self.dense_vecs[ids] if dense else None
+        lex = None
+        if lexical:
+            lex = self.sparse.matrix[ids]
+            lex.sort_indices()
+        return d, lex
+
+    def doc_colbert(self) -> Sequence[np.ndarray]:
+        """The corpus multi-vectors (indexable by corpus id)."""
+        return self.colbert_vecs
+
+    # ------------------------------------------------------------ the protocol, shared by every backend
+    def candidate_ids(self, queries: Mapping, mode: str, k: int, colbert_depth: int = 200,
+                      hybrid_depth: int = 1000, all_candidates: str = "dense") -> np.ndarray:
+        """The ids each query's final ranking is chosen from, [Nq, C] ascending with -1 pads (Sec. 4.1)."""
+        if all_candidates not in ALL_CANDIDATES:
+            raise ValueError(f"all_candidates must be one of {ALL_CANDIDATES}, got {all_candidates!r}")
+        size = len(self)
+        if mode == "dense":
+            return union_rows(self.dense_top(queries["dense_vecs"], min(size, k + MARGIN)))
+        if mode == "sparse":
+            return union_rows(self.sparse_top(queries["lexical_weights"], min(size, k + MARGIN)))
+        if mode == "colbert" or (mode == "all" and all_candidates == "dense"):
+            return union_rows(self.dense_top(queries["dense_vecs"], min(max(colbert_depth, k), size)))
+        depth = min(max(hybrid_depth, k), size)
+        return union_rows(self.dense_top(queries["dense_vecs"], depth),
+                          self.sparse_top(queries["lexical_weights"], depth))
+
+    def score_candidates(self, queries: Mapping, cand: np.ndarray, mode: str,
+                         weights: Sequence[float]) -> np.ndarray:
+        """The score of ``mode`` for every candidate [Nq, C] (float32, the weighted sum of
+        :func:`~bgem3_lib.retrieval.modes.fuse`; -inf at pads)."""
+        need = NEEDS[mode]
+        want_dense = "dense" in need and mode != "colbert"
+        ids = np.unique(cand[cand >= 0])
+        d, lex = self.doc_vectors(ids, want_dense, "sparse" in need)
+        q_lex = None
+        if "sparse" in need:
+            q_lex = lexical_weights_to_csr(queries["lexical_weights"], lex.shape[1])
+            q_lex.sort_indices()
+        q_dense = np.asarray(_finite_matrix("query dense_vecs", queries["dense_vecs"]), np.float32) \
+            if want_dense else None
+        if q_dense is not None and q_dense.shape[1] != d.shape[1]:
+            raise ValueError(f"query dense dim {q_dense.shape[1]} != corpus dim {d.shape[1]}")
+        dense, sparse = exact_scores(q_dense, q_lex, cand, d, lex)
+        colbert = None
+        if "colbert" in need:
+            colbert = np.where(cand >= 0, colbert_rerank(queries["colbert_vecs"], self.doc_colbert(), cand),
+                               0).astype(np.float32)
+        scores = np.asarray(fuse(mode, weights, dense=dense, sparse=sparse, colbert=colbert), np.float32)
+        return np.where(cand >= 0, scores, np.float32(-np.inf))
+
     def search(self, query_encodings: Mapping, mode: str = "all", k: int = 10, colbert_depth: int = 200,
-               hybrid_depth: int = 1000, weights: Sequence[float] | None = None
+               hybrid_depth: int = 1000, weights: Sequence[float] | None = None, all_candidates: str = "dense"
                ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k corpus indices per query -> (ids [Nq, k] int64, scores [Nq, k] float32).
 
         ``mode``: one of :data:`~bgem3_lib.retrieval.modes.MODES` (its aliases accepted);
-        ``weights`` overrides the retriever's weights for this call. ``k`` is clipped to the corpus
-        size. Ties are broken by corpus index (ascending).
+        ``weights`` overrides the retriever's weights for this call; ``all_candidates`` picks what ``all``
+        re-ranks (:data:`ALL_CANDIDATES`). ``k`` is clipped to the corpus size. Ties are broken by corpus
+        index (ascending).
         """
         mode = canonical_mode(mode)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
+        if all_candidates not in ALL_CANDIDATES:
+            raise ValueError(f"all_candidates must be one of {ALL_CANDIDATES}, got {all_candidates!r}")
         w = self.weights if weights is None else check_weights(weights)
         nq = _check_encodings("query_encodings", query_encodings)
-        have = {"dense_vecs": self.dense, "lexical_weights": self.sparse, "colbert_vecs": self.colbert_vecs}
         for key in (ENCODING_KEYS[r] for r in NEEDS[mode]):
-            if have[key] is None:
+            if not self.has(key):
                 raise ValueError(f"mode {mode!r} needs corpus {key!r}, which was not given")
             if query_encodings.get(key) is None:
                 raise ValueError(f"mode {mode!r} needs query {key!r} (encode with it enabled)")
-        k = min(int(k), self.size)
+        k = min(int(k), len(self))
         if nq == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        if mode == "dense":
-            return self.dense.search(query_encodings["dense_vecs"], k)
-        if mode == "sparse":
-            return self.sparse.search(query_encodings["lexical_weights"], k)
-        if mode == "colbert":
-            depth = min(max(colbert_depth, k), self.size)
-            cand, _ = self.dense.search(query_encodings["dense_vecs"], depth)
-            cand = np.sort(cand, axis=1)                       # -1 (missing) first, then ascending ids
-            scores = colbert_rerank(query_encodings["colbert_vecs"], self.colbert_vecs, cand)
-            return self._pick(cand, scores, k)
-        depth = min(max(hybrid_depth, k), self.size)
-        step = max(1, _BLOCK // self.size)                     # bounds the [queries x corpus] lexical block
+        step = max(1, _BLOCK // len(self))                     # bounds the [queries x corpus] lexical block
         present = {key: val for key, val in query_encodings.items() if val is not None}
-        parts = [self._hybrid({key: val[i:i + step] for key, val in present.items()}, k, w, mode, depth)
-                 for i in range(0, nq, step)]
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        out_ids, out_scores = [], []
+        for s in range(0, nq, step):
+            block = {key: val[s:s + step] for key, val in present.items()}
+            cand = self.candidate_ids(block, mode, k, colbert_depth, hybrid_depth, all_candidates)
+            pos, best = top_k(self.score_candidates(block, cand, mode, w), k)
+            out_ids.append(np.take_along_axis(cand, pos, axis=1))
+            out_scores.append(best)
+        return np.concatenate(out_ids), np.concatenate(out_scores)
+
+    def has(self, key: str) -> bool:
+        """Whether the corpus holds ``key`` (``dense_vecs``, ``lexical_weights``, ``colbert_vecs``)."""
+        return {"dense_vecs": self.dense, "lexical_weights": self.sparse,
+                "colbert_vecs": self.colbert_vecs}[key] is not None
 
     def candidates(self, queries: Mapping, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The hybrid candidates of each query: the union of its dense and sparse top-``depth`` hits.
+        """The Dense+Sparse candidates of each query: the union of its dense and sparse top-``depth`` hits.
 
         ``queries``: ``dense_vecs`` [Nq, H] and ``lexical_weights`` (Nq dicts) -> ``ids`` [Nq, C] int64
         (ascending per row, then -1 pads), exact ``dense`` and ``sparse`` scores [Nq, C] float32 (0 at pads).
         """
         q_dense = np.asarray(_finite_matrix("query dense_vecs", queries["dense_vecs"]), np.float32)
-        if q_dense.shape[1] != self.dense_vecs.shape[1]:
-            raise ValueError(f"query dense dim {q_dense.shape[1]} != corpus dim {self.dense_vecs.shape[1]}")
         if len(queries["lexical_weights"]) != len(q_dense):
             raise ValueError(f"{len(queries['lexical_weights'])} query lexical weights for {len(q_dense)} "
                              "dense vectors")
-        depth = min(int(depth), self.size)
-        step = max(1, _BLOCK // self.size)                     # bounds the [queries x corpus] lexical block
-        rows = []
+        step = max(1, _BLOCK // self.size)
+        parts = []
         for s in range(0, len(q_dense), step):
-            dense_ids, _ = self.dense.search(q_dense[s:s + step], depth)
-            lexical = self.sparse.score_matrix(queries["lexical_weights"][s:s + step])     # [b, N] exact
-            sparse_ids, _ = top_k(lexical, depth)
-            for i, (d, sp) in enumerate(zip(dense_ids, sparse_ids)):
-                u = np.union1d(d[d >= 0], sp)
-                rows.append((u, self.dense_vecs[u] @ q_dense[s + i], lexical[i, u]))
-        width = max(len(u) for u, _, _ in rows)
-        ids = np.full((len(rows), width), -1, np.int64)                 # -1 pads sort last below
-        dense = np.zeros((len(rows), width), np.float32)
-        sparse = np.zeros((len(rows), width), np.float32)
-        for i, (u, d, sp) in enumerate(rows):
-            ids[i, :len(u)], dense[i, :len(u)], sparse[i, :len(u)] = u, d, sp
-        return ids, dense, sparse
+            block = {"dense_vecs": q_dense[s:s + step], "lexical_weights": queries["lexical_weights"][s:s + step]}
+            cand = self.candidate_ids(block, "dense+sparse", 1, hybrid_depth=depth)
+            ids = np.unique(cand[cand >= 0])
+            d, lex = self.doc_vectors(ids, True, True)
+            if block["dense_vecs"].shape[1] != d.shape[1]:
+                raise ValueError(f"query dense dim {block['dense_vecs'].shape[1]} != corpus dim {d.shape[1]}")
+            q_lex = lexical_weights_to_csr(block["lexical_weights"], lex.shape[1])
+            q_lex.sort_indices()
+            dense, sparse = exact_scores(block["dense_vecs"], q_lex, cand, d, lex)
+            parts.append((cand, dense, sparse))
+        width = max(p[0].shape[1] for p in parts)
 
-    def _hybrid(self, queries: Mapping, k: int, w, mode: str, depth: int):
-        """Union of dense and sparse top-``depth`` candidates, re-ranked by the weighted sum of ``mode``."""
-        cand, dense, sparse = self.candidates(queries, depth)
-        colbert = None
-        if mode == "all":
-            colbert = np.where(cand >= 0, colbert_rerank(queries["colbert_vecs"], self.colbert_vecs, cand), 0)
-        scores = fuse(mode, w, dense=dense, sparse=sparse, colbert=colbert)
-        scores[cand < 0] = -np.inf                                      # pads never beat a real hit
-        return self._pick(cand, scores, k)
-
-    @staticmethod
-    def _pick(cand: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k over candidate columns; candidates must be sorted by id per row so that column
-        order equals id order (the tie rule). Pads (-1 or -inf) are never preferred to real hits."""
-        pos, best = top_k(scores, k)
-        return np.take_along_axis(cand, pos, axis=1), best
+        def pad(a, fill):
+            return np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill)
+        return (np.concatenate([pad(p[0], -1) for p in parts]), np.concatenate([pad(p[1], 0) for p in parts]),
+                np.concatenate([pad(p[2], 0) for p in parts]))

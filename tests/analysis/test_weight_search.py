@@ -65,7 +65,7 @@ def test_rerank_equals_retriever_all_mode(setup, depth, k, weights):
     retriever, queries, _ = setup
     cs = score_candidates(retriever, queries, depth=depth)
     got_ids, got_scores = rerank(cs, weights, k=k)
-    ids, scores = retriever.search(queries, "all", k=k, hybrid_depth=depth, weights=weights)
+    ids, scores = retriever.search(queries, "all", k=k, hybrid_depth=depth, weights=weights, all_candidates="union")
     np.testing.assert_array_equal(got_ids, ids)
     np.testing.assert_allclose(got_scores, scores, rtol=1e-6, atol=1e-6)
 

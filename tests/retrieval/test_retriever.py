@@ -61,12 +61,27 @@ def test_colbert_only_reranks_the_dense_candidates():
     np.testing.assert_allclose(scores, [[0.7, 0.0]], atol=1e-6)
 
 
-def test_hybrid_uses_only_the_union_of_candidates():
+def test_dense_plus_sparse_uses_only_the_union_of_candidates():
     # depth 1: dense top-1 {d0} ∪ sparse top-1 {d1}; d3 (best overall) is in neither
     r = HybridRetriever(_corpus())
     assert r.search(_query(), "dense+sparse", k=1, hybrid_depth=1)[0].tolist() == [[0]]
-    assert r.search(_query(), "all", k=1, hybrid_depth=1)[0].tolist() == [[0]]
+    assert r.search(_query(), "all", k=1, hybrid_depth=1, all_candidates="union")[0].tolist() == [[0]]
     assert r.search(_query(), "dense+sparse", k=1, hybrid_depth=2)[0].tolist() == [[3]]
+
+
+def test_all_reranks_the_dense_top_candidates_as_the_paper():
+    """Sec. 4.1: All re-ranks the Dense top-200 (``colbert_depth``), whatever the sparse hits are."""
+    r = HybridRetriever(_corpus())
+    # dense top-1 is {d0}: All must return d0 even though the union would hold d1 (sparse winner)
+    assert r.search(_query(), "all", k=1, colbert_depth=1, hybrid_depth=1)[0].tolist() == [[0]]
+    assert r.search(_query(), "all", k=1, colbert_depth=2)[0].tolist() == [[3]]       # {d0, d3}: d3 (1.74)
+    # lexical-heavy weights (0.2, 0.8, 0): the sparse winner d1 scores 2.0, but it is not in the dense top-2
+    w = (0.2, 0.8, 0.0)
+    assert r.search(_query(), "all", k=1, colbert_depth=2, weights=w)[0].tolist() == [[3]]     # 0.16 + 0.64
+    union = r.search(_query(), "all", k=1, hybrid_depth=2, weights=w, all_candidates="union")
+    assert union[0].tolist() == [[1]]                                           # {d0, d3} ∪ {d1, d3}: d1
+    with pytest.raises(ValueError, match="all_candidates"):
+        r.search(_query(), "all", all_candidates="sparse")
 
 
 def test_weights_change_the_hybrid_ranking():
