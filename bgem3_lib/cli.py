@@ -25,6 +25,7 @@ import numpy as np
 
 from .evaluation.distributed import is_msrun_scheduler, parse_shard
 from .paths import LockedError, file_lock, remove_stale_temps
+from .retrieval.milvus_index import MilvusIndexError
 from .retrieval.modes import MODES, check_weights, parse_modes
 
 
@@ -92,6 +93,14 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--limit-docs", type=_positive, default=None,
                     help="seeded sub-corpus of N documents per language (relevant ones kept; queries then "
                          "drawn with the same seed)")
+    ev.add_argument("--index", default="memory", choices=["memory", "milvus"],
+                    help="where the corpus is searched: in process memory, or a persistent Milvus index "
+                         "(default URI: $BGEM3_MILVUS_URI, else an embedded Milvus Lite database in $BGEM3_HOME)")
+    ev.add_argument("--milvus-uri", default=None,
+                    help="a Milvus Lite .db path, or http://host:19530 for a Milvus server or cluster")
+    ev.add_argument("--milvus-token", default=None, help="Milvus token (user:password), default $BGEM3_MILVUS_TOKEN")
+    ev.add_argument("--milvus-dense", default="flat", choices=["flat", "hnsw"],
+                    help="Milvus dense index: flat (exact, default) or hnsw (approximate, large corpora)")
     ev.add_argument("--cache", type=Path, default=None,
                     help="encoding cache (default: $BGEM3_HOME/encodings)")
 
@@ -193,16 +202,20 @@ def _cmd_eval(args) -> int:
         return 0
     from .evaluation.distributed import resolve_shard
     from .evaluation.runner import check_langs, out_dir_lock, run_eval
+    from .evaluation.search_backend import SearchBackend
     from .model.bgem3 import BGEM3
     check_langs(args.task, args.langs)                 # everything that can fail fast fails before the model loads
     writable_dir(args.out, "--out")
     if args.cache is not None:
         writable_dir(args.cache, "--cache")
+    backend = SearchBackend(args.index, args.milvus_uri, args.milvus_token, args.milvus_dense)
+    backend.check()
     rank, _ = resolve_shard(args.shard)
     with out_dir_lock(args.out) if rank == 0 else contextlib.nullcontext():    # a second eval on --out fails now
         model = BGEM3(args.model, device=args.device, dtype=args.dtype)
         run_eval(args.task, model, args.modes, args.langs, args.out, args.weights, args.max_length,
-                 args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs)
+                 args.batch_size, args.shard, args.limit_queries, args.cache, limit_docs=args.limit_docs,
+                 backend=backend)
     return 0
 
 
@@ -261,6 +274,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
     try:
         return {"eval": _cmd_eval, "encode": _cmd_encode, "train": _cmd_train}[args.command](args)
-    except (ValueError, FileNotFoundError, TypeError, TimeoutError, LockedError) as e:
+    except (ValueError, FileNotFoundError, TypeError, TimeoutError, LockedError, MilvusIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

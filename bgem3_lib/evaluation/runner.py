@@ -32,10 +32,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..paths import file_lock, publish_set
-from ..retrieval.index import VOCAB_SIZE
 from ..retrieval.metrics import answer_recall_at_k, answer_tokens, evaluate_run, mean_scores
 from ..retrieval.modes import NEEDS, needed_representations, paper_weights, parse_modes
-from ..retrieval.retriever import HybridRetriever
 from . import benchmark_data as bd
 from .corpus_cache import corpus_encodings, model_reps
 from .distributed import resolve_shard
@@ -49,6 +47,7 @@ from .offline_sets import (
     load_xquad_longdoc,
     load_xquad_xling,
 )
+from .search_backend import MEMORY, SearchBackend
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +149,10 @@ def _rows(task, lang, mode, scores: dict[str, float]) -> list[dict]:
 
 def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = None,
                  weights: Sequence[float] | None = None, max_length: int | None = None, batch_size: int = 32,
-                 shard: tuple[int, int] = (0, 1), cache_root: str | Path | None = None) -> list[dict] | None:
-    """Metric rows for one evaluation set (None on shard ranks > 0, which only encode)."""
+                 shard: tuple[int, int] = (0, 1), cache_root: str | Path | None = None,
+                 backend: SearchBackend = MEMORY) -> list[dict] | None:
+    """Metric rows for one evaluation set (None on shard ranks > 0, which only encode); ``backend``: where
+    the corpus is searched (:class:`~bgem3_lib.evaluation.search_backend.SearchBackend`)."""
     task = task or es.name
     run_modes, _ = split_modes(model, modes)
     if not run_modes:
@@ -166,7 +167,8 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
         bd.validate_qrels(es.qrels, es.corpus)
     if not es.qrels and not es.answers:
         raise ValueError(f"{task} [{es.lang}]: neither qrels nor answers to score against")
-    needed = needed_representations(run_modes)
+    needed = needed_representations(list(run_modes) + (list(backend.needs()) if model_reps(model) != ("dense",)
+                                                       else []))
     docids, texts = list(es.corpus), list(es.corpus.values())
     enc = corpus_encodings(model, docids, texts, needed, max_length=max_length, batch_size=batch_size,
                            shard=shard, root=cache_root)
@@ -177,7 +179,7 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
     q_enc = model.encode_queries([es.queries[q] for q in qids], batch_size=batch_size,
                                  max_length=min(512, max_len), return_dense="dense" in needed,
                                  return_sparse="sparse" in needed, return_colbert_vecs="colbert" in needed)
-    retriever = HybridRetriever(enc, vocab_size=getattr(model.tokenizer, "vocab_size", VOCAB_SIZE))
+    retriever = backend.retriever(model, docids, texts, enc, es.lang, model.resolve_max_length(max_length))
     k = max(100, *ANSWER_KS)
     use_answers = bool(es.answers) and (task in ANSWER_TASKS or task not in TASKS)
     answered = [] if not use_answers else [i for i, q in enumerate(qids)
@@ -228,7 +230,7 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
              out_dir: str | Path = "eval_results", weights: Sequence[float] | None = None,
              max_length: int | None = None, batch_size: int = 32, shard=None, limit: int | None = None,
              cache_root: str | Path | None = None, device: str | None = None, limit_docs: int | None = None,
-             seed: int = 0) -> pd.DataFrame:
+             seed: int = 0, backend: SearchBackend = MEMORY) -> pd.DataFrame:
     """Evaluate ``model`` (a ``BGEM3`` or a name/path) on ``task``; write and return the results table.
 
     ``limit``: the first ``limit`` queries per language. ``limit_docs``: a seeded sub-corpus of that many
@@ -255,10 +257,10 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
         raise ValueError(f"none of the modes {list(modes)} can run with model {model.source!r}")
     if rank != 0:
         return _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world), limit,
-                          cache_root, limit_docs, seed)[0]
+                          cache_root, limit_docs, seed, backend)[0]
     with out_dir_lock(out_dir):
         df, notes = _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world),
-                               limit, cache_root, limit_docs, seed)
+                               limit, cache_root, limit_docs, seed, backend)
         df = _with_averages(df)
         write_results(df, out_dir, notes)
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
@@ -274,7 +276,7 @@ def out_dir_lock(out_dir: str | Path):
 
 
 def _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, shard, limit, cache_root,
-               limit_docs, seed) -> tuple[pd.DataFrame, list[str]]:
+               limit_docs, seed, backend) -> tuple[pd.DataFrame, list[str]]:
     rank, world = shard
     rows, shared, notes = [], {}, []
     for lang in langs:
@@ -288,7 +290,7 @@ def _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, s
         notes.append(note)
         print(f"[eval] {note}")
         got = evaluate_set(model, es, run_modes, task, weights, max_length, batch_size, (rank, world),
-                           cache_root)
+                           cache_root, backend)
         if got is not None:
             rows += got
     if rank != 0:
