@@ -44,13 +44,15 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_00
     return {"diff": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size), "level": level}
 
 
-def paired_values(per_query_a: Mapping[str, Mapping[str, float]], per_query_b: Mapping[str, Mapping[str, float]],
+def paired_values(run_a: Mapping[str, Mapping[str, float]], run_b: Mapping[str, Mapping[str, float]],
                   metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """The ``metric`` of each query judged by both runs (``evaluate_run`` outputs), in one query order."""
-    qids = sorted(set(per_query_a) & set(per_query_b))
+    """The ``metric`` of each query scored in both runs, in one query order. ``run_a`` / ``run_b``: per-query
+    values as :func:`~bgem3_lib.retrieval.metrics.evaluate_run` gives them, ``{metric: {qid: value}}``."""
+    a, b = run_a[metric], run_b[metric]
+    qids = sorted(set(a) & set(b))
     if not qids:
         raise ValueError("the two runs share no query")
-    return (np.array([per_query_a[q][metric] for q in qids]), np.array([per_query_b[q][metric] for q in qids]))
+    return np.array([a[q] for q in qids]), np.array([b[q] for q in qids])
 
 
 def format_ci(r: Mapping, scale: float = 100.0, digits: int = 1) -> str:

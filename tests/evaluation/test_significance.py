@@ -30,7 +30,7 @@ def test_the_interval_covers_the_true_difference_about_95_percent_of_the_time():
 
 
 def test_pairs_by_query_and_bad_input():
-    a, b = paired_values({"q1": {"m": 0.1}, "q2": {"m": 0.2}}, {"q2": {"m": 0.5}, "q1": {"m": 0.3}, "q3": {"m": 1}}, "m")
+    a, b = paired_values({"m": {"q1": 0.1, "q2": 0.2}}, {"m": {"q2": 0.5, "q1": 0.3, "q3": 1.0}}, "m")
     assert a.tolist() == [0.1, 0.2] and b.tolist() == [0.3, 0.5]
     with pytest.raises(ValueError, match="one length"):
         paired_bootstrap([1, 2], [1])
@@ -39,5 +39,5 @@ def test_pairs_by_query_and_bad_input():
     with pytest.raises(ValueError, match="no queries"):
         paired_bootstrap([], [])
     with pytest.raises(ValueError, match="share no query"):
-        paired_values({"a": {"m": 1}}, {"b": {"m": 1}}, "m")
+        paired_values({"m": {"a": 1}}, {"m": {"b": 1}}, "m")
     assert format_ci({"diff": -0.05, "low": -0.08, "high": -0.02}) == "-5.0 [-8.0, -2.0]"
