@@ -201,3 +201,18 @@ def test_server_mode_over_localhost_ranks_the_same(lite_server, corpus):
     index.ingest(enc, docids, batch_size=100, progress=False)
     _assert_same_rankings(MilvusRetriever(index, enc["colbert_vecs"], vocab_size=VOCAB),
                           HybridRetriever(enc, vocab_size=VOCAB), queries)
+
+
+def test_hnsw_is_an_option_close_to_exact_and_kept_apart(tmp_path, corpus):
+    enc, queries, docids = corpus
+    uri = str(tmp_path / "m.db")
+    hnsw = MilvusIndex("bgem3_hnsw", _meta(240), uri=uri, dense_kind="hnsw", hnsw_m=8, ef_search=64)
+    hnsw.ingest(enc, docids, progress=False)
+    exact = HybridRetriever(enc, vocab_size=VOCAB).search(queries, "dense", k=10)[0]
+    approx = MilvusRetriever(hnsw, vocab_size=VOCAB).search(queries, "dense", k=10)[0]
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+    assert overlap >= 0.9, overlap
+    with pytest.raises(MilvusIndexError, match="another dense index kind"):
+        MilvusIndex("bgem3_hnsw", _meta(240), uri=uri)                  # built as HNSW, asked as FLAT
+    with pytest.raises(ValueError, match="dense_kind must be one of"):
+        MilvusIndex("bgem3_ivf", _meta(240), uri=uri, dense_kind="ivf")
