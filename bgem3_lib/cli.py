@@ -159,17 +159,27 @@ def input_lines(path: Path) -> list[str]:
 
 
 def read_texts(path: Path) -> list[str]:
-    """Texts of a file: one per line (``\\n``), or for ``.jsonl`` the ``title``+``text`` of each row."""
+    """Texts of a file: one per line (``\\n``), or for ``.jsonl`` the ``title``+``text`` of each row (an
+    object with a string ``text``). A text the model would refuse is refused here with its line: blank
+    (:func:`~bgem3_lib.model.tokenization.is_blank`) or holding a lone surrogate (a ``\\udXXX`` escape)."""
+    from .model.tokenization import is_blank
     texts = []
     for n, line in enumerate(input_lines(path), 1):
         if path.suffix == ".jsonl":
             try:
                 row = json.loads(line)
-                line = f"{row.get('title') or ''} {row['text']}".strip()
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from e
-        if not line.strip():
-            raise ValueError(f"{path}:{n}: empty text")
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str) \
+                    or not isinstance(row.get("title"), (str, type(None))):
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field holding a string "
+                                 f"(and an optional string 'title'), got {line[:80]!r}")
+            line = f"{row.get('title') or ''} {row['text']}".strip()
+            bad = next((i for i, c in enumerate(line) if "\ud800" <= c <= "\udfff"), None)
+            if bad is not None:
+                raise ValueError(f"{path}:{n}: lone surrogate {line[bad]!r} at character {bad}: not valid Unicode")
+        if is_blank(line):
+            raise ValueError(f"{path}:{n}: empty text (only whitespace, control or zero-width characters)")
         texts.append(line)
     if not texts:
         raise ValueError(f"{path}: no texts")

@@ -8,6 +8,14 @@ so :class:`RestrictedUnpickler` resolves only an allow-list of globals (tensor r
 storage classes, ``collections.OrderedDict`` and plain containers) and refuses everything else
 *before* it can run, raising :class:`UnsafeCheckpointError`.
 
+Every way a file can fail to load is one error family: :class:`CheckpointError` (a ``ValueError``)
+for a truncated, corrupt or unsupported file, and its subclass :class:`UnsafeCheckpointError` for a
+pickle that would run code; a missing path is ``FileNotFoundError``. Untrusted sizes are checked
+before anything is allocated: a pickle's length fields, frames and memo indices must fit the bytes
+that are really there, nesting is bounded (:data:`MAX_NESTING`; deeply nested tuples would crash
+the interpreter while being hashed), zip members may not claim more bytes than the archive holds,
+and copies made for strided / shared tensor views are bounded by the storage bytes actually read.
+
 Tensors come back as C-contiguous NumPy arrays that own (or solely use) their memory:
 fp32/fp16/fp64/int*/uint8/bool keep their dtype, bf16 is widened to float32 (exact, by shifting
 the 16 stored bits into the high half of a float32).
@@ -21,11 +29,13 @@ Example::
 from __future__ import annotations
 
 import _compat_pickle
+import io
 import math
 import pickle
 import struct
 import tarfile
 import zipfile
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,12 +43,15 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import tqdm
+from .pickle_checks import MAX_NESTING, CheckpointError, UnsafeCheckpointError, _brief, check_pickle, check_tree
 
-__all__ = ["UnsafeCheckpointError", "RestrictedUnpickler", "load_torch_checkpoint",
-           "bfloat16_bits_to_float32"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "RestrictedUnpickler", "load_torch_checkpoint",
+           "bfloat16_bits_to_float32", "MAX_NESTING"]
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 LEGACY_PROTOCOL = 1001
+_COPY_BASE = 2**26         # bytes that tensor-view copies may use on top of 4x the storage bytes read
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand more than this
 
 # torch storage class name -> (NumPy dtype of the stored elements, is bfloat16)
 _STORAGE_DTYPES = {
@@ -53,14 +66,6 @@ _REBUILDERS = {"_rebuild_tensor_v2": "_rebuild_tensor", "_rebuild_parameter": "_
                "_rebuild_parameter_with_state": "_rebuild_parameter"}
 
 
-class UnsafeCheckpointError(ValueError):
-    """The checkpoint's pickle references a global outside the allow-list (it could run code)."""
-
-
-class _FormatError(ValueError):
-    """A complete error message about the file's format (raised as is, not re-wrapped)."""
-
-
 def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     """uint16 bfloat16 bit patterns (any shape) -> float32 of the same shape, exactly.
 
@@ -71,11 +76,14 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)      # no __dict__ and no __setstate__: BUILD cannot rewrite it
 class _StorageType:
     name: str
     dtype: np.dtype
     is_bf16: bool
+
+    def __setstate__(self, state):         # replaces the field-by-field one dataclass adds for slots
+        raise pickle.UnpicklingError("a storage type cannot be given pickled state")
 
 
 class _Storage:
@@ -90,6 +98,21 @@ class _Storage:
         raise pickle.UnpicklingError("a storage cannot be given pickled state")
 
 
+class _Rebuilder:
+    """A tensor-rebuild callable handed to the pickle; immutable, so BUILD cannot attach state to it."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn):
+        object.__setattr__(self, "_fn", fn)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a rebuild function cannot be modified")
+
+    def __call__(self, *args, **kwargs):
+        return self._fn(*args, **kwargs)
+
+
 def _c_contiguous(size: tuple, stride: tuple) -> bool:
     expected = 1
     for n, s in zip(reversed(size), reversed(stride)):
@@ -101,7 +124,7 @@ def _c_contiguous(size: tuple, stride: tuple) -> bool:
 
 def _int_tuple(x, what: str) -> tuple[int, ...]:
     if not isinstance(x, (tuple, list)) or not all(isinstance(v, int) and v >= 0 for v in x):
-        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of non-negative ints, got {x!r}")
+        raise pickle.UnpicklingError(f"tensor {what} must be a tuple of non-negative ints, got {_brief.repr(x)}")
     return tuple(x)
 
 
@@ -110,12 +133,28 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     ``storage_reader(key, stype, numel) -> np.ndarray | None`` supplies storage elements (flat,
     dtype ``stype.dtype``); ``None`` builds placeholders (tensors then load as ``None``).
+    :meth:`load` first checks the pickle's opcodes (:func:`_check_pickle`) and afterwards the
+    result's shape (:func:`_check_tree`); copies made for tensor views may total 64 MiB plus four
+    times the storage bytes read.
     """
 
     def __init__(self, file, source: str, storage_reader=None, byteorder: str = "<"):
+        if not (hasattr(file, "seekable") and file.seekable()):
+            file = io.BytesIO(file.read())
         super().__init__(file)
-        self.source, self.storage_reader, self.byteorder = source, storage_reader, byteorder
+        self.file, self.source, self.storage_reader, self.byteorder = file, source, storage_reader, byteorder
         self.storages: dict[str, _Storage] = {}
+        self.copy_budget = _COPY_BASE
+
+    def load(self):
+        start = self.file.tell()
+        end = self.file.seek(0, io.SEEK_END)
+        self.file.seek(start)
+        check_pickle(self.file, end, self.source)
+        self.file.seek(start)
+        obj = super().load()
+        check_tree(obj)
+        return obj
 
     def find_class(self, module: str, name: str):
         # protocol < 3 pickles written by Python 3 spell some globals the Python 2 way
@@ -126,7 +165,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if (module, name) in _CONTAINERS:
             return _CONTAINERS[(module, name)]
         if module == "torch._utils" and name in _REBUILDERS:
-            return getattr(self, _REBUILDERS[name])
+            return _Rebuilder(getattr(self, _REBUILDERS[name]))
         if module == "torch" and name in _STORAGE_DTYPES:
             code, is_bf16 = _STORAGE_DTYPES[name]
             return _StorageType(name, np.dtype(self.byteorder + code), is_bf16)
@@ -137,13 +176,16 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] in ("storage", b"storage")):
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+            raise pickle.UnpicklingError(f"unsupported persistent id {_brief.repr(pid)}")
         stype, key, numel = pid[1], pid[2], pid[4]
         key = key.decode("ascii") if isinstance(key, bytes) else key
-        if not isinstance(stype, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
-            raise pickle.UnpicklingError(f"malformed storage reference {pid!r}")
+        if not isinstance(stype, _StorageType) or not isinstance(key, str) or not isinstance(numel, int) \
+                or numel < 0:
+            raise pickle.UnpicklingError(f"malformed storage reference {_brief.repr(pid)}")
         if key not in self.storages:
             array = None if self.storage_reader is None else self.storage_reader(key, stype, numel)
+            if array is not None:
+                self.copy_budget += 4 * array.nbytes
             self.storages[key] = _Storage(array, stype)
         storage = self.storages[key]
         if storage.stype != stype:
@@ -152,6 +194,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         view = pid[5] if len(pid) == 6 else None
         if view is None:
             return storage
+        if not (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
+                and all(isinstance(v, int) and v >= 0 for v in view[1:])):
+            raise pickle.UnpicklingError(f"malformed storage view {_brief.repr(view)}")
         view_key, offset, view_numel = view           # legacy format: a slice of a root storage
         if view_key not in self.storages:
             sub = None if storage.array is None else storage.array[offset:offset + view_numel]
@@ -166,7 +211,8 @@ class RestrictedUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"tensor rebuilt from a {type(storage).__name__}, not a storage")
         size, stride = _int_tuple(size, "size"), _int_tuple(stride, "stride")
         if len(size) != len(stride) or not isinstance(offset, int) or offset < 0:
-            raise pickle.UnpicklingError(f"bad tensor geometry: offset={offset} size={size} stride={stride}")
+            raise pickle.UnpicklingError(f"bad tensor geometry: offset={_brief.repr(offset)} "
+                                         f"size={_brief.repr(size)} stride={_brief.repr(stride)}")
         if storage.array is None:
             return None
         flat, stype = storage.array, storage.stype
@@ -184,6 +230,11 @@ class RestrictedUnpickler(pickle.Unpickler):
                 storage.handed_out = True
                 out = flat.reshape(size)
             else:                                      # view / shared storage: an independent copy
+                self.copy_budget -= count * flat.dtype.itemsize
+                if self.copy_budget < 0:
+                    raise pickle.UnpicklingError(
+                        f"tensor views (offset {offset}, size {_brief.repr(size)}, stride {_brief.repr(stride)}) "
+                        "would copy far more bytes than the checkpoint's storages hold")
                 step = flat.dtype.itemsize
                 view = np.lib.stride_tricks.as_strided(
                     flat[offset:], shape=size, strides=[s * step for s in stride], writeable=False)
@@ -202,10 +253,15 @@ class RestrictedUnpickler(pickle.Unpickler):
         return data
 
 
-def _read_member(zf: zipfile.ZipFile, name: str) -> bytearray:
+def _read_member(zf: zipfile.ZipFile, name: str, archive_size: int) -> bytearray:
+    """A member's bytes; its recorded sizes are checked against the archive before allocating."""
     info = zf.getinfo(name)
-    if info.compress_type == zipfile.ZIP_STORED and info.file_size > info.compress_size:
-        raise zipfile.BadZipFile(f"member {name} claims more bytes than it stores")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"{zf.filename}: member {name} uses zip compression method {info.compress_type}; "
+                              "torch checkpoints are stored uncompressed (or deflated)")
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _DEFLATE_MAX_RATIO
+    if info.compress_size > archive_size - info.header_offset or info.file_size > ratio * info.compress_size + 64:
+        raise zipfile.BadZipFile(f"member {name} claims more bytes than the archive holds")
     buf = bytearray(info.file_size)
     with zf.open(info) as f:
         if f.readinto(buf) != info.file_size:
@@ -214,18 +270,19 @@ def _read_member(zf: zipfile.ZipFile, name: str) -> bytearray:
 
 
 def _load_zip(path: Path):
+    size = path.stat().st_size
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkls) != 1:
-            raise _FormatError(
+            raise CheckpointError(
                 f"{path} is a zip archive but not a torch.save checkpoint (no <archive>/data.pkl)")
         prefix = pkls[0][: -len("data.pkl")]
         order = "<"
         if prefix + "byteorder" in names:
-            order = ">" if zf.read(prefix + "byteorder").strip() == b"big" else "<"
+            order = ">" if _read_member(zf, prefix + "byteorder", size).strip() == b"big" else "<"
 
-        total = sum(i.file_size for i in zf.infolist() if i.filename.startswith(prefix + "data/"))
+        total = sum(min(i.file_size, size) for i in zf.infolist() if i.filename.startswith(prefix + "data/"))
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"reading {path.name}",
                    disable=total < 2**28)               # a bar only for large checkpoints
 
@@ -233,15 +290,16 @@ def _load_zip(path: Path):
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise pickle.UnpicklingError(f"storage record {member} is missing")
-            buf = _read_member(zf, member)
+            buf = _read_member(zf, member, size)
             bar.update(len(buf))
             if len(buf) < numel * stype.dtype.itemsize:
                 raise pickle.UnpicklingError(f"storage record {member} holds {len(buf)} bytes, "
                                              f"expected {numel} x {stype.dtype.itemsize}")
             return np.frombuffer(buf, dtype=stype.dtype, count=numel)
 
-        with zf.open(pkls[0]) as f, bar:
-            return RestrictedUnpickler(f, str(path), reader, order).load()
+        data_pkl = io.BytesIO(_read_member(zf, pkls[0], size))
+        with bar:
+            return RestrictedUnpickler(data_pkl, str(path), reader, order).load()
 
 
 def _load_legacy(path: Path):
@@ -252,7 +310,7 @@ def _load_legacy(path: Path):
     with open(path, "rb") as f:
         first = RestrictedUnpickler(f, str(path))
         if first.load() != LEGACY_MAGIC or first.load() != LEGACY_PROTOCOL:
-            raise _FormatError(f"{path} is not a torch checkpoint (bad magic number or protocol version)")
+            raise CheckpointError(f"{path} is not a torch checkpoint (bad magic number or protocol version)")
         sys_info = first.load()
         order = "<" if not isinstance(sys_info, dict) or sys_info.get("little_endian", True) else ">"
         start = f.tell()
@@ -282,8 +340,9 @@ def _load_legacy(path: Path):
 def load_torch_checkpoint(path: str | Path):
     """Unpickle a ``torch.save`` file safely; tensors become NumPy arrays, containers stay as saved.
 
-    Raises FileNotFoundError (missing), UnsafeCheckpointError (disallowed global, before it runs),
-    ValueError (truncated/corrupt file or unsupported legacy tar format).
+    Raises FileNotFoundError (missing path), and for any problem with the file's contents a
+    :class:`CheckpointError` (a ``ValueError``): :class:`UnsafeCheckpointError` for a disallowed
+    global (refused before it runs), otherwise "truncated or corrupt" / unsupported format.
     """
     path = Path(path)
     if not path.is_file():
@@ -296,11 +355,13 @@ def load_torch_checkpoint(path: str | Path):
         if head == b"PK\x03\x04":
             raise zipfile.BadZipFile("no end-of-archive record")
         if tarfile.is_tarfile(path):
-            raise _FormatError(f"{path} uses torch's pre-1.0 tar checkpoint format, which is unsupported; "
-                             "re-save it with a current torch.save")
+            raise CheckpointError(f"{path} uses torch's pre-1.0 tar checkpoint format, which is unsupported; "
+                                  "re-save it with a current torch.save")
         return _load_legacy(path)
-    except (UnsafeCheckpointError, _FormatError):
+    except CheckpointError:
         raise
-    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, struct.error, KeyError, ValueError,
-            TypeError, AttributeError, IndexError, OverflowError) as e:
-        raise ValueError(f"{path} is truncated or corrupt (not a readable torch checkpoint): {e}") from e
+    # RuntimeError covers RecursionError and zipfile's NotImplementedError / encrypted-member errors;
+    # OSError covers seeks to bad offsets recorded in a damaged archive (the file itself opened fine)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, struct.error, zlib.error, LookupError,
+            ValueError, TypeError, AttributeError, ArithmeticError, RuntimeError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupt (not a readable torch checkpoint): {e}") from e
