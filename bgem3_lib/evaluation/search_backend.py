@@ -46,9 +46,8 @@ class SearchBackend:
     def check(self) -> None:
         """Fail now (before any model load or encoding) if the Milvus URI cannot be reached."""
         if self.kind == "milvus":
-            from pymilvus import MilvusClient
-
-            from ..retrieval.milvus_index import MilvusIndexError
+            from ..retrieval.milvus_index import MilvusIndexError, _pymilvus
+            MilvusClient = _pymilvus().MilvusClient
             uri = self.uri or default_uri()
             try:
                 MilvusClient(uri=uri, token=self.token or "", timeout=30).list_collections()

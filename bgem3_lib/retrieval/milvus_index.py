@@ -18,11 +18,17 @@ The URI is ``$BGEM3_MILVUS_URI`` if set, else an embedded Milvus Lite database u
 ``$BGEM3_HOME/milvus/`` (:func:`default_uri`); ``http://host:19530`` (plus a token) is a Milvus server or
 cluster, with nothing else changed. ``python -m milvus_lite server --data-dir D --port P`` serves a Lite
 database over gRPC at ``http://127.0.0.1:P``.
+
+MindSpore's generated protobuf modules need protobuf's pure-Python runtime, which a process fixes when it
+first imports protobuf. So :func:`_pymilvus` imports the client under ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=
+python`` unless the variable is set, and MindSpore can still load afterwards. A search-only process that
+never loads MindSpore may set it to ``upb``: Milvus calls then decode about 3x faster (``benchmarks/milvus.py``).
 """
 from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -38,6 +44,14 @@ _MAX_TOPK = 16384                     # Milvus' limit on one search's limit
 
 class MilvusIndexError(RuntimeError):
     """The Milvus index cannot serve this request (unreachable URI, another model's collection, ...)."""
+
+
+def _pymilvus():
+    """The ``pymilvus`` module, imported so that MindSpore can be imported later in this process."""
+    if "google.protobuf" not in sys.modules:
+        os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+    import pymilvus
+    return pymilvus
 
 
 def default_uri() -> str:
@@ -92,7 +106,7 @@ class MilvusIndex:
 
     def __init__(self, name: str, meta: Mapping, uri: str | None = None, token: str | None = None,
                  dense_kind: str = "flat", hnsw_m: int = 16, ef_construction: int = 200, ef_search: int = 256):
-        from pymilvus import MilvusClient
+        MilvusClient = _pymilvus().MilvusClient
         if dense_kind not in DENSE_KINDS:
             raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got {dense_kind!r}")
         missing = {"model", "corpus", "n", "dim"} - set(meta)
@@ -118,7 +132,7 @@ class MilvusIndex:
 
     # ------------------------------------------------------------ collection
     def _create(self, hnsw_m: int, ef_construction: int) -> None:
-        from pymilvus import DataType
+        DataType = _pymilvus().DataType
         c = self.client
         schema = c.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
@@ -255,18 +269,25 @@ class MilvusIndex:
                 row[len(hits):] = np.setdiff1d(np.arange(depth + len(hits)), hits)[:depth - len(hits)]
         return out
 
-    def vectors(self, ids: np.ndarray) -> tuple[np.ndarray, list[dict[int, float]]]:
-        """Stored (dense [U, H] float32, lexical dicts) of ``ids``, in the given order."""
+    def vectors(self, ids: np.ndarray, dense: bool = True, lexical: bool = True
+                ) -> tuple[np.ndarray | None, list[dict[int, float]] | None]:
+        """Stored (dense [U, H] float32, lexical dicts) of ``ids``, in the given order; only the fields
+        asked for are read (None for the others)."""
         ids = [int(i) for i in ids]
+        fields = ["id"] + ["dense"] * dense + ["sparse"] * lexical
+        if not (dense or lexical):
+            return None, None
         got = {}
         for s in range(0, len(ids), 1000):
-            for row in self.client.get(self.name, ids=ids[s:s + 1000], output_fields=["id", "dense", "sparse"]):
+            for row in self.client.get(self.name, ids=ids[s:s + 1000], output_fields=fields):
                 got[int(row["id"])] = row
         missing = [i for i in ids if i not in got]
         if missing:
             raise MilvusIndexError(f"collection {self.name!r} lacks rows {missing[:5]}: ingest it again")
-        dense = np.asarray([got[i]["dense"] for i in ids], np.float32).reshape(len(ids), self.meta["dim"])
-        return dense, [{t: w for t, w in got[i]["sparse"].items() if t != NO_TOKENS} for i in ids]
+        vecs = np.asarray([got[i]["dense"] for i in ids], np.float32).reshape(len(ids), self.meta["dim"]) \
+            if dense else None
+        lex = [{t: w for t, w in got[i]["sparse"].items() if t != NO_TOKENS} for i in ids] if lexical else None
+        return vecs, lex
 
     def milvus_hybrid(self, q_dense: np.ndarray, q_lexical: Sequence[Mapping[str, float]], k: int,
                       ranker: str, weights: Sequence[float] = (1.0, 0.3), depth: int = 1000,
@@ -274,7 +295,8 @@ class MilvusIndex:
         """Milvus' own fusion of its dense and sparse top-``depth``: ``ranker`` "weighted"
         (``WeightedRanker``, which normalises each score before weighting) or "rrf" (``RRFRanker``).
         -> (ids [Nq, k] int64, Milvus' fused scores [Nq, k] float32)."""
-        from pymilvus import AnnSearchRequest, RRFRanker, WeightedRanker
+        pm = _pymilvus()
+        AnnSearchRequest, RRFRanker, WeightedRanker = pm.AnnSearchRequest, pm.RRFRanker, pm.WeightedRanker
         if ranker not in ("weighted", "rrf"):
             raise ValueError(f"ranker must be 'weighted' or 'rrf', got {ranker!r}")
         depth, k = self._depth(depth), min(int(k), self.meta["n"])

@@ -49,12 +49,12 @@ class MilvusRetriever(HybridRetriever):
         return self.index.sparse_top(q_lexical, depth)
 
     def doc_vectors(self, ids: np.ndarray, dense: bool, lexical: bool) -> tuple:
-        d, lex = self.index.vectors(ids)
+        d, lex = self.index.vectors(ids, dense=dense, lexical=lexical)
         csr = None
         if lexical:
             csr = lexical_weights_to_csr(lex, self.vocab_size)
             csr.sort_indices()
-        return (d if dense else None), csr
+        return d, csr
 
     def doc_colbert(self) -> Sequence[np.ndarray]:
         return self.colbert_vecs

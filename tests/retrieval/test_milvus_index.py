@@ -173,8 +173,9 @@ def _free_port() -> int:
 def lite_server(tmp_path):
     """``python -m milvus_lite server`` on 127.0.0.1, stopped after the test."""
     port = _free_port()
+    log = open(tmp_path / "server.log", "w")           # a file, not a pipe nobody reads (it could fill up)
     proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "srv"),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.PIPE,
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -183,7 +184,8 @@ def lite_server(tmp_path):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"milvus_lite server exited: {proc.stdout.read()[-2000:]}") from None
+                raise RuntimeError("milvus_lite server exited: "
+                                   f"{(tmp_path / 'server.log').read_text()[-2000:]}") from None
             time.sleep(0.2)
     try:
         yield f"http://127.0.0.1:{port}"
@@ -193,6 +195,7 @@ def lite_server(tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def test_server_mode_over_localhost_ranks_the_same(lite_server, corpus):
@@ -216,3 +219,20 @@ def test_hnsw_is_an_option_close_to_exact_and_kept_apart(tmp_path, corpus):
         MilvusIndex("bgem3_hnsw", _meta(240), uri=uri)                  # built as HNSW, asked as FLAT
     with pytest.raises(ValueError, match="dense_kind must be one of"):
         MilvusIndex("bgem3_ivf", _meta(240), uri=uri, dense_kind="ivf")
+
+
+def test_mindspore_still_imports_after_a_milvus_index(tmp_path):
+    """MindSpore's protobuf modules need protobuf's pure-Python runtime, fixed at protobuf's first import:
+    a process that opens a Milvus index first must still be able to load the model."""
+    code = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT / "tests" / "retrieval")!r})
+        from test_milvus_index import _index
+        _index({str(tmp_path / "m.db")!r}).count()
+        import mindspore
+        print("ok", mindspore.__version__)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(env, PYTHONPATH=str(ROOT), GLOG_v="3"), timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-3000:]
