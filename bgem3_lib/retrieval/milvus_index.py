@@ -300,17 +300,24 @@ class MilvusIndex:
         if ranker not in ("weighted", "rrf"):
             raise ValueError(f"ranker must be 'weighted' or 'rrf', got {ranker!r}")
         depth, k = self._depth(depth), min(int(k), self.meta["n"])
+        q_dense = np.asarray(q_dense, np.float32)
         ids = np.full((len(q_dense), k), -1, np.int64)
         scores = np.full((len(q_dense), k), -np.inf, np.float32)
-        for i, (qd, ql) in enumerate(zip(np.asarray(q_dense, np.float32), q_lexical)):
-            reqs = [AnnSearchRequest(data=[qd.tolist()], anns_field="dense", param={"metric_type": "IP"},
-                                     limit=depth)]
-            if ql:
-                reqs.append(AnnSearchRequest(data=[lexical_to_milvus(ql)], anns_field="sparse",
-                                             param={"metric_type": "IP"}, limit=depth))
-            rank = (WeightedRanker(*[float(w) for w in weights[:len(reqs)]]) if ranker == "weighted"
-                    else RRFRanker(rrf_k))
-            hits = self.client.hybrid_search(self.name, reqs=reqs, ranker=rank, limit=k, output_fields=["id"])[0]
-            ids[i, :len(hits)] = [h["id"] for h in hits]
-            scores[i, :len(hits)] = [h["distance"] for h in hits]
+        has_tokens = [bool(ql) for ql in q_lexical]                         # one hybrid_search per group and
+        groups = [([i for i, t in enumerate(has_tokens) if t], True), ([i for i, t in enumerate(has_tokens) if not t],
+                                                                        False)]
+        for rows, lexical in groups:                                        # block of queries, not per query
+            for s in range(0, len(rows), 256):
+                block = rows[s:s + 256]
+                reqs = [AnnSearchRequest(data=[q_dense[i].tolist() for i in block], anns_field="dense",
+                                         param={"metric_type": "IP"}, limit=depth)]
+                if lexical:
+                    reqs.append(AnnSearchRequest(data=[lexical_to_milvus(q_lexical[i]) for i in block],
+                                                 anns_field="sparse", param={"metric_type": "IP"}, limit=depth))
+                rank = (WeightedRanker(*[float(w) for w in weights[:len(reqs)]]) if ranker == "weighted"
+                        else RRFRanker(rrf_k))
+                hits = self.client.hybrid_search(self.name, reqs=reqs, ranker=rank, limit=k, output_fields=["id"])
+                for i, row in zip(block, hits):
+                    ids[i, :len(row)] = [h["id"] for h in row]
+                    scores[i, :len(row)] = [h["distance"] for h in row]
         return ids, scores

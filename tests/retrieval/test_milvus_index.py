@@ -90,6 +90,11 @@ def test_milvus_rankers_are_named_options_and_differ_from_the_paper_sum(tmp_path
         ids, scores = r.search(queries, "dense+sparse", k=10, hybrid_depth=60, weights=(1, 0.3, 0), fusion=fusion)
         assert ids.shape == (25, 10) and (ids >= 0).all() and np.isfinite(scores).all()
         assert not np.allclose(scores, paper[1])                 # Milvus' scores are not Eq. 1's raw sum
+        for i in (0, 2, 4):                                      # batched = one query at a time (2: no tokens)
+            one = {key: v[i:i + 1] for key, v in queries.items()}
+            got = r.search(one, "dense+sparse", k=10, hybrid_depth=60, weights=(1, 0.3, 0), fusion=fusion)
+            np.testing.assert_array_equal(got[0][0], ids[i])
+            np.testing.assert_allclose(got[1][0], scores[i], rtol=1e-6)
     with pytest.raises(ValueError, match="dense and sparse only"):
         r.search(queries, "all", fusion="milvus-rrf")
     with pytest.raises(ValueError, match="fusion must be one of"):
