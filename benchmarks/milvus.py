@@ -38,7 +38,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ from bgem3_lib.evaluation.offline_sets import TYDI_LANGS  # noqa: E402
 from bgem3_lib.retrieval.index import VOCAB_SIZE  # noqa: E402
 from bgem3_lib.retrieval.milvus_index import MilvusIndex, collection_name  # noqa: E402
 from bgem3_lib.retrieval.milvus_retriever import MilvusRetriever  # noqa: E402
+from bgem3_lib.retrieval.milvus_server import start_lite_server, stop_lite_server  # noqa: E402
 from bgem3_lib.retrieval.modes import MODES  # noqa: E402
 from bgem3_lib.retrieval.retriever import HybridRetriever  # noqa: E402
 
@@ -154,43 +154,6 @@ def du(path: Path) -> dict:
         allocated += st.st_blocks * 512
         files += 1
     return {"apparent_bytes": apparent, "allocated_bytes": allocated, "files": files}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_lite_server(data_dir: Path, log_path: Path, timeout: float = 120.0) -> tuple[subprocess.Popen, str, float]:
-    """``python -m milvus_lite server`` on 127.0.0.1:<free port>; returns once the port accepts connections."""
-    port = free_port()
-    log = open(log_path, "w")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(data_dir),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    log.close()                       # the child holds its own handle
-    while time.perf_counter() - t0 < timeout:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"http://127.0.0.1:{port}", time.perf_counter() - t0
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"milvus_lite server exited ({proc.returncode}): "
-                                   f"{log_path.read_text()[-2000:]}") from None
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"milvus_lite server did not accept connections within {timeout:.0f} s")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is not None and proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def build_milvus(uri: str, name: str, meta: dict, enc: dict, docids, langs, vocab: int) -> tuple:
@@ -509,7 +472,7 @@ def measure(args, prep: dict, queries: list[dict], tmp: Path) -> dict:
                     r.index.client.close()
                 except Exception as e:             # report, keep cleaning up
                     print(f"closing {r.index.uri}: {type(e).__name__}: {e}")
-        stop(proc)
+        stop_lite_server(proc)
 
     agreement = compare(ids, scores, docids)
     for ex in agreement["examples"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ import pytest
 
 from bgem3_lib.retrieval.milvus_index import NO_TOKENS, MilvusIndex, MilvusIndexError, collection_name
 from bgem3_lib.retrieval.milvus_retriever import MilvusRetriever
+from bgem3_lib.retrieval.milvus_server import start_lite_server, stop_lite_server
 from bgem3_lib.retrieval.modes import MODES
 from bgem3_lib.retrieval.retriever import HybridRetriever
 
@@ -168,39 +168,14 @@ def test_bad_input_and_faults_are_named(tmp_path, corpus):
     assert time.monotonic() - start < 60
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lite_server(tmp_path):
     """``python -m milvus_lite server`` on 127.0.0.1, stopped after the test."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")           # a file, not a pipe nobody reads (it could fill up)
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "srv"),
-                             "--host", "127.0.0.1", "--port", str(port)], stdout=log,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError("milvus_lite server exited: "
-                                   f"{(tmp_path / 'server.log').read_text()[-2000:]}") from None
-            time.sleep(0.2)
+    proc, uri, _ = start_lite_server(tmp_path / "srv", tmp_path / "server.log")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield uri
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop_lite_server(proc)
 
 
 def test_server_mode_over_localhost_ranks_the_same(lite_server, corpus):
