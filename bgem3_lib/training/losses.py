@@ -32,10 +32,12 @@ from ..retrieval.modes import TEACHER_WEIGHTS
 _FLOATS = (ms.float16, ms.bfloat16, ms.float32, ms.float64)
 
 VARIANT_LAMBDAS = {
-    # FlagEmbedding 1.4.2 (m3/modeling.py): sparse terms weighted 0.1, dense and ColBERT 1.
-    "official": (1.0, 0.1, 1.0),
-    # Eq. 2-4 of the paper read with lambda = (1, 0.3, 1).
-    "paper": (1.0, 0.3, 1.0),
+    # The paper's final text (Sec. 3.3, fine-tuning stage) and FlagEmbedding 1.4.2 (m3/modeling.py) alike:
+    # sparse terms weighted 0.1, dense and ColBERT 1.
+    "paper": (1.0, 0.1, 1.0),
+    # NOT in any version of the paper: lambda set to the teacher's weights w = (1, 0.3, 1). An ablation of
+    # the choice of lambda, kept to show what it changes.
+    "lambda=w": (1.0, 0.3, 1.0),
 }
 
 
@@ -250,7 +252,7 @@ def m3_loss(
     target,
     weights: Sequence[float] = TEACHER_WEIGHTS,
     temperature: float = 0.02,
-    variant: str = "official",
+    variant: str = "paper",
     use_self_distill: bool = True,
     lambdas: Sequence[float] | None = None,
 ) -> dict:
@@ -263,15 +265,16 @@ def m3_loss(
         temperature: ``tau`` dividing every score (FlagEmbedding's default 0.02). FlagEmbedding divides
             each mode's scores by ``tau`` before summing them into the teacher; that is the same as
             ``s_inter / tau`` here.
-        variant: ``"official"`` (FlagEmbedding 1.4.2: lambda = (1, 0.1, 1)) or ``"paper"`` (lambda =
-            (1, 0.3, 1)); ``lambdas`` overrides either.
+        variant: ``"paper"`` (lambda = (1, 0.1, 1): the paper's Sec. 3.3 and FlagEmbedding 1.4.2) or
+            ``"lambda=w"`` (lambda = the teacher's w = (1, 0.3, 1), used by no version of the paper);
+            ``lambdas`` overrides either.
         use_self_distill: if False (ablation) the total is ``L`` alone.
 
     Returns ``{"dense", "lex", "mul", "inter", "L"}`` plus, with self-distillation,
     ``{"distill_dense", "distill_lex", "distill_mul", "L_distill"}``, and ``"total"``: 0-d Tensors,
     ``total = (L + L_distill) / 2`` or ``L``.
 
-    Example (B = 1, two candidates, tau = 1, official): every mode scores ``[[1, 0]]``, so each
+    Example (B = 1, two candidates, tau = 1, paper): every mode scores ``[[1, 0]]``, so each
     ``L_* = log(1 + e^-1) = 0.313262``; ``s_inter = [[2.3, 0]]`` gives ``L_inter = log(1 + e^-2.3) =
     0.095545``; ``L = (2.1 * 0.313262 + 0.095545) / 4 = 0.188349``; each ``L'_* = 0.908877 * 0.313262 +
     0.091123 * 1.313262 = 0.404385``, ``L' = 2.1 * 0.404385 / 3 = 0.283069``;

@@ -81,7 +81,7 @@ class TrainConfig:
     temperature: float = 0.02
     use_self_distill: bool = True
     teacher_weights: tuple = TEACHER_WEIGHTS
-    lambdas: tuple = (1.0, 0.1, 1.0)  # official combination; (1, 0.3, 1) for the paper's Eq. 2-4
+    lambdas: tuple = (1.0, 0.1, 1.0)  # the paper's Sec. 3.3 (and FlagEmbedding's): VARIANT_LAMBDAS["paper"]
     token_budget: int = 4096
     boundaries: tuple = (64, 128, 256, 512)
     seed: int = 0

@@ -172,7 +172,7 @@ def test_self_distill_matches_numpy(rng, tau):
     assert abs(scal(self_distill_loss(s, t, tau)) - np_self_distill(s, t, tau)) <= TOL
 
 
-@pytest.mark.parametrize("variant, lambdas", [("official", (1.0, 0.1, 1.0)), ("paper", (1.0, 0.3, 1.0))])
+@pytest.mark.parametrize("variant, lambdas", [("paper", (1.0, 0.1, 1.0)), ("lambda=w", (1.0, 0.3, 1.0))])
 def test_m3_loss_matches_reference(rng, variant, lambdas):
     sd, sl, sm = make_scores(rng)
     target = in_batch_targets(3, 2)
@@ -190,10 +190,11 @@ def test_m3_loss_matches_reference(rng, variant, lambdas):
 def test_m3_loss_variants_differ_and_lambdas_override(rng):
     sd, sl, sm = make_scores(rng)
     t = [0, 2, 4]
-    official = scal(m3_loss(sd, sl, sm, t)["total"])
-    paper = scal(m3_loss(sd, sl, sm, t, variant="paper")["total"])
-    assert official != pytest.approx(paper)
-    assert scal(m3_loss(sd, sl, sm, t, lambdas=(1.0, 0.3, 1.0))["total"]) == pytest.approx(paper, abs=1e-12)
+    paper = scal(m3_loss(sd, sl, sm, t)["total"])                         # the default is the paper's lambda
+    assert paper == pytest.approx(scal(m3_loss(sd, sl, sm, t, lambdas=(1.0, 0.1, 1.0))["total"]), abs=1e-12)
+    teacher_w = scal(m3_loss(sd, sl, sm, t, variant="lambda=w")["total"])
+    assert paper != pytest.approx(teacher_w)
+    assert scal(m3_loss(sd, sl, sm, t, lambdas=(1.0, 0.3, 1.0))["total"]) == pytest.approx(teacher_w, abs=1e-12)
 
 
 # ---------------------------------------------------------------- gradients (float64)
