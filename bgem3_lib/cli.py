@@ -229,14 +229,9 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def npz_path(out: Path) -> Path:
-    """The file ``encode --out`` writes: ``out`` itself when it ends in ``.npz``, else ``out.npz``."""
-    return out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
-
-
 def _cmd_encode(args) -> int:
     from .evaluation.corpus_cache import model_reps, resumable_encode
-    from .evaluation.encoding_store import encodings_to_npz
+    from .evaluation.encoding_store import encodings_to_npz, npz_path
     from .model.bgem3 import BGEM3
     texts = read_texts(args.input)
     if args.out.is_dir() or npz_path(args.out).is_dir():

@@ -176,6 +176,17 @@ def gather_rows(parts: Sequence[tuple[np.ndarray, Mapping]], n: int) -> dict:
     return out
 
 
+def npz_path(path: str | Path) -> Path:
+    """The file :func:`encodings_to_npz` writes for ``path``: ``path`` itself when it ends in ``.npz``, else
+    ``path.npz``.
+
+    >>> npz_path("vecs").name, npz_path("vecs.npz").name
+    ('vecs.npz', 'vecs.npz')
+    """
+    path = Path(path)
+    return path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+
+
 def encodings_to_npz(enc: Mapping, path: str | Path, line_numbers=None) -> Path:
     """One ``.npz`` with the arrays of :func:`save_encodings` (``dense``, ``sparse_*``, ``colbert*``) and,
     when given, ``line_numbers`` [N] (the input line of each row). Written to a temporary file in the same
@@ -192,8 +203,7 @@ def encodings_to_npz(enc: Mapping, path: str | Path, line_numbers=None) -> Path:
         raise ValueError("nothing to save: the encodings hold no representation")
     if line_numbers is not None:
         arrays["line_numbers"] = np.asarray(line_numbers, dtype=np.int64)
-    path = Path(path)
-    path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+    path = npz_path(path)
     with atomic_write(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays)
     return path

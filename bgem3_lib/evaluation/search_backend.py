@@ -20,7 +20,7 @@ import numpy as np
 
 from ..model.fingerprint import model_fingerprint
 from ..retrieval.index import VOCAB_SIZE
-from ..retrieval.milvus_index import DENSE_KINDS, MilvusIndex, collection_name, default_uri
+from ..retrieval.milvus_index import DENSE_KINDS, MilvusIndex, collection_name, connect
 from ..retrieval.milvus_retriever import MilvusRetriever
 from ..retrieval.retriever import HybridRetriever
 from .corpus_cache import cache_key, corpus_fingerprint
@@ -46,13 +46,7 @@ class SearchBackend:
     def check(self) -> None:
         """Fail now (before any model load or encoding) if the Milvus URI cannot be reached."""
         if self.kind == "milvus":
-            from ..retrieval.milvus_index import MilvusIndexError, _pymilvus
-            MilvusClient = _pymilvus().MilvusClient
-            uri = self.uri or default_uri()
-            try:
-                MilvusClient(uri=uri, token=self.token or "", timeout=30).list_collections()
-            except Exception as e:
-                raise MilvusIndexError(f"cannot reach Milvus at {uri!r}: {type(e).__name__}: {e}") from None
+            connect(self.uri, self.token)
 
     def needs(self) -> tuple[str, ...]:
         """Representations the backend itself stores (Milvus: dense and sparse)."""

@@ -64,6 +64,19 @@ def default_uri() -> str:
     return str(folder / "bgem3.db")
 
 
+def connect(uri: str | None = None, token: str | None = None):
+    """A client for ``uri`` (default :func:`default_uri`) with ``token`` (default ``$BGEM3_MILVUS_TOKEN``),
+    proven to answer -> ``(client, uri)``; :class:`MilvusIndexError` naming the URI otherwise."""
+    uri = uri or default_uri()
+    token = token if token is not None else os.environ.get("BGEM3_MILVUS_TOKEN", "")
+    try:
+        client = _pymilvus().MilvusClient(uri=uri, token=token, timeout=30)
+        client.list_collections()
+    except Exception as e:                                 # pymilvus raises its own MilvusException family
+        raise MilvusIndexError(f"cannot reach Milvus at {uri!r}: {type(e).__name__}: {e}") from None
+    return client, uri
+
+
 def collection_name(corpus_fp: str, model_fp: str) -> str:
     """Milvus-safe collection name of a (corpus, model) pair of hex fingerprints.
 
@@ -106,7 +119,6 @@ class MilvusIndex:
 
     def __init__(self, name: str, meta: Mapping, uri: str | None = None, token: str | None = None,
                  dense_kind: str = "flat", hnsw_m: int = 16, ef_construction: int = 200, ef_search: int = 256):
-        MilvusClient = _pymilvus().MilvusClient
         if dense_kind not in DENSE_KINDS:
             raise ValueError(f"dense_kind must be one of {DENSE_KINDS}, got {dense_kind!r}")
         missing = {"model", "corpus", "n", "dim"} - set(meta)
@@ -117,14 +129,8 @@ class MilvusIndex:
         self.name, self.dense_kind, self.ef_search = name, dense_kind, int(ef_search)
         self.meta = {"version": META_VERSION, **{k: meta[k] for k in ("model", "corpus")},
                      "n": int(meta["n"]), "dim": int(meta["dim"]), "dense_kind": dense_kind}
-        self.uri = uri or default_uri()
-        token = token if token is not None else os.environ.get("BGEM3_MILVUS_TOKEN", "")
-        try:
-            self.client = MilvusClient(uri=self.uri, token=token, timeout=30)
-            exists = self.client.has_collection(name)
-        except Exception as e:                             # pymilvus raises its own MilvusException family
-            raise MilvusIndexError(f"cannot reach Milvus at {self.uri!r}: {type(e).__name__}: {e}") from None
-        if exists:
+        self.client, self.uri = connect(uri, token)
+        if self.client.has_collection(name):
             self._check_meta()
         else:
             self._create(hnsw_m, ef_construction)

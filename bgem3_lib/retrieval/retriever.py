@@ -171,23 +171,26 @@ class HybridRetriever:
         return union_rows(self.dense_top(queries["dense_vecs"], depth),
                           self.sparse_top(queries["lexical_weights"], depth))
 
+    def pair_scores(self, queries: Mapping, cand: np.ndarray, dense: bool, lexical: bool) -> tuple:
+        """Exact s_dense / s_lex [Nq, C] float32 of each query against its candidates (:func:`exact_scores`
+        on the backend's stored vectors); None for a side not asked for."""
+        d, lex = self.doc_vectors(np.unique(cand[cand >= 0]), dense, lexical)
+        q_lex = q_dense = None
+        if lexical:
+            q_lex = lexical_weights_to_csr(queries["lexical_weights"], lex.shape[1])
+            q_lex.sort_indices()
+        if dense:
+            q_dense = np.asarray(_finite_matrix("query dense_vecs", queries["dense_vecs"]), np.float32)
+            if q_dense.shape[1] != d.shape[1]:
+                raise ValueError(f"query dense dim {q_dense.shape[1]} != corpus dim {d.shape[1]}")
+        return exact_scores(q_dense, q_lex, cand, d, lex)
+
     def score_candidates(self, queries: Mapping, cand: np.ndarray, mode: str,
                          weights: Sequence[float]) -> np.ndarray:
         """The score of ``mode`` for every candidate [Nq, C] (float32, the weighted sum of
         :func:`~bgem3_lib.retrieval.modes.fuse`; -inf at pads)."""
         need = NEEDS[mode]
-        want_dense = "dense" in need and mode != "colbert"
-        ids = np.unique(cand[cand >= 0])
-        d, lex = self.doc_vectors(ids, want_dense, "sparse" in need)
-        q_lex = None
-        if "sparse" in need:
-            q_lex = lexical_weights_to_csr(queries["lexical_weights"], lex.shape[1])
-            q_lex.sort_indices()
-        q_dense = np.asarray(_finite_matrix("query dense_vecs", queries["dense_vecs"]), np.float32) \
-            if want_dense else None
-        if q_dense is not None and q_dense.shape[1] != d.shape[1]:
-            raise ValueError(f"query dense dim {q_dense.shape[1]} != corpus dim {d.shape[1]}")
-        dense, sparse = exact_scores(q_dense, q_lex, cand, d, lex)
+        dense, sparse = self.pair_scores(queries, cand, "dense" in need and mode != "colbert", "sparse" in need)
         colbert = None
         if "colbert" in need:
             colbert = np.where(cand >= 0, colbert_rerank(queries["colbert_vecs"], self.doc_colbert(), cand),
@@ -251,13 +254,7 @@ class HybridRetriever:
         for s in range(0, len(q_dense), step):
             block = {"dense_vecs": q_dense[s:s + step], "lexical_weights": queries["lexical_weights"][s:s + step]}
             cand = self.candidate_ids(block, "dense+sparse", 1, hybrid_depth=depth)
-            ids = np.unique(cand[cand >= 0])
-            d, lex = self.doc_vectors(ids, True, True)
-            if block["dense_vecs"].shape[1] != d.shape[1]:
-                raise ValueError(f"query dense dim {block['dense_vecs'].shape[1]} != corpus dim {d.shape[1]}")
-            q_lex = lexical_weights_to_csr(block["lexical_weights"], lex.shape[1])
-            q_lex.sort_indices()
-            dense, sparse = exact_scores(block["dense_vecs"], q_lex, cand, d, lex)
+            dense, sparse = self.pair_scores(block, cand, True, True)
             parts.append((cand, dense, sparse))
         width = max(p[0].shape[1] for p in parts)
 
