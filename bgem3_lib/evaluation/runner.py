@@ -32,7 +32,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..paths import file_lock, publish_set
-from ..retrieval.metrics import answer_recall_at_k, answer_tokens, evaluate_run, mean_scores
+from ..retrieval.metrics import answer_hits_at_k, answer_tokens, evaluate_run, mean_scores
 from ..retrieval.modes import NEEDS, needed_representations, paper_weights, parse_modes
 from . import benchmark_data as bd
 from .corpus_cache import corpus_encodings, model_reps
@@ -150,9 +150,13 @@ def _rows(task, lang, mode, scores: dict[str, float]) -> list[dict]:
 def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = None,
                  weights: Sequence[float] | None = None, max_length: int | None = None, batch_size: int = 32,
                  shard: tuple[int, int] = (0, 1), cache_root: str | Path | None = None,
-                 backend: SearchBackend = MEMORY) -> list[dict] | None:
+                 backend: SearchBackend = MEMORY, per_query: dict | None = None) -> list[dict] | None:
     """Metric rows for one evaluation set (None on shard ranks > 0, which only encode); ``backend``: where
-    the corpus is searched (:class:`~bgem3_lib.evaluation.search_backend.SearchBackend`)."""
+    the corpus is searched (:class:`~bgem3_lib.evaluation.search_backend.SearchBackend`).
+
+    ``per_query``: a dict to fill with each row's per-query values, ``{(task, lang, mode, metric): {qid:
+    value}}``, whose means are the rows' values (for paired confidence intervals:
+    :mod:`~bgem3_lib.evaluation.significance`)."""
     task = task or es.name
     run_modes, _ = split_modes(model, modes)
     if not run_modes:
@@ -193,13 +197,23 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
             for q, row in zip(qids, ids):
                 row = row[row >= 0]
                 run[q] = {docids[j]: float(len(row) - r) for r, j in enumerate(row)}   # tie-free rank values
-            rows += _rows(task, es.lang, mode, mean_scores(evaluate_run(run, es.qrels, IR_METRICS)))
+            values = evaluate_run(run, es.qrels, IR_METRICS)
+            rows += _rows(task, es.lang, mode, mean_scores(values))
+            _keep(per_query, task, es.lang, mode, values)
         if answered:
             ranked = [[texts[j] for j in ids[i] if j >= 0] for i in answered]
             alts = [es.answers[qids[i]] for i in answered]
-            rows += _rows(task, es.lang, mode, {f"answer_recall@{k_}": answer_recall_at_k(ranked, alts, k_)
-                                                for k_ in ANSWER_KS})
+            hits = {f"answer_recall@{k_}": answer_hits_at_k(ranked, alts, k_) for k_ in ANSWER_KS}
+            rows += _rows(task, es.lang, mode, {m: float(h.mean()) for m, h in hits.items()})
+            _keep(per_query, task, es.lang, mode,
+                  {m: {qids[i]: float(v) for i, v in zip(answered, h)} for m, h in hits.items()})
     return rows
+
+
+def _keep(per_query: dict | None, task: str, lang: str, mode: str, values: dict[str, dict[str, float]]) -> None:
+    if per_query is not None:
+        for metric, by_qid in values.items():
+            per_query[task, lang, mode, metric] = dict(by_qid)
 
 
 def _with_averages(df: pd.DataFrame) -> pd.DataFrame:
@@ -230,7 +244,7 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
              out_dir: str | Path = "eval_results", weights: Sequence[float] | None = None,
              max_length: int | None = None, batch_size: int = 32, shard=None, limit: int | None = None,
              cache_root: str | Path | None = None, device: str | None = None, limit_docs: int | None = None,
-             seed: int = 0, backend: SearchBackend = MEMORY) -> pd.DataFrame:
+             seed: int = 0, backend: SearchBackend = MEMORY, per_query: dict | None = None) -> pd.DataFrame:
     """Evaluate ``model`` (a ``BGEM3`` or a name/path) on ``task``; write and return the results table.
 
     ``limit``: the first ``limit`` queries per language. ``limit_docs``: a seeded sub-corpus of that many
@@ -240,6 +254,7 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
 
     ``shard``: ``"i/n"``, ``(i, n)`` or None (then taken from ``msrun``'s environment, else 1 process).
     Ranks > 0 only encode their corpus shards and return an empty table; rank 0 writes the files.
+    ``per_query``: a dict filled with the per-query values behind every row (see :func:`evaluate_set`).
     """
     check_task(task)
     langs = check_langs(task, langs)
@@ -257,10 +272,10 @@ def run_eval(task: str, model, modes: Sequence[str] = ("dense",), langs: Sequenc
         raise ValueError(f"none of the modes {list(modes)} can run with model {model.source!r}")
     if rank != 0:
         return _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world), limit,
-                          cache_root, limit_docs, seed, backend)[0]
+                          cache_root, limit_docs, seed, backend, per_query)[0]
     with out_dir_lock(out_dir):
         df, notes = _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, (rank, world),
-                               limit, cache_root, limit_docs, seed, backend)
+                               limit, cache_root, limit_docs, seed, backend, per_query)
         df = _with_averages(df)
         write_results(df, out_dir, notes)
     with pd.option_context("display.width", 200, "display.max_columns", 40, "display.precision", 4):
@@ -276,7 +291,7 @@ def out_dir_lock(out_dir: str | Path):
 
 
 def _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, shard, limit, cache_root,
-               limit_docs, seed, backend) -> tuple[pd.DataFrame, list[str]]:
+               limit_docs, seed, backend, per_query=None) -> tuple[pd.DataFrame, list[str]]:
     rank, world = shard
     rows, shared, notes = [], {}, []
     for lang in langs:
@@ -290,7 +305,7 @@ def _run_langs(task, model, run_modes, langs, weights, max_length, batch_size, s
         notes.append(note)
         print(f"[eval] {note}")
         got = evaluate_set(model, es, run_modes, task, weights, max_length, batch_size, (rank, world),
-                           cache_root, backend)
+                           cache_root, backend, per_query)
         if got is not None:
             rows += got
     if rank != 0:

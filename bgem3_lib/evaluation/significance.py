@@ -63,3 +63,68 @@ def format_ci(r: Mapping, scale: float = 100.0, digits: int = 1) -> str:
     """
     f = f"{{:+.{digits}f}}"
     return f"{f.format(r['diff'] * scale)} [{f.format(r['low'] * scale)}, {f.format(r['high'] * scale)}]"
+
+
+def macro_bootstrap(pairs: Mapping[str, tuple[Sequence[float], Sequence[float]]], n_boot: int = 10_000,
+                    level: float = 0.95, seed: int = 0) -> dict:
+    """The difference of two macro averages (mean over strata, e.g. languages, of the mean over their queries)
+    and its stratified paired-bootstrap interval: each replicate resamples queries within every stratum.
+
+    ``pairs``: ``{stratum: (a [n_s], b [n_s])}``, paired per-query values. This is the interval for an
+    "avg" row that averages per-language means, where a pooled :func:`paired_bootstrap` would weigh large
+    languages more. One stratum gives :func:`paired_bootstrap`'s difference.
+
+    >>> r = macro_bootstrap({"x": ([0.0, 0.0], [1.0, 1.0]), "y": ([0.5] * 8, [0.5] * 8)})
+    >>> r["diff"], r["n"], r["strata"]                  # (1 + 0) / 2, not the pooled 2/10
+    (0.5, 10, 2)
+    """
+    if not pairs:
+        raise ValueError("no strata to compare")
+    diffs = []
+    for name, (a, b) in pairs.items():
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+            raise ValueError(f"stratum {name!r}: paired values need two non-empty 1-d arrays of one length, "
+                             f"got {a.shape} and {b.shape}")
+        if not (np.isfinite(a).all() and np.isfinite(b).all()):
+            raise ValueError(f"stratum {name!r}: per-query values contain NaN or inf")
+        diffs.append(b - a)
+    if not 0 < level < 1 or n_boot < 1:
+        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(n_boot)
+    for d in diffs:                                       # replicate r: mean over strata of resampled means
+        for s in range(0, n_boot, 1000):
+            idx = rng.integers(0, d.size, size=(min(1000, n_boot - s), d.size))
+            means[s:s + len(idx)] += d[idx].mean(axis=1) / len(diffs)
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return {"diff": float(np.mean([d.mean() for d in diffs])), "low": float(low), "high": float(high),
+            "n": int(sum(d.size for d in diffs)), "strata": len(diffs), "level": level}
+
+
+def mode_differences(per_query: Mapping[tuple, Mapping[str, float]], metric: str,
+                     pairs: Sequence[tuple[str, str]], strata: Sequence[tuple] | None = None,
+                     n_boot: int = 10_000, seed: int = 0):
+    """Macro-averaged difference ``b - a`` of ``metric`` for each ``(a, b)`` pair of modes, with its
+    stratified 95% bootstrap interval, as a DataFrame (one row per pair: diff, low, high, n, strata).
+
+    ``per_query``: ``{(task, lang, mode, metric): {qid: value}}`` as
+    :func:`~bgem3_lib.evaluation.runner.run_eval` fills it; ``strata``: the ``(task, lang)`` keys to average
+    over (default: every one that has ``metric``). Queries are paired within a stratum by id.
+    """
+    import pandas as pd
+
+    if strata is None:
+        strata = sorted({(t, lang) for t, lang, _, m in per_query if m == metric})
+    rows = []
+    for a, b in pairs:
+        by = {}
+        for task, lang in strata:
+            try:
+                by[f"{task}/{lang}"] = paired_values({metric: per_query[task, lang, a, metric]},
+                                                     {metric: per_query[task, lang, b, metric]}, metric)
+            except KeyError as e:
+                raise ValueError(f"no per-query {metric} for {e.args[0]!r}") from None
+        rows.append({"a": a, "b": b, **macro_bootstrap(by, n_boot=n_boot, seed=seed)})
+    return pd.DataFrame(rows)

@@ -76,6 +76,16 @@ def test_xquad_xling_adds_answer_recall_and_averages(tmp_path):
     assert v["avg", "all", "ndcg@10"] == pytest.approx((v["de", "all", "ndcg@10"] + v["zh", "all", "ndcg@10"]) / 2)
 
 
+def test_per_query_values_are_the_rows_behind_every_mean(tmp_path):
+    per_query = {}
+    df = run_eval("xquad-xling", TableModel(), ["dense", "all"], ["de", "zh"], tmp_path / "o", limit=4,
+                  cache_root=tmp_path, per_query=per_query)
+    rows = df[df.lang != "avg"].set_index(["task", "lang", "mode", "metric"])["value"]
+    assert set(per_query) == set(rows.index)
+    for key, by_qid in per_query.items():
+        assert len(by_qid) == 4 and rows[key] == pytest.approx(np.mean(list(by_qid.values()))), key
+
+
 def _write_jsonl(path, rows, gz=False):
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
