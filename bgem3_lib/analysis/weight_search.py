@@ -198,8 +198,10 @@ def relevant_ranks(cs: CandidateScores, judged: Judgements, weights) -> np.ndarr
 
 
 def evaluate_weights(cs: CandidateScores, judged: Judgements, weights,
-                     metrics: Sequence[str] = ("ndcg@10", "recall@20")) -> dict[str, np.ndarray]:
-    """Mean metric over the queries for each weight vector: ``{metric: [W]}``.
+                     metrics: Sequence[str] = ("ndcg@10", "recall@20"), per_query: bool = False,
+                     ) -> dict[str, np.ndarray]:
+    """Mean metric over the queries for each weight vector: ``{metric: [W]}`` (``per_query``: the values
+    behind the means, ``{metric: [W, Nq]}``, for paired confidence intervals).
 
     ``weights`` [W, 3] (or one triple); metrics ``ndcg@k``, ``recall@k``, ``mrr@k``.
     """
@@ -215,12 +217,12 @@ def evaluate_weights(cs: CandidateScores, judged: Judgements, weights,
             dcg = np.where(inside, judged.gains / np.log2(np.maximum(ranks, 0) + 2.0), 0.0).sum(-1)
             g = judged.ideal[:, :k]
             idcg = (g / np.log2(np.arange(g.shape[1]) + 2.0)).sum(-1)
-            per_query = dcg / idcg
+            values = dcg / idcg
         elif kind == "recall":
-            per_query = (inside & (judged.gains > 0)).sum(-1) / judged.n_relevant
+            values = (inside & (judged.gains > 0)).sum(-1) / judged.n_relevant
         else:
-            per_query = np.where(inside, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0).max(-1)
-        out[name] = per_query.mean(-1)
+            values = np.where(inside, 1.0 / (np.maximum(ranks, 0) + 1.0), 0.0).max(-1)
+        out[name] = values if per_query else values.mean(-1)
     return out
 
 

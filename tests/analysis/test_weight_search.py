@@ -126,6 +126,7 @@ def test_metrics_equal_trec_eval_on_the_reranked_runs(setup, depth):
     metrics = ("ndcg@10", "recall@20", "mrr@10", "ndcg@3", "recall@5")
     grid = np.array(WEIGHTS)
     fast = evaluate_weights(cs, judged, grid, metrics)
+    each = evaluate_weights(cs, judged, grid, metrics, per_query=True)           # {metric: [W, Nq]}
     for w, weights in enumerate(WEIGHTS):
         ids, _ = rerank(cs, weights, k=cs.ids.shape[1])
         run = {}
@@ -135,6 +136,7 @@ def test_metrics_equal_trec_eval_on_the_reranked_runs(setup, depth):
         ref = evaluate_run(run, qrels, metrics)
         for m in metrics:
             assert fast[m][w] == pytest.approx(np.mean(list(ref[m].values())), abs=1e-9), (weights, m)
+            np.testing.assert_allclose(each[m][w], [ref[m][q] for q in qids], atol=1e-9, err_msg=m)
 
 
 def test_hand_worked_metrics():
