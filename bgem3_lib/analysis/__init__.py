@@ -4,8 +4,9 @@ What lives here: token inspection (``inspect_tokens``), the hybrid-weight simple
 (``weight_search``), batching statistics (``batching_stats``), distillation reports
 (``distill_report``), the long-document study
 (``longdoc_eval``), the live-figure widget (``figure_widget``), the explorers that recompute in the
-built book's pages (``static_widgets``), and the runs of the reference
-implementations in their own processes (``reference_runs``, ``torch_reference``).
+built book's pages (``static_widgets``), the runs of the reference
+implementations in their own processes (``reference_runs``, ``torch_reference``), and the paper's
+numbers the chapters quote, with their labels (``paper_numbers``; the tables' data in ``paper_tables``).
 
 May import every other wing. Nothing outside ``analysis``, ``benchmarks``, ``notebooks`` (and the tests)
 imports it.

@@ -1,6 +1,6 @@
 """The retrieval modes of M3 and their weights: one vocabulary, one validator, one fusion.
 
-The paper (arXiv 2402.03216, Sec. 3.1, Eq. 1) ranks with ``s_rank = w1*s_dense + w2*s_lex + w3*s_mul``
+The paper (arXiv 2402.03216, v4, Sec. 3.2, Eq. 1) ranks with ``s_rank = w1*s_dense + w2*s_lex + w3*s_mul``
 and reports five settings. Their names, everywhere in the library (``BGEM3.compute_score``, the
 retriever, the evaluation runner, the CLI and the chapters):
 
@@ -47,7 +47,7 @@ NEEDS = {"dense": ("dense",), "sparse": ("sparse",), "colbert": ("dense", "colbe
 ENCODING_KEYS = {"dense": "dense_vecs", "sparse": "lexical_weights", "colbert": "colbert_vecs"}
 
 # (w_dense, w_sparse, w_colbert) per benchmark and hybrid mode: the paper's settings, held here only.
-# MIRACL / MKQA: Sec. 4.1 (teacher weights w = (1, 0.3, 1) of Sec. 3.3); MLDR: Sec. 4.2, Table 3
+# MIRACL: Sec. 4.1 and MKQA: Sec. 4.2 (the teacher weights w = (1, 0.3, 1) of Sec. 3.3); MLDR: Sec. 4.3, Table 3
 # ("Dense+Sparse" 0.2/0.8, "All" 0.15/0.5/0.35). Colbert weight 0 where a mode ignores it.
 PAPER_WEIGHTS: dict[str, dict[str, tuple[float, float, float]]] = {
     "miracl": {"dense+sparse": (1.0, 0.3, 0.0), "all": (1.0, 0.3, 1.0)},
