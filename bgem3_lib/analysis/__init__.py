@@ -5,7 +5,8 @@ What lives here: token inspection (``inspect_tokens``), the hybrid-weight simple
 (``distill_report``), the long-document study
 (``longdoc_eval``), the live-figure widget (``figure_widget``), the explorers that recompute in the
 built book's pages (``static_widgets``), the runs of the reference
-implementations in their own processes (``reference_runs``, ``torch_reference``), and the paper's
+implementations in their own processes (``reference_runs``, ``torch_reference``; ``real_weight_runs``
+on M3-small's real encoder), and the paper's
 numbers the chapters quote, with their labels (``paper_numbers``; the tables' data in ``paper_tables``).
 
 May import every other wing. Nothing outside ``analysis``, ``benchmarks``, ``notebooks`` (and the tests)
