@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .reference_runs import _run
+from .reference_runs import _run, sorted_batches
 
 IMPLEMENTATIONS = ("bgem3_lib", "transformers", "mindnlp")
 REFERENCE = "transformers"
@@ -248,12 +248,8 @@ def xling_comparison(langs=None, n_questions: int | None = None, n_passages: int
 def _torch_dense(torch, tokenizer, model, texts: list[str], head: dict, max_length: int, batch_size: int):
     """Dense vectors with torch ops only (PyTorch, or MindNLP's shim): tokenizer -> encoder -> pooling ->
     L2 normalisation, longest texts batched together."""
-    lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order, out = np.argsort([-n for n in lengths], kind="stable"), [None] * len(texts)
-    for s in range(0, len(texts), batch_size):
-        idx = order[s:s + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+    out = [None] * len(texts)
+    for idx, enc in sorted_batches(tokenizer, texts, max_length, batch_size):
         with torch.no_grad():
             hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
             if head["pooling"] == "mean":                 # e5's average_pool

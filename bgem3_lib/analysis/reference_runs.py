@@ -184,13 +184,8 @@ def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_si
     n_tokens = sum(len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"])
 
     def encode(batch):
-        lengths = [len(x) for x in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"]]
-        order = np.argsort([-n for n in lengths], kind="stable")
         dense, lexical, colbert = [None] * len(batch), [None] * len(batch), [None] * len(batch)
-        for s in range(0, len(batch), batch_size):
-            idx = order[s:s + batch_size]
-            enc = tokenizer([batch[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
+        for idx, enc in sorted_batches(tokenizer, batch, max_length, batch_size):
             with torch.no_grad():
                 h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
                 weights = torch.relu(sparse_linear(h)).squeeze(-1).numpy()
@@ -204,6 +199,17 @@ def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_si
                 dense[i], lexical[i], colbert[i] = d[j], lw[j], cv[j]
         return np.stack(dense), lexical, colbert
     return encode, n_tokens
+
+
+def sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int):
+    """Padded batches as a user runs them, the longest texts together: yields (indices into ``texts``,
+    the tokenizer's ``pt`` batch). Runs in the subprocesses (transformers' tokenizer, torch or its shim)."""
+    lengths = [len(x) for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = np.argsort([-n for n in lengths], kind="stable")
+    for s in range(0, len(texts), batch_size):
+        idx = order[s:s + batch_size]
+        yield idx, tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                             return_tensors="pt")
 
 
 def _main(argv: list[str]) -> None:
