@@ -24,24 +24,42 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], n_boot: int = 10_00
 
     -> ``{"diff", "low", "high", "n", "level"}``; ValueError on unpaired, empty or non-finite input.
     """
+    d = _differences(a, b, "")
+    _check_level(level, n_boot)
+    means = _resampled_means(d, np.random.default_rng(seed), n_boot)
+    return _interval(means, float(d.mean()), d.size, level)
+
+
+def _differences(a, b, where: str) -> np.ndarray:
+    """b - a [n] of two checked paired 1-d arrays; ``where`` prefixes the errors (e.g. a stratum's name)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.ndim != 1:
-        raise ValueError(f"paired values need two 1-d arrays of one length, got {a.shape} and {b.shape}")
+        raise ValueError(f"{where}paired values need two 1-d arrays of one length, got {a.shape} and {b.shape}")
     if a.size == 0:
-        raise ValueError("no queries to compare")
+        raise ValueError(f"{where}no queries to compare")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("per-query values contain NaN or inf")
+        raise ValueError(f"{where}per-query values contain NaN or inf")
+    return b - a
+
+
+def _check_level(level: float, n_boot: int) -> None:
     if not 0 < level < 1 or n_boot < 1:
         raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
-    d = b - a
-    rng = np.random.default_rng(seed)
+
+
+def _resampled_means(d: np.ndarray, rng: np.random.Generator, n_boot: int) -> np.ndarray:
+    """[n_boot] means of ``d`` resampled with replacement, in blocks that bound the [block, n] index matrix."""
     means = np.empty(n_boot)
-    for s in range(0, n_boot, 1000):                     # blocks bound the [n_boot, n] index matrix
+    for s in range(0, n_boot, 1000):
         idx = rng.integers(0, d.size, size=(min(1000, n_boot - s), d.size))
         means[s:s + len(idx)] = d[idx].mean(axis=1)
+    return means
+
+
+def _interval(means: np.ndarray, diff: float, n: int, level: float) -> dict:
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(means, [tail, 100 - tail])
-    return {"diff": float(d.mean()), "low": float(low), "high": float(high), "n": int(d.size), "level": level}
+    return {"diff": diff, "low": float(low), "high": float(high), "n": int(n), "level": level}
 
 
 def paired_values(run_a: Mapping[str, Mapping[str, float]], run_b: Mapping[str, Mapping[str, float]],
@@ -80,27 +98,12 @@ def macro_bootstrap(pairs: Mapping[str, tuple[Sequence[float], Sequence[float]]]
     """
     if not pairs:
         raise ValueError("no strata to compare")
-    diffs = []
-    for name, (a, b) in pairs.items():
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.shape != b.shape or a.ndim != 1 or a.size == 0:
-            raise ValueError(f"stratum {name!r}: paired values need two non-empty 1-d arrays of one length, "
-                             f"got {a.shape} and {b.shape}")
-        if not (np.isfinite(a).all() and np.isfinite(b).all()):
-            raise ValueError(f"stratum {name!r}: per-query values contain NaN or inf")
-        diffs.append(b - a)
-    if not 0 < level < 1 or n_boot < 1:
-        raise ValueError(f"need 0 < level < 1 and n_boot >= 1, got level={level}, n_boot={n_boot}")
+    diffs = [_differences(a, b, f"stratum {name!r}: ") for name, (a, b) in pairs.items()]
+    _check_level(level, n_boot)
     rng = np.random.default_rng(seed)
-    means = np.zeros(n_boot)
-    for d in diffs:                                       # replicate r: mean over strata of resampled means
-        for s in range(0, n_boot, 1000):
-            idx = rng.integers(0, d.size, size=(min(1000, n_boot - s), d.size))
-            means[s:s + len(idx)] += d[idx].mean(axis=1) / len(diffs)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return {"diff": float(np.mean([d.mean() for d in diffs])), "low": float(low), "high": float(high),
-            "n": int(sum(d.size for d in diffs)), "strata": len(diffs), "level": level}
+    means = sum(_resampled_means(d, rng, n_boot) for d in diffs) / len(diffs)   # replicate: mean over strata
+    r = _interval(means, float(np.mean([d.mean() for d in diffs])), sum(d.size for d in diffs), level)
+    return {**r, "strata": len(diffs)}
 
 
 def mode_differences(per_query: Mapping[tuple, Mapping[str, float]], metric: str,
