@@ -27,6 +27,13 @@ fi
 export BGEM3_QUICK=$([[ "$mode" == quick ]] && echo 1 || echo 0)
 export TQDM_DISABLE=${TQDM_DISABLE:-1}   # no progress-bar widgets in the executed pages
 export BGEM3_BOOK_BUILD=1               # chapters show their static explorers (no kernel behind the page)
+# One id per build: an evaluation two chapters both run is computed once in this build and read back by the
+# second (bgem3_lib.evaluation.build_results); results of earlier builds are removed, never reused.
+export BGEM3_BUILD_ID="$(date +%Y%m%d-%H%M%S)-$$"
+rm -rf "${BGEM3_HOME:-$HOME/.cache/bgem3}/build_results"
 start=$(date +%s)
+# Execute the notebooks missing from the cache BGEM3_BOOK_JOBS at a time (default 2), then let Jupyter Book
+# render: it finds them all executed (book/prebuild.py says how it matches myst-nb's cache).
+.venv/bin/python book/prebuild.py
 "$JB" build . -W -n --keep-going
 echo "book ($mode) built in $(( $(date +%s) - start )) s: $(find _build/html -name '*.html' -not -path '*/_static/*' | wc -l) pages in _build/html"

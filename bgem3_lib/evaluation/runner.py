@@ -31,10 +31,12 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..model.fingerprint import model_fingerprint
 from ..paths import file_lock, publish_set
 from ..retrieval.metrics import answer_hits_at_k, answer_tokens, evaluate_run, mean_scores
 from ..retrieval.modes import NEEDS, needed_representations, paper_weights, parse_modes
 from . import benchmark_data as bd
+from .build_results import build_folder, result_key, reuse_in_build
 from .corpus_cache import corpus_encodings, model_reps
 from .distributed import resolve_shard
 from .offline_sets import (
@@ -171,6 +173,32 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
         bd.validate_qrels(es.qrels, es.corpus)
     if not es.qrels and not es.answers:
         raise ValueError(f"{task} [{es.lang}]: neither qrels nor answers to score against")
+    if backend.kind == "memory" and tuple(shard) == (0, 1) and build_folder() is not None:
+        parts = {"model": model_fingerprint(model), "set": _set_digest(es), "task": task, "modes": list(run_modes),
+                 "weights": None if weights is None else [float(w) for w in weights], "max_length": max_length,
+                 "batch_size": batch_size}
+        rows, values = reuse_in_build(parts, lambda: _evaluate(model, es, run_modes, task, weights, max_length,
+                                                               batch_size, shard, cache_root, backend))
+    else:
+        out = _evaluate(model, es, run_modes, task, weights, max_length, batch_size, shard, cache_root, backend)
+        if out is None:
+            return None
+        rows, values = out
+    if per_query is not None:
+        per_query.update(values)
+    return rows
+
+
+def _set_digest(es: EvalSet) -> str:
+    """sha256 of everything an evaluation set holds (name, language, queries, corpus, qrels, answers)."""
+    return result_key({"name": es.name, "lang": es.lang, "queries": es.queries, "corpus": es.corpus,
+                       "qrels": es.qrels, "answers": es.answers})
+
+
+def _evaluate(model, es: EvalSet, run_modes: Sequence[str], task: str, weights, max_length, batch_size: int,
+              shard, cache_root, backend: SearchBackend) -> tuple[list[dict], dict] | None:
+    """The work of :func:`evaluate_set` on a checked set: (rows, per-query values), None on shard ranks > 0."""
+    per_query: dict = {}
     needed = needed_representations(list(run_modes) + (list(backend.needs()) if model_reps(model) != ("dense",)
                                                        else []))
     docids, texts = list(es.corpus), list(es.corpus.values())
@@ -207,7 +235,7 @@ def evaluate_set(model, es: EvalSet, modes: Sequence[str], task: str | None = No
             rows += _rows(task, es.lang, mode, {m: float(h.mean()) for m, h in hits.items()})
             _keep(per_query, task, es.lang, mode,
                   {m: {qids[i]: float(v) for i, v in zip(answered, h)} for m, h in hits.items()})
-    return rows
+    return rows, per_query
 
 
 def _keep(per_query: dict | None, task: str, lang: str, mode: str, values: dict[str, dict[str, float]]) -> None:

@@ -159,3 +159,32 @@ def test_check_langs_keeps_each_language_once():
     assert check_langs("tydi", ["sw", "en", "sw"]) == ("sw", "en")
     with pytest.raises(ValueError, match="unknown tydi language"):
         check_langs("tydi", ["sw", "xx"])
+
+
+def test_a_book_build_reuses_an_evaluation_it_already_ran_and_nothing_else(tmp_path, monkeypatch):
+    monkeypatch.setenv("BGEM3_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("BGEM3_BUILD_ID", "build-1")
+    model, calls, w = TableModel(TABLE), [], (1.0, 0.3, 1.0)
+    real = model.encode_queries
+    model.encode_queries = lambda *a, **k: calls.append(1) or real(*a, **k)
+
+    def run(es=None, modes=MODES, weights=w, per_query=None):
+        return evaluate_set(model, es or _hand_set(), modes, weights=weights, cache_root=tmp_path,
+                            per_query=per_query)
+
+    pq1, pq2 = {}, {}
+    first, again = run(per_query=pq1), run(per_query=pq2)
+    assert len(calls) == 1 and again == first and pq2 == pq1 and len(pq1) == 5 * len(IR_METRICS)
+    changed = _hand_set()
+    changed.qrels["q1"] = {"b": 1}
+    run(weights=(1.0, 0.3, 0.5)), run(es=changed), run(modes=["dense"])     # each one a new result
+    assert len(calls) == 4
+    assert run(es=changed) != first and len(calls) == 4
+    model._bgem3_fingerprint = "other weights"
+    run()
+    assert len(calls) == 5
+    monkeypatch.delenv("BGEM3_BUILD_ID")                                      # outside a build: never reused
+    assert run() == first and len(calls) == 6
+    monkeypatch.setenv("BGEM3_BUILD_ID", "build-2")                           # another build: computed again
+    run()
+    assert len(calls) == 7

@@ -153,3 +153,23 @@ def test_hybrid_in_query_blocks_equals_one_block(monkeypatch):
     blocked = r.search(queries, "all", k=4, hybrid_depth=6)
     assert blocked[0].tolist() == whole[0].tolist()
     np.testing.assert_allclose(blocked[1], whole[1], rtol=1e-6)
+
+
+def test_all_reuses_the_colbert_scores_of_multi_vec_only_for_the_same_queries(monkeypatch):
+    calls = []
+    import bgem3_lib.retrieval.retriever as retriever_module
+    real = retriever_module.colbert_rerank
+    monkeypatch.setattr(retriever_module, "colbert_rerank", lambda *a: calls.append(1) or real(*a))
+    r, q = HybridRetriever(_corpus()), _query()
+    first = {m: r.search(q, m, k=6) for m in ("colbert", "dense+sparse", "all")}
+    assert len(calls) == 1                      # All re-ranks Multi-vec's candidates: scored once
+    for mode, (ids, scores) in first.items():   # and ranks exactly as a fresh retriever
+        fresh = HybridRetriever(_corpus()).search(_query(), mode, k=6)
+        assert ids.tolist() == fresh[0].tolist() and np.array_equal(scores, fresh[1])
+    calls.clear()
+    other = _query()
+    other["colbert_vecs"] = [np.array([[0, 0, 1]], np.float32)]     # same dense top-k, new multi-vectors
+    ids, scores = r.search(other, "colbert", k=6)
+    assert len(calls) == 1 and ids[0, 0] in (0, 1, 4) and scores[0, 0] == 1.0
+    r.search(q, "colbert", k=2, colbert_depth=2)  # other candidates: scored again
+    assert len(calls) == 2
