@@ -3,9 +3,12 @@
 Jupyter Book 1 (myst-nb, ``execute_notebooks: cache``) runs one notebook after the other. On this
 two-core machine a chapter keeps about one core busy on average (Python around the kernels, trec_eval,
 Milvus Lite), so ``book/build.sh`` first runs this script: every notebook whose code is not yet in
-``_build/.jupyter_cache`` is executed here, ``--jobs`` at a time (longest first), exactly as myst-nb would
-execute it (same reader, same working directory, same timeout, errors fail), and stored in the cache
+``_build/.jupyter_cache`` is executed here, ``--jobs`` at a time (in the order of ``ORDER``), exactly as
+myst-nb would execute it (same reader, working directory and timeout; errors fail), and stored in the cache
 under the same hash. The Sphinx build that follows then finds every notebook executed and only renders.
+
+A checkpoint that only one chapter loads (``TRAINED``: chapter 6's ablation) is trained in a slot of the
+same pool when it is missing, while other chapters run in the other slot; that chapter waits for it.
 
 Chapters that share an encoding cache entry take turns through its file lock (the first encodes, the
 other reads), so running them side by side never encodes a corpus twice. A failed notebook is reported
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -28,8 +32,19 @@ from myst_nb.core.read import read_myst_markdown_notebook
 from myst_parser.config.main import MdParserConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-# Minutes a chapter took in the last measured full build: only the order of the queue (longest first).
-COST = {"06": 15, "10": 10, "08": 6, "04": 3, "09": 5, "03": 2, "05": 2, "01": 1, "07": 1, "02": 1}
+# The queue, longest chapters first (full-build minutes, measured: 6 ~8, 9 ~7, 10 ~5, 8 ~4, 4 ~3, 3 ~2, 5 ~2,
+# 1, 7 and 2 ~1). Chapter 6 goes first so that it encodes the TyDi corpora for M3-small and its ablation in one
+# encoder pass (model.shared_encoder) before any other chapter has encoded them for M3-small alone; chapter 9
+# (real weights, XQuAD only) fills the other slot meanwhile.
+ORDER = ["06", "09", "10", "08", "04", "03", "05", "01", "07", "02"]
+# Checkpoints only one chapter loads, trained here (in a slot of the pool, beside other chapters) when missing:
+# chapter 6's ablation without self-distillation (`make m3-small` trains it too, for use outside the book).
+TRAINED = {"06": ("m3-small-nosd", ["--recipe", "m3-small", "--no-self-distill"])}
+
+
+def models_dir() -> Path:
+    """Where trained checkpoints live: ``$BGEM3_HOME/models`` (``~/.cache/bgem3/models``), as in the Makefile."""
+    return Path(os.environ.get("BGEM3_HOME") or Path.home() / ".cache" / "bgem3") / "models"
 
 
 def notebooks() -> list[Path]:
@@ -55,6 +70,14 @@ def execute(path: str) -> tuple[str, object, float, str | None]:
     return path, nb, result.time, None if result.err is None else result.exc_string
 
 
+def train(args: list[str]) -> tuple[str, None, float, str | None]:
+    """Train a checkpoint a chapter needs (in a worker process) -> (name, None, seconds, error or None)."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "bgem3_lib", "train", *args], cwd=ROOT)
+    error = None if done.returncode == 0 else f"python -m bgem3_lib train {' '.join(args)}: exit {done.returncode}"
+    return "train " + " ".join(args), None, time.perf_counter() - start, error
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("BGEM3_BOOK_JOBS", "2")))
@@ -69,25 +92,42 @@ def main(argv=None) -> int:
             cache.match_cache_notebook(read(path))
         except KeyError:
             todo.append(path)
-    todo.sort(key=lambda p: -COST.get(p.name[:2], 1))
+    todo.sort(key=lambda p: ORDER.index(p.name[:2]) if p.name[:2] in ORDER else len(ORDER))
+    # A chapter whose checkpoint is missing waits for its training, which takes the first free slot.
+    blocked = {p.name[:2]: args_ for p in todo for key, (ckpt, args_) in TRAINED.items()
+               if p.name[:2] == key and not (models_dir() / ckpt / "config.json").is_file()}
     print(f"[prebuild] {len(todo)} notebook(s) to execute, {args.jobs} at a time: "
-          + ", ".join(p.stem for p in todo), flush=True)
-    failed, start = [], time.perf_counter()
+          + ", ".join(p.stem for p in todo)
+          + "".join(f"; {k} waits for: train {' '.join(a)}" for k, a in blocked.items()), flush=True)
+    queue = [(train, a) for a in blocked.values()] + [(execute, str(p)) for p in todo]
+    failed, start, running = [], time.perf_counter(), set()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        running = {pool.submit(execute, str(p)) for p in todo}
-        while running:
+        while queue or running:
+            ready = [job for job in queue if job[0] is train or Path(job[1]).name[:2] not in blocked]
+            if not running and not ready:
+                break                                               # only chapters whose training failed
+            for job in ready[:args.jobs - len(running)]:
+                queue.remove(job)
+                running.add(pool.submit(*job))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 path, nb, seconds, error = future.result()
-                name = Path(path).stem
+                name = Path(path).stem if nb is not None else path
+                if nb is None:                                      # a training job: release its chapter
+                    for key in [k for k, a in blocked.items() if name == "train " + " ".join(a)]:
+                        if error is None:
+                            del blocked[key]
+                        else:                                       # the book build then fails on that chapter
+                            queue = [j for j in queue if j[0] is train or Path(j[1]).name[:2] != key]
                 if error is not None:
                     failed.append(name)
                     print(f"[prebuild] {name} FAILED after {seconds:.0f} s (the book build runs it again "
                           f"and shows the traceback):\n{error[-3000:]}", flush=True)
                     continue
-                cache.cache_notebook_bundle(CacheBundleIn(nb, path, data={"execution_seconds": seconds}),
-                                            check_validity=False, overwrite=True)
-                print(f"[prebuild] {name} executed in {seconds:.0f} s "
+                if nb is not None:
+                    cache.cache_notebook_bundle(CacheBundleIn(nb, path, data={"execution_seconds": seconds}),
+                                                check_validity=False, overwrite=True)
+                print(f"[prebuild] {name} {'executed' if nb is not None else 'done'} in {seconds:.0f} s "
                       f"({time.perf_counter() - start:.0f} s since the start)", flush=True)
     print(f"[prebuild] done in {time.perf_counter() - start:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)

@@ -168,7 +168,8 @@ class BGEM3:
         if (sparse or colbert) and self.heads is None:
             raise ValueError(f"model {self.source!r} has no sparse/ColBERT heads (dense only); "
                              "load 'm3-small' or a BGE-M3 directory with colbert_linear.pt/sparse_linear.pt")
-        packed, offsets = self.encoder.forward_packed(input_ids, mask)         # [T, H], [B+1]
+        run_encoder = getattr(self, "_encoder_pass", None) or self.encoder.forward_packed   # model.shared_encoder
+        packed, offsets = run_encoder(input_ids, mask)                          # [T, H], [B+1]
         out = {}
         if dense:
             if self.config.pooling == "cls":                                   # gather B rows, not T
