@@ -7,7 +7,9 @@ Accepted sources:
   ``sparse_linear.pt`` (fp16 on the hub), ``tokenizer.json``;
 * a directory written by ``BGEM3.save_pretrained`` (``heads.safetensors`` instead of the ``.pt``);
 * ``"m3-small-base"``: the real multilingual-e5-small weights from the asset cache (dense only);
-* ``"m3-small"``: ``m3-small-base`` + heads trained by ``python -m bgem3_lib train``, in the cache.
+* ``"m3-small"``: ``m3-small-base`` + heads trained by ``python -m bgem3_lib train``, in the cache;
+* ``"m3-small-long"`` / ``"m3-small-long-interp"``: ``m3-small`` accepting 8192 tokens, its position table
+  extended without training by tiling or by interpolation (:mod:`bgem3_lib.model.long_positions`).
 
 ``.bin``/``.pt`` files are read by a restricted unpickler that never runs code from the file.
 """
@@ -26,6 +28,10 @@ from ..weights.e5_format import read_e5
 from .config import M3Config
 
 E5_PREFIXES = ("query: ", "passage: ")
+# M3-small with its 512 learned positions extended, untrained, to the paper's 8192 (§1; the value is pinned to
+# analysis.paper_numbers.MAX_LENGTH by its tests): the paper's "w.o. long" setting (model.long_positions).
+LONG_MODELS = {"m3-small-long": "tile", "m3-small-long-interp": "interpolate"}
+LONG_MAX_LENGTH = 8192
 
 
 @dataclass
@@ -86,6 +92,9 @@ def load_directory(path: str | Path) -> LoadedModel:
 
 
 def resolve(name_or_path: str | Path) -> LoadedModel:
+    if name_or_path in LONG_MODELS:
+        from .long_positions import extend_positions
+        return extend_positions(resolve("m3-small"), LONG_MAX_LENGTH, LONG_MODELS[name_or_path])
     if name_or_path == "m3-small-base":
         return load_base()
     if name_or_path == "m3-small":
@@ -99,6 +108,7 @@ def resolve(name_or_path: str | Path) -> LoadedModel:
     if path.exists():
         return load_directory(path)
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither a model directory nor a known name ('m3-small', 'm3-small-base'). "
+        f"{name_or_path!r} is neither a model directory nor a known name ('m3-small', 'm3-small-base', "
+        f"{', '.join(repr(n) for n in LONG_MODELS)}). "
         "For the real BGE-M3, download BAAI/bge-m3 (config.json, pytorch_model.bin, colbert_linear.pt, "
         "sparse_linear.pt, tokenizer.json) and pass its directory.")

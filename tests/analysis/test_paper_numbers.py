@@ -171,6 +171,12 @@ def test_library_mcls_interval_is_the_papers():
     assert inspect.signature(mcls.mcls_dense_embedding).parameters["every"].default == pn.MCLS_EVERY
 
 
+def test_library_long_model_length_is_the_papers():
+    from bgem3_lib.model.loading import LONG_MAX_LENGTH
+
+    assert LONG_MAX_LENGTH == pn.MAX_LENGTH
+
+
 def test_doctests():
     for module in (pn, pt):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS)
