@@ -73,3 +73,24 @@ def test_e5_small_matches_transformers_bert(tmp_path):
     diff = float(np.abs(ours[m] - ref[m]).max())
     print(f"e5-small hidden states: max abs difference vs transformers.BertModel = {diff:.2e}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("length", [17, 40, 64])
+def test_blockwise_attention_equals_the_whole_matrix(monkeypatch, length):
+    from tiny_m3 import tiny_model_dir
+
+    import bgem3_lib.model.encoder as encoder_module
+    from bgem3_lib import BGEM3
+
+    model = BGEM3(str(tiny_model_dir()), backend="mindspore")            # the plain cells, not the kernels
+    rng = np.random.default_rng(length)
+    ids = rng.integers(5, 1000, size=(2, length)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, length // 2:] = 0                                             # a padded second text
+    inputs = encoder_inputs(ids, mask, model.config)
+    whole = model.encoder(*inputs).asnumpy()
+    monkeypatch.setattr(encoder_module, "ATTENTION_BLOCK", 7)             # blocks of 7 query rows
+    blocked = model.encoder(*inputs).asnumpy()
+    assert whole.shape == (2, length, model.config.hidden_size)
+    np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-5)
+    assert np.abs(blocked - whole).max() < 1e-5 and not np.isnan(blocked).any()
