@@ -34,6 +34,7 @@ from ..model.mcls import mcls_dense_embedding
 from ..retrieval.index import colbert_rerank, lexical_weights_to_csr
 from ..retrieval.metrics import evaluate_run, run_from_scores
 from ..retrieval.modes import fuse, paper_weights
+from ..retrieval.scoring import dense_score
 
 TASK = "xquad-longdoc"
 METRICS = ("ndcg@10", "recall@10")
@@ -63,7 +64,7 @@ def _scores(q: Mapping, d: Mapping, vocab: int) -> dict[str, np.ndarray]:
     """Exhaustive dense / sparse / ColBERT scores [Nq, Nd] of query encodings ``q`` against documents ``d``."""
     out = {}
     if q.get("dense_vecs") is not None:
-        out["dense"] = np.asarray(q["dense_vecs"], np.float64) @ np.asarray(d["dense_vecs"], np.float64).T
+        out["dense"] = dense_score(q["dense_vecs"], d["dense_vecs"])
     if q.get("lexical_weights") is not None:
         ql, dl = (lexical_weights_to_csr(x["lexical_weights"], vocab, np.float64) for x in (q, d))
         out["sparse"] = np.asarray((ql @ dl.T).todense())
@@ -104,16 +105,16 @@ def variant_scores(short, long_tile, long_interp, queries: Sequence[str], docs: 
 def _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_size, vocab) -> dict:
     kw = dict(batch_size=batch_size, return_sparse=True, return_colbert_vecs=True, show_progress=False)
     q = short.encode_queries(list(queries), max_length=short.config.max_length, **{**kw, "batch_size": 64})
-    out = {BASELINE: _scores({"dense_vecs": q["dense_vecs"]}, short.encode_corpus(
-        list(docs), max_length=short.config.max_length, return_dense=True, batch_size=batch_size,
-        show_progress=False), vocab)["dense"]}
+    dense_only = dict(return_dense=True, batch_size=batch_size, show_progress=False)
+    out = {BASELINE: dense_score(q["dense_vecs"], short.encode_corpus(
+        list(docs), max_length=short.config.max_length, **dense_only)["dense_vecs"])}
     long = _scores(q, long_tile.encode_corpus(list(docs), **kw), vocab)      # queries are short: same vectors
     out["Dense (tile)"], out["Sparse (tile)"], out["Multi-vec (tile)"] = long["dense"], long["sparse"], long["colbert"]
-    interp = long_interp.encode_corpus(list(docs), return_dense=True, batch_size=batch_size, show_progress=False)
-    out["Dense (interpolate)"] = _scores({"dense_vecs": q["dense_vecs"]}, interp, vocab)["dense"]
+    out["Dense (interpolate)"] = dense_score(q["dense_vecs"],
+                                             long_interp.encode_corpus(list(docs), **dense_only)["dense_vecs"])
     mcls = mcls_dense_embedding(long_tile, [long_tile.passage_instruction + d for d in docs], every,
                                 long_tile.config.max_length, long_tile.config.pooling, batch_size)
-    out["Dense MCLS (tile)"] = np.asarray(q["dense_vecs"], np.float64) @ np.asarray(mcls, np.float64).T
+    out["Dense MCLS (tile)"] = dense_score(q["dense_vecs"], mcls)
     for mode, name in (("dense+sparse", "Dense+Sparse (tile)"), ("all", "All (tile)")):
         out[name] = fuse(mode, paper_weights("mldr", mode), dense=long["dense"], sparse=long["sparse"],
                          colbert=long["colbert"])

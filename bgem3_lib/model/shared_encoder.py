@@ -41,10 +41,11 @@ def shared_encoder_pass(models: Sequence, max_bytes: int = 2 << 30) -> Iterator[
         raise RuntimeError("a model is already inside a shared_encoder_pass")
     forward = models[0].encoder.forward_packed
     memo: OrderedDict = OrderedDict()
-    held = [0]
+    held = 0
     counts = {"encoder": 0, "shared": 0}
 
     def encoder_pass(input_ids: np.ndarray, mask: np.ndarray):
+        nonlocal held
         key = (input_ids.shape, np.ascontiguousarray(input_ids).tobytes(), np.ascontiguousarray(mask).tobytes())
         if key in memo:
             memo.move_to_end(key)
@@ -53,10 +54,10 @@ def shared_encoder_pass(models: Sequence, max_bytes: int = 2 << 30) -> Iterator[
         out = forward(input_ids, mask)
         counts["encoder"] += 1
         memo[key] = out
-        held[0] += int(np.prod(out[0].shape)) * 4
-        while held[0] > max_bytes and len(memo) > 1:
+        held += int(np.prod(out[0].shape)) * 4
+        while held > max_bytes and len(memo) > 1:
             _, (old, _) = memo.popitem(last=False)
-            held[0] -= int(np.prod(old.shape)) * 4
+            held -= int(np.prod(old.shape)) * 4
         return out
 
     for m in models:
