@@ -19,10 +19,15 @@ Length chunks: the passages of a batch may come as several matrices, each padded
 longest text (:func:`~bgem3_lib.training.bucketing.length_chunks`); scores are computed chunk by chunk and put
 back in the batch's order, so the loss is the same as with one padded matrix, with less padding.
 
-Split batch: with ``sub_batch > 0`` the texts are encoded ``sub_batch`` rows at a time through
-``mindspore.recompute`` (the PyNative form of ``Cell.recompute()``): activations inside a sub-batch are
-not kept but recomputed in the backward pass, so memory grows with the sub-batch, not the batch,
-while the loss still sees every in-batch negative.
+Recompute and split batch (the paper's long-text training, its Appendix B.3):
+
+* ``recompute=True`` (gradient checkpointing) runs each trainable layer through ``mindspore.recompute``
+  (the PyNative form of ``Cell.recompute()``): a layer keeps only its input ``[B, L, H]`` for backward
+  and rebuilds its activations there, so at most one layer's activations of the batch exist at a time;
+* ``sub_batch > 0`` (split batch) encodes the texts ``sub_batch`` rows at a time and concatenates their
+  outputs, so the loss still sees every in-batch negative; with ``recompute`` (the default whenever
+  ``sub_batch`` is set) each sub-batch's whole encode is recomputed in backward, so the activations alive
+  at once are one sub-batch's; without it every sub-batch's activations are kept (no memory saved).
 
 Cross-device negatives (``world_size > 1``, e.g. under ``msrun``): the passages' dense vectors of all
 ranks are gathered with ``AllGather`` and ``L_dense`` is replaced by the InfoNCE over all of them
@@ -53,9 +58,10 @@ class EncodeBlock(nn.Cell):
     """Hidden states (or ids) of one (sub-)batch -> (dense [B,H], sparse [B,L], colbert [B,L-1,D])."""
 
     def __init__(self, encoder, heads, start_layer: int, freeze_layers: int, freeze_embeddings: bool,
-                 special_ids=(0, 1, 2, 3)):
+                 special_ids=(0, 1, 2, 3), layer_recompute: bool = False):
         super().__init__(auto_prefix=False)      # keep the encoder's own parameter names
         self.encoder, self.heads = encoder, heads
+        self.layer_recompute = bool(layer_recompute)
         self.cfg = encoder.cfg
         self.start, self.frozen, self.freeze_embeddings = start_layer, freeze_layers, freeze_embeddings
         self.special_ids = tuple(int(s) for s in special_ids)
@@ -71,7 +77,12 @@ class EncodeBlock(nn.Cell):
             x = hidden
         if self.frozen > self.start:
             x = ops.stop_gradient(self.encoder.run_layers(x, bias, self.start, self.frozen))
-        h = self.encoder.run_layers(x, bias, max(self.start, self.frozen), n).astype(ms.float32)
+        if self.layer_recompute:
+            for i in range(max(self.start, self.frozen), n):
+                x = ms.recompute(self.encoder.layers[i], x, bias)
+            h = x.astype(ms.float32)
+        else:
+            h = self.encoder.run_layers(x, bias, max(self.start, self.frozen), n).astype(ms.float32)
         return self.heads.train_outputs(h, mask, ids, self.cfg.pooling, self.special_ids)
 
 
@@ -81,15 +92,19 @@ class M3TrainNet(nn.Cell):
 
     def __init__(self, encoder, heads, start_layer: int = 0, freeze_layers: int = 0,
                  freeze_embeddings: bool = True, special_ids=(0, 1, 2, 3), sub_batch: int = 0,
-                 temperature: float = 0.02, teacher_weights=TEACHER_WEIGHTS, lambdas=(1.0, 0.1, 1.0),
+                 recompute: bool | None = None, temperature: float = 0.02, teacher_weights=TEACHER_WEIGHTS,
+                 lambdas=(1.0, 0.1, 1.0),
                  use_self_distill: bool = True, world_size: int = 1, rank: int = 0):
         super().__init__(auto_prefix=False)
         n = len(encoder.layers)
         if not 0 <= start_layer <= n or not start_layer <= max(start_layer, freeze_layers) <= n:
             raise ValueError(f"need 0 <= start_layer <= freeze_layers <= {n}, got {start_layer}, {freeze_layers}")
-        self.block = EncodeBlock(encoder, heads, start_layer, max(start_layer, freeze_layers),
-                                 freeze_embeddings, special_ids)
+        if int(sub_batch) != sub_batch or sub_batch < 0:
+            raise ValueError(f"sub_batch must be an integer >= 0 (0: no split), got {sub_batch!r}")
         self.sub_batch = int(sub_batch)
+        self.recompute = self.sub_batch > 0 if recompute is None else bool(recompute)
+        self.block = EncodeBlock(encoder, heads, start_layer, max(start_layer, freeze_layers),
+                                 freeze_embeddings, special_ids, layer_recompute=self.recompute and not self.sub_batch)
         self.temperature, self.teacher_weights, self.lambdas = temperature, tuple(teacher_weights), tuple(lambdas)
         self.use_self_distill = use_self_distill
         self.world_size, self.rank = int(world_size), int(rank)
@@ -106,15 +121,18 @@ class M3TrainNet(nn.Cell):
         return out + list(b.heads.get_parameters())
 
     def encode(self, ids, mask, pos, hidden):
-        """All texts of a batch, in sub-batches through ``mindspore.recompute`` when ``sub_batch`` is set."""
+        """All texts of a batch -> (dense [B, H], sparse [B, L], colbert [B, L-1, D]); in sub-batches of
+        ``sub_batch`` rows when set, each through ``mindspore.recompute`` when ``recompute`` is on."""
         rows = ids.shape[0]
-        if self.sub_batch <= 0 or rows <= self.sub_batch:
-            return self.block(ids, mask, pos, hidden)
+        if self.sub_batch <= 0:
+            return self.block(ids, mask, pos, hidden)      # per-layer recompute inside, if on
         parts = []
+        run = (lambda *a: ms.recompute(self.block, *a)) if self.recompute else self.block
         for s in range(0, rows, self.sub_batch):
             sl = slice(s, s + self.sub_batch)
-            parts.append(ms.recompute(self.block, ids[sl], mask[sl], pos[sl],
-                                      None if hidden is None else hidden[sl]))
+            parts.append(run(ids[sl], mask[sl], pos[sl], None if hidden is None else hidden[sl]))
+        if len(parts) == 1:
+            return parts[0]
         return tuple(ops.cat([p[k] for p in parts], axis=0) for k in range(3))
 
     def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden, p_order=None):

@@ -87,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0
     sub_batch: int = 0
+    recompute: bool | None = None    # gradient checkpointing (None: on exactly when sub_batch is set)
     length_chunks: int = 4           # passages of a batch in <= this many length-sorted chunks (1: one matrix)
     start_layer: int = 0
     freeze_layers: int = 0
@@ -115,6 +116,8 @@ class Trainer:
                     "teacher_weights": tuple(net.teacher_weights), "lambdas": tuple(net.lambdas),
                     "sub_batch": net.sub_batch, "start_layer": net.block.start, "freeze_layers": net.block.frozen,
                     "freeze_embeddings": net.block.freeze_embeddings}
+        if config.recompute is not None and bool(config.recompute) != net.recompute:
+            raise ValueError("TrainConfig and M3TrainNet disagree on ['recompute']: build both from the same settings")
         cfg_side = {**{k: getattr(config, k) for k in net_side},
                     "freeze_layers": max(config.start_layer, config.freeze_layers)}
         differ = [k for k, v in net_side.items()

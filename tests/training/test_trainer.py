@@ -20,7 +20,7 @@ TOTAL_STEPS, KILL_AFTER = 5, 2
 
 
 def build(seed: int = 0, sub_batch: int = 0, use_self_distill: bool = True, steps: int = TOTAL_STEPS,
-          freeze_layers: int = 0, lr: float = 1e-3, out_dir=None, length_chunks: int = 4):
+          freeze_layers: int = 0, lr: float = 1e-3, out_dir=None, length_chunks: int = 4, recompute=None):
     """Tiny XLM-R-style model, random texts, a Trainer over them (all from ``seed``)."""
     import mindspore as ms
 
@@ -41,10 +41,11 @@ def build(seed: int = 0, sub_batch: int = 0, use_self_distill: bool = True, step
     texts = [np.r_[0, rng.integers(4, 100, rng.integers(3, 40)), 2] for _ in range(60)]
     groups = [(i, 20 + i, 40 + i) for i in range(20)]
     net = M3TrainNet(enc, heads, sub_batch=sub_batch, freeze_layers=freeze_layers, freeze_embeddings=True,
-                     use_self_distill=use_self_distill)
+                     use_self_distill=use_self_distill, recompute=recompute)
     tc = TrainConfig(steps=steps, lr=lr, head_lr=1e-2, token_budget=200, boundaries=(16, 32, 64),
                      warmup_steps=2, checkpoint_every=1, seed=seed, use_self_distill=use_self_distill,
-                     sub_batch=sub_batch, freeze_layers=freeze_layers, length_chunks=length_chunks)
+                     sub_batch=sub_batch, freeze_layers=freeze_layers, length_chunks=length_chunks,
+                     recompute=recompute)
     return Trainer(net, TextStore(texts), groups, tc, out_dir=out_dir)
 
 
@@ -115,20 +116,36 @@ def test_training_reduces_loss_and_respects_frozen_parts():
     assert {"distill_dense", "L_distill", "grad_norm", "lr_factor"} <= set(log[0])
 
 
-def test_split_batch_recompute_matches_full_batch():
+@pytest.mark.parametrize("sub_batch, recompute", [(2, None), (2, False), (1, True), (0, True)],
+                         ids=["split2+recompute", "split2", "split1+recompute", "layer-recompute"])
+def test_split_batch_and_recompute_match_full_batch(sub_batch, recompute):
+    """Loss and every gradient of one batch equal the plain batch's to 1e-5 (float32), however it is split
+    and whatever is recomputed."""
     import mindspore as ms
 
-    full, split = build(sub_batch=0), build(sub_batch=2)
+    full, other = build(sub_batch=0), build(sub_batch=sub_batch, recompute=recompute)
+    assert other.net.recompute == (recompute if recompute is not None else sub_batch > 0)
     batch = full.next_batch()
     while len(batch) < 3:
         batch = full.next_batch()
     inputs = full.tensors(batch)
     (lf, *_), gf = full.grad_fn(*inputs)
-    (ls, *_), gs = split.grad_fn(*inputs)
-    assert abs(float(lf.asnumpy()) - float(ls.asnumpy())) < 1e-5
+    (ls, *_), gs = other.grad_fn(*inputs)
+    assert abs(float(lf.asnumpy()) - float(ls.asnumpy())) <= 1e-5
+    assert len(gf) == len(gs) > 4
     for a, b in zip(gf, gs):
-        np.testing.assert_allclose(a.asnumpy(), b.asnumpy(), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(b.asnumpy(), a.asnumpy(), rtol=0, atol=1e-5)
     assert isinstance(lf, ms.Tensor)
+
+
+def test_train_net_rejects_bad_sub_batch_and_disagreeing_config():
+    from bgem3_lib.training.train_model import M3TrainNet
+    tr = build()
+    with pytest.raises(ValueError, match="sub_batch must be an integer >= 0"):
+        M3TrainNet(tr.net.block.encoder, tr.net.block.heads, sub_batch=-1)
+    with pytest.raises(ValueError, match="recompute"):
+        build(sub_batch=0, recompute=True).__class__(tr.net, tr.store, tr.groups,
+                                                     tr.cfg.__class__(**{**tr.cfg.__dict__, "recompute": True}))
 
 
 def test_length_chunks_match_one_padded_matrix():
