@@ -102,14 +102,34 @@ class Embeddings(nn.Cell):
         return self.norm(x)
 
 
+class BlockAttention(nn.Cell):
+    """softmax(q k^T * scale + mask) v for a block of query rows: q [B, A, l, D], kt [B, A, D, L], v [B, A, L, D],
+    mask_bias [B, 1, 1, L] -> [B, A, l, D] (a Cell, so that training can recompute it block by block)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def construct(self, q, kt, v, mask_bias):
+        scores = ops.matmul(q, kt) * self.scale + mask_bias                # [B, A, l, L]
+        probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
+        return ops.matmul(probs, v)
+
+
 class SelfAttention(nn.Cell):
+    """Post-LN multi-head self-attention. Past ATTENTION_BLOCK tokens the scores are computed ATTENTION_BLOCK
+    query rows at a time; with ``recompute_blocks`` (set by training's gradient checkpointing) each block is
+    also rebuilt in the backward pass, so no more than one block's [B, heads, block, L] scores are kept."""
+
     def __init__(self, cfg: M3Config):
         super().__init__()
+        self.recompute_blocks = False
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.qkv = _dense(cfg.hidden_size, 3 * cfg.hidden_size)
         self.out = _dense(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm((cfg.hidden_size,), epsilon=cfg.layer_norm_eps)
         self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.attend = BlockAttention(self.scale)
 
     def construct(self, x, mask_bias):
         B, L, H = x.shape
@@ -119,16 +139,11 @@ class SelfAttention(nn.Cell):
         if L <= ATTENTION_BLOCK:
             ctx = self.attend(q, kt, v, mask_bias)
         else:                       # softmax is per query row: blocks of rows give the same result exactly
-            ctx = ops.cat([self.attend(q[:, :, s:s + ATTENTION_BLOCK], kt, v, mask_bias)
+            run = (lambda *a: ms.recompute(self.attend, *a)) if self.recompute_blocks else self.attend
+            ctx = ops.cat([run(q[:, :, s:s + ATTENTION_BLOCK], kt, v, mask_bias)
                            for s in range(0, L, ATTENTION_BLOCK)], axis=2)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(B, L, H)
         return self.norm(x + self.out(ctx)).astype(x.dtype)           # LayerNorm in float32, back to x's dtype
-
-    def attend(self, q, kt, v, mask_bias):
-        """softmax(q k^T / sqrt(D) + mask) v for query rows ``q`` [B, A, l, D] -> [B, A, l, D]."""
-        scores = ops.matmul(q, kt) * self.scale + mask_bias                # [B, A, l, L]
-        probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
-        return ops.matmul(probs, v)
 
 
 class FeedForward(nn.Cell):

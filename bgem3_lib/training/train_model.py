@@ -24,6 +24,8 @@ Recompute and split batch (the paper's long-text training, its Appendix B.3):
 * ``recompute=True`` (gradient checkpointing) runs each trainable layer through ``mindspore.recompute``
   (the PyNative form of ``Cell.recompute()``): a layer keeps only its input ``[B, L, H]`` for backward
   and rebuilds its activations there, so at most one layer's activations of the batch exist at a time;
+  past ``ATTENTION_BLOCK`` tokens the trainable layers' attention blocks are recomputed too
+  (``SelfAttention.recompute_blocks``, set on those layers for good), so the L x L scores never exist at once;
 * ``sub_batch > 0`` (split batch) encodes the texts ``sub_batch`` rows at a time and concatenates their
   outputs, so the loss still sees every in-batch negative; with ``recompute`` (the default whenever
   ``sub_batch`` is set) each sub-batch's whole encode is recomputed in backward, so the activations alive
@@ -105,6 +107,9 @@ class M3TrainNet(nn.Cell):
         self.recompute = self.sub_batch > 0 if recompute is None else bool(recompute)
         self.block = EncodeBlock(encoder, heads, start_layer, max(start_layer, freeze_layers),
                                  freeze_embeddings, special_ids, layer_recompute=self.recompute and not self.sub_batch)
+        if self.recompute:
+            for layer in encoder.layers[max(start_layer, freeze_layers):]:
+                layer.attention.recompute_blocks = True
         self.temperature, self.teacher_weights, self.lambdas = temperature, tuple(teacher_weights), tuple(lambdas)
         self.use_self_distill = use_self_distill
         self.world_size, self.rank = int(world_size), int(rank)

@@ -94,3 +94,35 @@ def test_blockwise_attention_equals_the_whole_matrix(monkeypatch, length):
     assert whole.shape == (2, length, model.config.hidden_size)
     np.testing.assert_allclose(blocked, whole, rtol=0, atol=1e-5)
     assert np.abs(blocked - whole).max() < 1e-5 and not np.isnan(blocked).any()
+
+
+def test_recomputed_attention_blocks_give_the_same_gradients_and_outputs(monkeypatch):
+    """Training's gradient checkpointing of attention blocks changes memory, not numbers."""
+    import mindspore as ms
+
+    import bgem3_lib.model.encoder as encoder_module
+    from bgem3_lib.model.config import M3Config
+    from bgem3_lib.model.encoder import Layer
+
+    monkeypatch.setattr(encoder_module, "ATTENTION_BLOCK", 8)
+    cfg = M3Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, vocab_size=8)
+    layer = Layer(cfg)
+    rng = np.random.default_rng(0)
+    for p in layer.get_parameters():
+        p.set_data(ms.Tensor(rng.normal(0, 0.2, p.shape).astype(np.float32)))
+    x = ms.Tensor(rng.standard_normal((2, 30, 32), dtype=np.float32))
+    bias = np.zeros((2, 1, 1, 30), np.float32)
+    bias[1, ..., 20:] = -3.4e38                                           # a padded second text
+    bias, w = ms.Tensor(bias), ms.Tensor(rng.standard_normal((2, 30, 32), dtype=np.float32))
+    step = ms.value_and_grad(lambda h: (layer(h, bias) * w).sum(), 0, layer.trainable_params())
+    results = []
+    for on in (False, True):
+        layer.attention.recompute_blocks = on
+        (loss, (gx, gw)), out = step(x), layer(x, bias).asnumpy()
+        results.append((float(loss.asnumpy()), gx.asnumpy(), [g.asnumpy() for g in gw], out))
+    (l0, gx0, gw0, o0), (l1, gx1, gw1, o1) = results
+    assert abs(l0 - l1) <= 1e-5 and np.abs(gx0).max() > 1e-3
+    np.testing.assert_allclose(gx1, gx0, rtol=0, atol=1e-5)
+    for a, b in zip(gw0, gw1):
+        np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(o1, o0, rtol=0, atol=1e-6)
