@@ -83,11 +83,12 @@ def _best_window(window_scores: np.ndarray, owner: np.ndarray, n_docs: int) -> n
 
 
 def length_profile(model, docs: Sequence[str]) -> dict:
-    """Tokens per document (the model's passage prefix included) and how many exceed each of LENGTH_EDGES."""
+    """Tokens per document (the model's passage prefix included; ``tokens``, in order) and how many exceed
+    each of LENGTH_EDGES."""
     lengths = np.array([len(x) for x in model.tokenizer.encode_ids(
         [model.passage_instruction + d for d in docs], 10**9, warn=False)])
     return {"documents": len(docs), "median_tokens": float(np.median(lengths)), "max_tokens": int(lengths.max()),
-            **{f"over_{e}": int((lengths > e).sum()) for e in LENGTH_EDGES}}
+            **{f"over_{e}": int((lengths > e).sum()) for e in LENGTH_EDGES}, "tokens": lengths.tolist()}
 
 
 def variant_scores(short, long_tile, long_interp, queries: Sequence[str], docs: Sequence[str],
@@ -136,7 +137,7 @@ def _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_s
 def evaluate_long_documents(short, long_tile, long_interp, langs: Sequence[str], n_queries: int | None = None,
                             seed: int = 0, every: int = 256) -> tuple[dict, dict]:
     """``(per_query {(TASK, lang, variant, metric): {qid: value}}, lengths {lang: length_profile})`` on
-    ``xquad-longdoc``; ``n_queries``: a seeded sample per language (None: all 1,190)."""
+    ``xquad-longdoc`` (each profile's ``tokens`` keyed by document id, ``gold`` {qid: its document id}); ``n_queries``: a seeded sample per language (None: all 1,190)."""
     from ..evaluation.offline_sets import load_xquad_longdoc
     from ..evaluation.subsets import subset_evalset
 
@@ -146,6 +147,8 @@ def evaluate_long_documents(short, long_tile, long_interp, langs: Sequence[str],
         qids, docids = list(es.queries), list(es.corpus)
         docs = [es.corpus[d] for d in docids]
         lengths[lang] = length_profile(long_tile, docs)
+        lengths[lang]["tokens"] = dict(zip(docids, lengths[lang]["tokens"]))     # {docid: tokens}
+        lengths[lang]["gold"] = {q: next(iter(es.qrels[q])) for q in qids}        # {qid: its article}
         for name, scores in variant_scores(short, long_tile, long_interp, [es.queries[q] for q in qids], docs,
                                            every).items():
             run = run_from_scores(scores, qids, docids, k=len(docids))

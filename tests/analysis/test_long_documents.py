@@ -75,8 +75,13 @@ def test_real_xquad_longdoc_lengths_and_per_query_values(models):
     direct = np.array([len(tok.encode(d).ids) for d in es.corpus.values()])  # <s> ... </s> included
     assert prof["documents"] == len(es.corpus) == 48
     assert prof["over_512"] == int((direct > 512).sum()) and prof["max_tokens"] == int(direct.max())
+    assert prof["tokens"] == direct.tolist()
     per_query, lengths = ld.evaluate_long_documents(short, tile, interp, ["de"], n_queries=6)
-    assert lengths["de"] == prof
+    got = lengths["de"]
+    assert {k: v for k, v in got.items() if k not in ("tokens", "gold")} == \
+        {k: v for k, v in prof.items() if k != "tokens"}
+    assert got["tokens"] == dict(zip(es.corpus, direct.tolist()))
+    assert len(got["gold"]) == 6 and all(es.qrels[q] == {d: 1} or d in es.qrels[q] for q, d in got["gold"].items())
     assert {k[2] for k in per_query} == set(ld.VARIANTS) and {k[3] for k in per_query} == set(ld.METRICS)
     for values in per_query.values():
         assert len(values) == 6 and all(0.0 <= v <= 1.0 for v in values.values())
