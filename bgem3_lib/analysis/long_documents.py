@@ -137,7 +137,8 @@ def _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_s
 def evaluate_long_documents(short, long_tile, long_interp, langs: Sequence[str], n_queries: int | None = None,
                             seed: int = 0, every: int = 256) -> tuple[dict, dict]:
     """``(per_query {(TASK, lang, variant, metric): {qid: value}}, lengths {lang: length_profile})`` on
-    ``xquad-longdoc`` (each profile's ``tokens`` keyed by document id, ``gold`` {qid: its document id}); ``n_queries``: a seeded sample per language (None: all 1,190)."""
+    ``xquad-longdoc`` (each profile's ``tokens`` keyed by document id, ``gold`` {qid: its document id});
+    ``n_queries``: a seeded sample per language (None: all 1,190)."""
     from ..evaluation.offline_sets import load_xquad_longdoc
     from ..evaluation.subsets import subset_evalset
 

@@ -9,7 +9,9 @@ files in a work directory.
 * :func:`write_random_checkpoint` - a random-weight checkpoint in the exact ``BAAI/bge-m3`` file
   layout, written by torch (:mod:`bgem3_lib.analysis.torch_reference`) in a subprocess;
 * :func:`run_implementation` - encode texts with one implementation (dense, sparse, ColBERT) after
-  a warm-up call on four texts; returns a :class:`RunResult` with the outputs and the timed encode;
+  a warm-up call (on the first four texts, or on ``warmup`` texts); returns a :class:`RunResult` with the
+  outputs, the timed encode and its memory: resident memory after loading the model, the peak growth of
+  resident memory during the timed encode (sampled by a thread) and the process's absolute peak;
 * :func:`max_differences` - largest absolute difference of two runs per representation.
 
 The MindNLP run uses MindNLP for everything up to the head projections (tokenizer, XLM-RoBERTa
@@ -45,6 +47,9 @@ class RunResult:
     ``dense`` [N, H]; ``lexical`` N dicts {token_id_str: weight}; ``colbert`` N arrays [n_i - 1, H];
     ``seconds`` wall time and ``cpu_seconds`` process CPU time of the timed encode (after a warm-up
     call, model already loaded); ``n_tokens`` tokens encoded (special tokens included).
+    Memory in bytes (0 when not recorded): ``rss_after_load`` resident memory once the model is loaded;
+    ``peak_growth`` peak resident memory during the timed encode minus that just before it;
+    ``max_rss`` the process's peak resident memory over its whole life (``ru_maxrss``).
     """
     name: str
     dense: np.ndarray
@@ -53,6 +58,9 @@ class RunResult:
     seconds: float
     cpu_seconds: float
     n_tokens: int
+    rss_after_load: int = 0
+    peak_growth: int = 0
+    max_rss: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -87,21 +95,43 @@ def write_random_checkpoint(out_dir: str | Path, layers: int, hidden: int, heads
 
 
 def run_implementation(name: str, model_dir: str | Path, texts: list[str], workdir: str | Path,
-                       max_length: int = 512, batch_size: int = 16, timeout: float = 3600) -> RunResult:
-    """Encode ``texts`` with implementation ``name`` (one of :data:`IMPLEMENTATIONS`) in a subprocess."""
+                       max_length: int = 512, batch_size: int = 16, timeout: float = 3600,
+                       warmup: list[str] | None = None, skip_probe: bool = False,
+                       backend: str | None = None) -> RunResult:
+    """Encode ``texts`` with implementation ``name`` (one of :data:`IMPLEMENTATIONS`) in a subprocess.
+
+    ``model_dir``: a checkpoint directory; for ``bgem3_lib`` also a model name of the library (e.g.
+    ``"m3-small-long"``). ``warmup``: the texts of the untimed warm-up call (default: the first four
+    texts; short texts keep the timed call's memory peak its own). ``skip_probe``: FlagEmbedding's
+    ``encode`` first runs its longest batch once more to probe the batch size and throws the result away;
+    True skips that forward, so ``seconds`` is FlagEmbedding's time without it. ``backend``: the
+    ``bgem3_lib`` backend (``"kernels"`` / ``"mindspore"``; None: the library's choice).
+    """
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown implementation {name!r}; choose one of {IMPLEMENTATIONS}")
-    if not texts or not all(isinstance(t, str) and t for t in texts):
-        raise ValueError("texts must be a non-empty list of non-empty strings")
+    for what, values in (("texts", texts), ("warmup", texts if warmup is None else warmup)):
+        if not values or not all(isinstance(t, str) and t for t in values):
+            raise ValueError(f"{what} must be a non-empty list of non-empty strings")
+    if backend is not None and name != "bgem3_lib":
+        raise ValueError(f"backend={backend!r} applies to bgem3_lib only, not to {name}")
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / "config.json").is_file() and not (name == "bgem3_lib" and _library_name(model_dir)):
         raise FileNotFoundError(f"no checkpoint in {model_dir} (config.json missing)")
     out = Path(workdir) / name
     out.mkdir(parents=True, exist_ok=True)
     (out / "texts.json").write_text(json.dumps(texts, ensure_ascii=False), encoding="utf-8")
+    options = {"warmup": texts[:4] if warmup is None else list(warmup), "skip_probe": bool(skip_probe),
+               "backend": backend}
+    (out / "options.json").write_text(json.dumps(options, ensure_ascii=False), encoding="utf-8")
     _run(["-m", "bgem3_lib.analysis.reference_runs", name, str(model_dir), str(out), str(max_length), str(batch_size)],
          f"the {name} run", timeout)
     return load_result(name, out)
+
+
+def _library_name(model_dir: Path) -> bool:
+    """True when ``model_dir`` is a model name ``bgem3_lib`` resolves itself (``m3-small``, ``m3-small-long``...)."""
+    from ..model.loading import LONG_MODELS
+    return str(model_dir) in {"m3-small", *LONG_MODELS}
 
 
 def load_result(name: str, out: Path) -> RunResult:
@@ -109,7 +139,8 @@ def load_result(name: str, out: Path) -> RunResult:
     colbert = np.load(out / "colbert.npz")
     return RunResult(name, np.load(out / "dense.npy"), json.loads((out / "lexical.json").read_text()),
                      [colbert[f"arr_{i}"] for i in range(len(colbert.files))], timing["seconds"],
-                     timing["cpu_seconds"], timing["n_tokens"])
+                     timing["cpu_seconds"], timing["n_tokens"], timing.get("rss_after_load", 0),
+                     timing.get("peak_growth", 0), timing.get("max_rss", 0))
 
 
 def max_differences(a: RunResult, b: RunResult) -> dict[str, float]:
@@ -139,9 +170,10 @@ def max_differences(a: RunResult, b: RunResult) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- subprocess side
 
-def _encode_bgem3_lib(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+def _encode_bgem3_lib(model_dir: Path, texts: list[str], max_length: int, batch_size: int,
+                      backend: str | None = None, **_):
     from bgem3_lib import BGEM3
-    model = BGEM3(str(model_dir))
+    model = BGEM3(str(model_dir), backend=backend)
     n_tokens = sum(len(x) for x in model.tokenizer.encode_ids(texts, max_length, warn=False))
 
     def encode(batch):
@@ -151,22 +183,44 @@ def _encode_bgem3_lib(model_dir: Path, texts: list[str], max_length: int, batch_
     return encode, n_tokens
 
 
-def _encode_flagembedding(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+def _encode_flagembedding(model_dir: Path, texts: list[str], max_length: int, batch_size: int,
+                          skip_probe: bool = False, **_):
     import torch
     from FlagEmbedding import BGEM3FlagModel
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model = BGEM3FlagModel(str(model_dir), use_fp16=False, devices="cpu")
+    if skip_probe:
+        model.model = _SkipFirstCall(model.model)
     ids = model.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     n_tokens = sum(len(x) for x in ids)
 
     def encode(batch):
+        if skip_probe:
+            model.model.skip = True
         out = model.encode(batch, batch_size=batch_size, max_length=max_length, return_dense=True,
                            return_sparse=True, return_colbert_vecs=True)
         return np.asarray(out["dense_vecs"]), out["lexical_weights"], out["colbert_vecs"]
     return encode, n_tokens
 
 
-def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_size: int):
+class _SkipFirstCall:
+    """FlagEmbedding's model with its next call skipped while ``skip`` is set: ``encode`` calls the model on
+    its longest batch once to probe the batch size, only checking that the call does not raise."""
+
+    def __init__(self, inner):
+        self.inner, self.skip = inner, False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, *args, **kwargs):
+        if self.skip:
+            self.skip = False
+            return None
+        return self.inner(*args, **kwargs)
+
+
+def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_size: int, **_):
     import mindnlp  # noqa: F401  (first: from here on `torch` is MindNLP's MindSpore shim)
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -215,18 +269,28 @@ def sorted_batches(tokenizer, texts: list[str], max_length: int, batch_size: int
 def _main(argv: list[str]) -> None:
     name, model_dir, out, max_length, batch_size = argv
     model_dir, out, max_length, batch_size = Path(model_dir), Path(out), int(max_length), int(batch_size)
+    import resource
+
+    from bgem3_lib.analysis.batching_stats import peak_rss_growth, rss_bytes
     texts = json.loads((out / "texts.json").read_text(encoding="utf-8"))
+    options_file = out / "options.json"
+    options = json.loads(options_file.read_text(encoding="utf-8")) if options_file.is_file() else {}
+    warmup = options.pop("warmup", texts[:4])
     setup = {"bgem3_lib": _encode_bgem3_lib, "flagembedding": _encode_flagembedding,
              "mindnlp": _encode_mindnlp}[name]
-    encode, n_tokens = setup(model_dir, texts, max_length, batch_size)
-    encode(texts[:4])                                   # warm-up: first-call setup, allocations
+    encode, n_tokens = setup(model_dir, texts, max_length, batch_size, **options)
+    rss_after_load = rss_bytes()
+    encode(warmup)                                      # warm-up: first-call setup, allocations
     wall, cpu = time.perf_counter(), time.process_time()
-    dense, lexical, colbert = encode(texts)
+    (dense, lexical, colbert), grown = peak_rss_growth(lambda: encode(texts), interval=1e-3)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024     # Linux reports KiB
     np.save(out / "dense.npy", np.asarray(dense, dtype=np.float32))
     (out / "lexical.json").write_text(json.dumps([{str(k): float(v) for k, v in d.items()} for d in lexical]))
     np.savez(out / "colbert.npz", *[np.asarray(c, dtype=np.float32) for c in colbert])
-    (out / "timing.json").write_text(json.dumps({"seconds": wall, "cpu_seconds": cpu, "n_tokens": n_tokens}))
+    (out / "timing.json").write_text(json.dumps({"seconds": wall, "cpu_seconds": cpu, "n_tokens": n_tokens,
+                                                 "rss_after_load": rss_after_load, "peak_growth": int(grown),
+                                                 "max_rss": max_rss}))
 
 
 if __name__ == "__main__":

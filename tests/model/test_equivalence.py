@@ -1,5 +1,5 @@
 """bgem3_lib vs the official FlagEmbedding 1.4.2 BGEM3FlagModel (torch CPU, separate process)
-on a random checkpoint written in the exact BAAI/bge-m3 file layout."""
+on a random checkpoint written in the exact BAAI/bge-m3 file layout, up to the paper's 8192 tokens."""
 from __future__ import annotations
 
 import json
@@ -15,12 +15,26 @@ from bgem3_lib.weights.assets import asset_path
 TOL = 1e-5
 SMALL = dict(layers=2, hidden=64, heads=4, ffn=128, max_pos=514)
 FULL = dict(layers=24, hidden=1024, heads=16, ffn=4096, max_pos=8194)
+LONG = dict(layers=2, hidden=64, heads=4, ffn=128, max_pos=8194)
+LONG_MAX = 8192
 
 
 def _texts() -> list[str]:
     texts = multilingual_texts()
     texts += [long_text("en"), long_text("de"), long_text("zh")]     # over max_length
     return texts
+
+
+def _long_texts() -> list[str]:
+    """The short multilingual texts and real documents of exactly 8192 and 3000 tokens, plus one of 10,000 tokens
+    that is cut to 8192: long ones share padded batches with each other and with short ones."""
+    from bgem3_lib.analysis.long_cost import texts_of_length
+    from bgem3_lib.model.tokenization import M3Tokenizer
+    tok = M3Tokenizer.from_file(asset_path("tokenizer.json"))
+    lengths = (LONG_MAX, 3000, 10000)
+    long = [texts_of_length(tok, n, 1, seed=i)[0] for i, n in enumerate(lengths)]
+    assert [len(ids) for ids in tok.encode_ids(long, 10 ** 6, warn=False)] == list(lengths)
+    return multilingual_texts() + long
 
 
 def _pairs(texts):
@@ -30,14 +44,15 @@ def _pairs(texts):
            [[texts[-1], "x"], ["  \u3000 x", texts[-2]]]
 
 
-def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: int = 1800):
+def _compare(tmp_path, size: dict, max_length: int, batch_size: int, timeout: int = 1800,
+             texts: list[str] | None = None, pairs: list[list[str]] | None = None):
     from bgem3_lib import BGEM3
     ckpt, ref = tmp_path / "ckpt", tmp_path / "ref"
     ref.mkdir()
     run_reference("write_bge_m3_checkpoint", out_dir=str(ckpt), tokenizer_json=str(asset_path("tokenizer.json")),
                   seed=0, timeout=timeout, **size)
-    texts = _texts()
-    pairs = _pairs(texts)
+    texts = _texts() if texts is None else texts
+    pairs = _pairs(texts) if pairs is None else pairs
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     (tmp_path / "pairs.json").write_text(json.dumps(pairs))
     weights = [0.4, 0.2, 0.4]
@@ -94,6 +109,14 @@ def _compare_backend(model, ref, texts, pairs, weights, max_length: int, batch_s
 
 def test_equivalence_small_config(tmp_path):
     _compare(tmp_path, SMALL, max_length=128, batch_size=8)
+
+
+def test_equivalence_at_8192_tokens(tmp_path):
+    # 8192 positions; both backends attend in blocks of query rows (kernels 256, MindSpore cells 1024)
+    texts = _long_texts()
+    pairs = _pairs(multilingual_texts()) + [[texts[0], texts[-1]]]      # one passage of 10,000 tokens, cut
+    diffs = _compare(tmp_path, LONG, max_length=LONG_MAX, batch_size=2, texts=texts, pairs=pairs)
+    assert set(diffs) == {"kernels", "mindspore"}
 
 
 @pytest.mark.slow
