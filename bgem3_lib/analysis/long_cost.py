@@ -119,7 +119,8 @@ def _row(engine: str, label: str, length: int, res, docs: int) -> dict:
     return {"model": label, "implementation": engine, "length": length, "docs": docs,
             "seconds_per_doc": res.seconds / docs, "cpu_seconds_per_doc": res.cpu_seconds / docs,
             "tokens_per_s": res.tokens_per_second, "rss_after_load_mib": res.rss_after_load / MIB,
-            "peak_growth_mib": res.peak_growth / MIB, "max_rss_mib": res.max_rss / MIB,
+            "rss_before_encode_mib": res.rss_before_encode / MIB, "peak_growth_mib": res.peak_growth / MIB,
+            "max_rss_mib": res.max_rss / MIB,
             "reference": None, "max_diff_dense": float("nan"), "max_diff_colbert": float("nan"),
             "max_diff_sparse": float("nan")}
 
@@ -144,7 +145,8 @@ def measure_long_cost(model_dir: str | Path, lengths: Sequence[int] = LENGTHS,
                       timeout: float = 4 * 3600) -> list[dict]:
     """One row per (length, engine): ``model`` (``label``, default the directory's name), ``implementation``,
     ``length``, ``docs``, ``seconds_per_doc``, ``cpu_seconds_per_doc``, ``tokens_per_s``, memory in MiB
-    (``rss_after_load_mib``, ``peak_growth_mib`` during the timed encode, ``max_rss_mib`` of the process) and,
+    (``rss_after_load_mib``, ``rss_before_encode_mib`` after the warm-up, ``peak_growth_mib`` above it during the
+    timed encode, ``max_rss_mib`` the process's peak) and,
     beside ``reference`` (FlagEmbedding if it ran, else the first engine), ``max_diff_dense`` /
     ``max_diff_colbert`` / ``max_diff_sparse``. Engines: keys of :data:`ENGINES`. RuntimeError when an
     engine encodes other token counts than the texts have, or its dense / ColBERT outputs differ by > ``tol``.

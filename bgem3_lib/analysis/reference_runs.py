@@ -47,8 +47,9 @@ class RunResult:
     ``dense`` [N, H]; ``lexical`` N dicts {token_id_str: weight}; ``colbert`` N arrays [n_i - 1, H];
     ``seconds`` wall time and ``cpu_seconds`` process CPU time of the timed encode (after a warm-up
     call, model already loaded); ``n_tokens`` tokens encoded (special tokens included).
-    Memory in bytes (0 when not recorded): ``rss_after_load`` resident memory once the model is loaded;
-    ``peak_growth`` peak resident memory during the timed encode minus that just before it;
+    Memory in bytes (0 when not recorded): ``rss_after_load`` resident memory once the model is loaded
+    (weights a library maps from the file count only once touched); ``rss_before_encode`` after the warm-up;
+    ``peak_growth`` peak resident memory during the timed encode minus ``rss_before_encode``;
     ``max_rss`` the process's peak resident memory over its whole life (``ru_maxrss``).
     """
     name: str
@@ -59,6 +60,7 @@ class RunResult:
     cpu_seconds: float
     n_tokens: int
     rss_after_load: int = 0
+    rss_before_encode: int = 0
     peak_growth: int = 0
     max_rss: int = 0
 
@@ -137,10 +139,10 @@ def _library_name(model_dir: Path) -> bool:
 def load_result(name: str, out: Path) -> RunResult:
     timing = json.loads((out / "timing.json").read_text())
     colbert = np.load(out / "colbert.npz")
+    memory = {k: timing.get(k, 0) for k in ("rss_after_load", "rss_before_encode", "peak_growth", "max_rss")}
     return RunResult(name, np.load(out / "dense.npy"), json.loads((out / "lexical.json").read_text()),
                      [colbert[f"arr_{i}"] for i in range(len(colbert.files))], timing["seconds"],
-                     timing["cpu_seconds"], timing["n_tokens"], timing.get("rss_after_load", 0),
-                     timing.get("peak_growth", 0), timing.get("max_rss", 0))
+                     timing["cpu_seconds"], timing["n_tokens"], **memory)
 
 
 def max_differences(a: RunResult, b: RunResult) -> dict[str, float]:
@@ -281,6 +283,7 @@ def _main(argv: list[str]) -> None:
     encode, n_tokens = setup(model_dir, texts, max_length, batch_size, **options)
     rss_after_load = rss_bytes()
     encode(warmup)                                      # warm-up: first-call setup, allocations
+    rss_before_encode = rss_bytes()
     wall, cpu = time.perf_counter(), time.process_time()
     (dense, lexical, colbert), grown = peak_rss_growth(lambda: encode(texts), interval=1e-3)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -290,7 +293,7 @@ def _main(argv: list[str]) -> None:
     np.savez(out / "colbert.npz", *[np.asarray(c, dtype=np.float32) for c in colbert])
     (out / "timing.json").write_text(json.dumps({"seconds": wall, "cpu_seconds": cpu, "n_tokens": n_tokens,
                                                  "rss_after_load": rss_after_load, "peak_growth": int(grown),
-                                                 "max_rss": max_rss}))
+                                                 "rss_before_encode": rss_before_encode, "max_rss": max_rss}))
 
 
 if __name__ == "__main__":

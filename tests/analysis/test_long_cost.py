@@ -59,6 +59,7 @@ def test_rows_time_and_memory_per_length(measured):
         assert r["seconds_per_doc"] > 0 and r["cpu_seconds_per_doc"] > 0
         assert r["tokens_per_s"] == pytest.approx(r["length"] / r["seconds_per_doc"])
         assert 0 < r["rss_after_load_mib"] <= r["max_rss_mib"] and r["peak_growth_mib"] >= 0
+        assert r["rss_before_encode_mib"] + r["peak_growth_mib"] <= r["max_rss_mib"] + 1     # sampled <= true peak
 
 
 def test_engines_read_identical_texts_and_agree(measured, checkpoint):
