@@ -46,21 +46,15 @@ SAFETY = 4          # measured peaks ran up to ~3x the activation count (chapter
 QUERY = "Which river flows through the city?"
 
 
-def passage_ids(tokenizer, length: int, count: int) -> np.ndarray:
-    """``count`` different real passages of exactly ``length`` ids (``<s>`` ... ``</s>``) -> int32 [count, length],
-    cut from English XQuAD articles laid end to end."""
-    from ..evaluation.offline_sets import load_xquad_longdoc
-    if length < 3 or count < 1:
-        raise ValueError(f"need length >= 3 and count >= 1, got {length}, {count}")
-    docs = list(load_xquad_longdoc("en").corpus.values())
-    body = np.concatenate([np.asarray(x[1:-1]) for x in tokenizer.encode_ids(docs, 10**9, warn=False)])
-    need = (length - 2) * count
-    if body.size < need:
-        raise ValueError(f"the articles hold {body.size} tokens, fewer than {count} x {length - 2}")
-    first = tokenizer.encode_ids(["a"], 8, warn=False)[0]
-    cls, eos = int(first[0]), int(first[-1])
-    rows = body[:need].reshape(count, length - 2)
-    return np.concatenate([np.full((count, 1), cls), rows, np.full((count, 1), eos)], axis=1).astype(np.int32)
+def passage_ids(tokenizer, length: int, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` real passages of exactly ``length`` ids (``<s>`` ... ``</s>``) -> int32 [count, length]: the
+    English XQuAD text of :func:`~bgem3_lib.analysis.long_cost.texts_of_length` (the first ``k`` rows do not
+    depend on ``count``)."""
+    from .long_cost import texts_of_length
+    texts = texts_of_length(tokenizer, length, count, seed=seed, langs=("en",))
+    ids = np.asarray(tokenizer.encode_ids(texts, length, warn=False), dtype=np.int32)
+    assert ids.shape == (count, length), (ids.shape, count, length)
+    return ids
 
 
 def step_peaks(model: str, runs: Sequence[tuple[int, int]], strategy: str, train_layers: int = 1,
