@@ -1,7 +1,7 @@
 """Worker processes for ``benchmarks/encode.py``: one per system, each loads the model once, then
 answers JSON commands read from stdin (one per line) with one ``@@ {json}`` line on stdout.
 
-    python benchmarks/encode_workers.py {bgem3_lib|flagembedding|mindnlp} MODEL_DIR
+    python benchmarks/encode_workers.py {bgem3_lib|flagembedding|mindnlp|onnxruntime|onnxruntime-int8} MODEL_DIR
 
 Systems (identical weights from MODEL_DIR, identical texts, all three outputs, float32, CPU):
 * ``bgem3_lib``      — this library (``BGEM3.encode``); ``kernels: false`` forces the plain-op path.
@@ -11,6 +11,12 @@ Systems (identical weights from MODEL_DIR, identical texts, all three outputs, f
   (= the first real batch, the same input), so timings are FlagEmbedding's without the probe.
 * ``mindnlp``        — MindNLP 0.5 (``import mindnlp`` makes ``transformers`` run on MindSpore):
   ``AutoModel`` + the two head ``Linear``s loaded with its torch shim; same sort/pad/batch as ours.
+* ``onnxruntime``    — the checkpoint exported from the PyTorch reference to one ONNX graph (encoder + the
+  three heads, ``bgem3_lib.analysis.onnx_reference``), run by ONNX Runtime's CPU execution provider with
+  ``$OMP_NUM_THREADS`` intra-op threads; padded batches sorted by length, as a user runs it. Exported
+  once into ``MODEL_DIR/onnx/`` and reused while newer than the weights.
+* ``onnxruntime-int8`` — the same graph after ONNX Runtime's dynamic int8 quantization (per-channel int8
+  weights on the MatMul/Gemm projections, activations quantized at run time).
 
 Commands: ``{"op": "encode", "texts": file, "max_length", "batch_size", "sort", "kernels"}``,
 ``{"op": "matmul"}`` (GFLOP/s of this framework's float32 1024x1024x4096 matmul, and NumPy's),
@@ -186,7 +192,28 @@ class MindNLP:
         return 3 * 2 * 1024 * 1024 * 4096 / (time.perf_counter() - t) / 1e9
 
 
-SYSTEMS = {"bgem3_lib": Ours, "flagembedding": Flag, "mindnlp": MindNLP}
+class OnnxRuntime:
+    int8 = False
+
+    def __init__(self, model_dir: str):
+        sys.path.insert(0, str(ROOT))
+        from bgem3_lib.analysis.onnx_reference import OnnxEncoder, exported_onnx
+        self.model = OnnxEncoder(exported_onnx(model_dir, int8=self.int8), Path(model_dir) / "tokenizer.json")
+
+    def encode(self, texts, max_length, batch_size, sort=True, kernels=True, sparse_only=False):
+        out = self.model.encode(texts, max_length=max_length, batch_size=batch_size, sort=sort)
+        return {"dense": out["dense_vecs"]}
+
+    def framework_gflops(self) -> float:
+        return numpy_gflops()               # ONNX Runtime has no stand-alone matmul to call: NumPy's
+
+
+class OnnxRuntimeInt8(OnnxRuntime):
+    int8 = True
+
+
+SYSTEMS = {"bgem3_lib": Ours, "flagembedding": Flag, "mindnlp": MindNLP, "onnxruntime": OnnxRuntime,
+           "onnxruntime-int8": OnnxRuntimeInt8}
 
 
 def serve(system: str, model_dir: str) -> None:
