@@ -77,14 +77,19 @@ def write_bge_m3_checkpoint(out_dir: str, tokenizer_json: str, layers: int, hidd
             elif "LayerNorm.weight" in name:
                 p.uniform_(0.8, 1.2)
     cfg.save_pretrained(out)
-    torch.save(model.state_dict(), out / "pytorch_model.bin")
+
+    def save(obj, name: str) -> None:       # a new file moved into place: a process mapping the old one keeps it
+        torch.save(obj, out / f"{name}.tmp")
+        os.replace(out / f"{name}.tmp", out / name)
+
+    save(model.state_dict(), "pytorch_model.bin")
     colbert = torch.nn.Linear(hidden, hidden)
     sparse = torch.nn.Linear(hidden, 1)
     with torch.no_grad():
         sparse.weight.normal_(0, 0.05)
         sparse.bias.fill_(0.01)
-    torch.save({k: v.half() for k, v in colbert.state_dict().items()}, out / "colbert_linear.pt")
-    torch.save({k: v.half() for k, v in sparse.state_dict().items()}, out / "sparse_linear.pt")
+    save({k: v.half() for k, v in colbert.state_dict().items()}, "colbert_linear.pt")
+    save({k: v.half() for k, v in sparse.state_dict().items()}, "sparse_linear.pt")
     shutil.copyfile(tokenizer_json, out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "XLMRobertaTokenizer", "model_max_length": max_pos - 2, "bos_token": "<s>",

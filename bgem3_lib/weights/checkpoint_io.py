@@ -2,8 +2,9 @@
 
 Formats, chosen by suffix:
 
-* ``.safetensors`` — read/written with ``safetensors.numpy``; BF16 tensors (which NumPy cannot
-  hold) are widened to float32.
+* ``.safetensors`` — written with ``safetensors.numpy``, read as arrays mapped from the file
+  (:mod:`bgem3_lib.weights.mapped`: pages are read when used); BF16 tensors (which NumPy cannot hold)
+  are widened to float32.
 * ``.bin`` / ``.pt`` / ``.pth`` — ``torch.save`` files (e.g. ``pytorch_model.bin``,
   ``colbert_linear.pt``, ``sparse_linear.pt`` of ``BAAI/bge-m3``), read by the restricted
   unpickler of :mod:`bgem3_lib.weights.safe_unpickle`: no torch import, no code from the file runs.
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..paths import atomic_write
+from .mapped import map_array
 from .safe_unpickle import bfloat16_bits_to_float32, load_torch_checkpoint
 
 __all__ = ["load_state_dict", "save_state_dict", "strip_prefix", "check_shapes"]
@@ -44,32 +46,41 @@ def _flatten(obj, prefix: str, out: dict) -> None:
             _flatten(value, name + ".", out)
 
 
-def _safetensors_bf16(path: Path, names: list[str]) -> dict[str, np.ndarray]:
-    """Read BF16 tensors straight from the file: u64 header length, JSON header, data block."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        out = {}
-        for name in names:
-            start, stop = header[name]["data_offsets"]
-            f.seek(8 + n + start)
-            bits = np.frombuffer(f.read(stop - start), dtype="<u2")
-            out[name] = bfloat16_bits_to_float32(bits).reshape(header[name]["shape"])
-    return out
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+                       "I8": "i1", "U8": "u1", "BOOL": "?", "BF16": "<u2"}
+
+
+def _safetensors_array(path: Path, data_start: int, name: str, info: dict) -> np.ndarray:
+    """One tensor of a safetensors file, mapped from the file (BF16 widened to float32, a misaligned
+    tensor copied)."""
+    if info.get("dtype") not in _SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {info.get('dtype')!r}, which this reader does not support")
+    dtype, shape = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]]), tuple(info["shape"])
+    begin, stop = info["data_offsets"]
+    if stop - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(f"tensor {name!r}: {stop - begin} bytes for shape {shape}")
+    if 0 in shape:
+        arr = np.zeros(shape, dtype)
+    else:
+        arr = map_array(path, data_start + begin, dtype, shape)
+        if (data_start + begin) % dtype.itemsize:
+            arr = np.array(arr)
+    return bfloat16_bits_to_float32(arr) if info["dtype"] == "BF16" else arr
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor mapped from the file (:mod:`.mapped`); ``safe_open`` validates the header first."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="np") as f:
             names = list(f.keys())
-            bf16 = [k for k in names if f.get_slice(k).get_dtype() == "BF16"]
-            out = {k: f.get_tensor(k) for k in names if k not in bf16}
-        out.update(_safetensors_bf16(path, bf16))
-    except (SafetensorError, ValueError, KeyError, struct.error) as e:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        return {k: _safetensors_array(path, 8 + n, k, header[k]) for k in names}
+    except (SafetensorError, ValueError, KeyError, TypeError, struct.error) as e:
         raise ValueError(f"{path} is truncated or corrupt (not a readable safetensors file): {e}") from e
-    return {k: out[k] if out[k].flags.writeable else out[k].copy() for k in names}
 
 
 def _load_mindspore(path: Path) -> dict[str, np.ndarray]:

@@ -16,7 +16,9 @@ that are really there, nesting is bounded (:data:`MAX_NESTING`; deeply nested tu
 the interpreter while being hashed), zip members may not claim more bytes than the archive holds,
 and copies made for strided / shared tensor views are bounded by the storage bytes actually read.
 
-Tensors come back as C-contiguous NumPy arrays that own (or solely use) their memory:
+Tensors come back as C-contiguous NumPy arrays that own (or solely use) their memory; an uncompressed
+zip member is mapped from the file copy-on-write (:mod:`bgem3_lib.weights.mapped`), so its pages are read
+only when used:
 fp32/fp16/fp64/int*/uint8/bool keep their dtype, bf16 is widened to float32 (exact, by shifting
 the 16 stored bits into the high half of a float32).
 
@@ -43,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..progress import tqdm
+from .mapped import map_array
 from .pickle_checks import MAX_NESTING, CheckpointError, UnsafeCheckpointError, _brief, check_pickle, check_tree
 
 __all__ = ["CheckpointError", "UnsafeCheckpointError", "RestrictedUnpickler", "load_torch_checkpoint",
@@ -269,6 +272,27 @@ def _read_member(zf: zipfile.ZipFile, name: str, archive_size: int) -> bytearray
     return buf
 
 
+def _map_member(zf: zipfile.ZipFile, name: str, archive_size: int, stype: _StorageType, numel: int):
+    """An uncompressed member's first ``numel`` elements mapped from the file (:mod:`.mapped`: pages are read
+    only when used), or None when it cannot be (compressed, misaligned, big-endian or too small)."""
+    info = zf.getinfo(name)
+    if info.compress_type != zipfile.ZIP_STORED or not stype.dtype.isnative or numel == 0:
+        return None
+    if info.file_size > archive_size - info.header_offset or info.file_size < numel * stype.dtype.itemsize:
+        return None                                   # _read_member raises the precise error
+    zf.fp.seek(info.header_offset)
+    header = zf.fp.read(30)                           # the local file header: name and extra lengths at 26, 28
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"member {name} has no local file header")
+    start = info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+    if start % stype.dtype.itemsize:
+        return None
+    try:
+        return map_array(zf.filename, start, stype.dtype, (numel,))
+    except ValueError as exc:
+        raise zipfile.BadZipFile(str(exc)) from exc
+
+
 def _load_zip(path: Path):
     size = path.stat().st_size
     with zipfile.ZipFile(path) as zf:
@@ -290,6 +314,10 @@ def _load_zip(path: Path):
             member = f"{prefix}data/{key}"
             if member not in names:
                 raise pickle.UnpicklingError(f"storage record {member} is missing")
+            mapped = _map_member(zf, member, size, stype, numel)
+            if mapped is not None:
+                bar.update(mapped.nbytes)
+                return mapped
             buf = _read_member(zf, member, size)
             bar.update(len(buf))
             if len(buf) < numel * stype.dtype.itemsize:

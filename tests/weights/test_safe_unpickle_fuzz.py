@@ -83,8 +83,8 @@ def _write_zip_members(path: Path, members: list[tuple[str, bytes]]) -> None:
             zf.writestr(name, data)
 
 
-_PLAIN = (type(None), bool, int, float, str, bytes, bytearray, np.ndarray, safe_unpickle._Storage,
-          safe_unpickle._StorageType, safe_unpickle._Rebuilder)
+_PLAIN = (type(None), bool, int, float, str, bytes, bytearray, np.ndarray, np.memmap, safe_unpickle._Storage,
+          safe_unpickle._StorageType, safe_unpickle._Rebuilder)   # np.memmap: uncompressed members are mapped
 _CONTAINER = (tuple, list, dict, OrderedDict, set, frozenset)
 
 
