@@ -68,7 +68,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "(e.g. a BAAI/bge-m3 download)")
     p.add_argument("--device", default=None, choices=["CPU", "GPU", "Ascend"],
                    help="default: $BGEM3_DEVICE, else CPU")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "int8"],
+                   help="int8: the encoder's linear layers quantised (CPU only, bgem3_lib.kernels.int8)")
     p.add_argument("--max-length", type=_positive, default=None, help="passage tokens (default: the model's)")
     p.add_argument("--batch-size", type=_positive, default=32)
 

@@ -72,8 +72,9 @@ def _cpu_signature() -> str:
         return "unknown"
 
 
-def build_library() -> Path:
-    """Compile ``cpu_kernels.cc`` (once per source/BLAS/CPU) and return the shared library's path."""
+def build_library(source: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile ``source`` (default ``cpu_kernels.cc``; once per source, the ``*.h`` beside it, flags, BLAS and
+    CPU) with ``FLAGS`` and ``extra_flags`` and return the shared library's path."""
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
         raise RuntimeError("no C++ compiler (g++) on PATH")
@@ -83,17 +84,20 @@ def build_library() -> Path:
     defines = [f'-DBGEM3_BLAS_LIB="{blas["lib"]}"', f'-DBGEM3_SGEMM="{blas["sgemm"]}"',
                f'-DBGEM3_SET_THREADS="{blas["set_threads"]}"', f'-DBGEM3_GET_THREADS="{blas["get_threads"]}"',
                f'-DBGEM3_BLAS_INT={blas["int_type"]}']
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, *defines, _cpu_signature()]).encode())
-    out = cache_dir() / "kernels" / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+    flags = [*FLAGS, *extra_flags]
+    headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\n".join([source.read_text(), *headers, compiler, *flags, *defines,
+                                    _cpu_signature()]).encode())
+    out = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
-        cmd = [compiler, *FLAGS, *defines, str(SOURCE), "-o", tmp]
+        cmd = [compiler, *flags, *defines, str(source), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             os.unlink(tmp)
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{proc.stderr[-2000:]}")
+            raise RuntimeError(f"compiling {source.name} failed:\n{proc.stderr[-2000:]}")
         os.replace(tmp, out)                      # atomic: concurrent builders never see half a file
     if ctypes.CDLL(str(out)).m3_blas_ready() != 0:
         raise RuntimeError(f"{out.name}: BLAS symbols did not resolve in {blas['lib']}")

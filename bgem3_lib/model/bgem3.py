@@ -19,6 +19,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels import int8 as int8_kernels
 from ..progress import tqdm
 from ..retrieval.modes import FLAGEMBEDDING_KEYS, check_weights, fuse_all
 from ..retrieval.scoring import colbert_score, lexical_matching_score
@@ -37,9 +38,22 @@ def select_backend(backend: str | None, device: str, dtype: str, config: M3Confi
     """The inference backend, chosen once at load: ``"kernels"`` (the fused CPU kernels of
     :mod:`bgem3_lib.kernels.cpu`: CPU, float32, erf GELU, and they build here) or ``"mindspore"`` (plain
     MindSpore cells: every device and dtype, the path Ascend and GPU run). ``None`` picks the kernels
-    when they can run and falls back otherwise; asking for ``"kernels"`` where they cannot is an error."""
+    when they can run and falls back otherwise; asking for ``"kernels"`` where they cannot is an error.
+    ``dtype="int8"`` runs only on the int8 CPU kernels (:mod:`bgem3_lib.kernels.int8`): an error elsewhere."""
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} (or None: automatic)")
+    if dtype == "int8":
+        if backend == "mindspore":
+            why = "backend='mindspore' has no int8 path"
+        elif device != "CPU":
+            why = f"the device is {device}, not CPU"
+        elif config.hidden_act != "gelu":
+            why = f"hidden_act {config.hidden_act!r} is not erf GELU"
+        elif not int8_kernels.available():
+            why = "they are unavailable here (BGEM3_CPU_KERNELS=0, or no compiler/OpenBLAS: see the warning)"
+        else:
+            return "kernels"
+        raise ValueError(f"dtype='int8' runs only on the int8 CPU kernels: {why}")
     if backend == "mindspore":
         return backend
     if device != "CPU":
@@ -87,6 +101,8 @@ class BGEM3:
         cast_encoder(self.encoder, dtype)
         self.encoder.set_train(False)
         self.backend = select_backend(backend, self.device, dtype, self.config)
+        if dtype == "int8":
+            self.encoder.quantize_int8()
         self.encoder.use_cpu_kernels = self.backend == "kernels"
         self.heads = None
         if lm.heads_state is not None:
@@ -120,6 +136,8 @@ class BGEM3:
 
     def encoder_state(self) -> dict[str, np.ndarray]:
         from .encoder import hf_to_encoder_names
+        if self.encoder.int8:
+            raise ValueError("an int8 model holds quantised weights only: save the float32 model instead")
         params = {p.name: p.asnumpy().astype(np.float32) for p in self.encoder.get_parameters()}
         out = {hf: params[ours] for ours, hf in hf_to_encoder_names(self.config).items()}
         H = self.config.hidden_size

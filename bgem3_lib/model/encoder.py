@@ -31,10 +31,13 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..kernels import cpu as cpu_kernels
+from ..kernels import int8 as int8_kernels
+from ..weights.mapped import release
 from .config import M3Config
 
 DTYPES = {"float32": ms.float32, "fp32": ms.float32, "float16": ms.float16, "fp16": ms.float16,
-          "bfloat16": ms.bfloat16, "bf16": ms.bfloat16}
+          "bfloat16": ms.bfloat16, "bf16": ms.bfloat16,
+          "int8": ms.float32}     # int8: the layers' linear maps quantised (M3Encoder.quantize_int8), the rest float32
 
 
 # Query rows per attention block: the plain cells hold at most [B, heads, ATTENTION_BLOCK, L] scores at once
@@ -177,6 +180,7 @@ class M3Encoder(nn.Cell):
         self.embeddings = Embeddings(cfg)
         self.layers = nn.CellList([Layer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.use_cpu_kernels = True       # False forces the plain-op path in forward_packed
+        self.int8 = False                 # True once quantize_int8 ran: only the int8 CPU kernels can run it
 
     def construct(self, input_ids, attention_mask, position_ids):
         x = self.embed(input_ids, position_ids)
@@ -200,6 +204,8 @@ class M3Encoder(nn.Cell):
 
     def cpu_kernels_ready(self) -> bool:
         """True when ``forward_packed`` will use the fused CPU kernels (inference, float32, erf GELU)."""
+        if self.int8:
+            return not self.training and int8_kernels.available()
         return (self.use_cpu_kernels and not self.training and self.cfg.hidden_act == "gelu"
                 and self.layers[0].attention.qkv.weight.dtype == ms.float32 and cpu_kernels.available())
 
@@ -212,6 +218,8 @@ class M3Encoder(nn.Cell):
         if self.cpu_kernels_ready():
             pos = position_ids_for(input_ids, attention_mask, self.cfg)
             return self._packed_cpu(input_ids[keep], pos[keep], offsets), offsets
+        if self.int8:
+            raise RuntimeError("an int8-quantised encoder runs only on the int8 CPU kernels (CPU, inference)")
         hidden = self(*encoder_inputs(input_ids, attention_mask, self.cfg)).astype(ms.float32)
         rows = Tensor(np.flatnonzero(keep).astype(np.int32))
         return ops.gather(hidden.reshape(-1, hidden.shape[-1]), rows, 0), offsets
@@ -223,8 +231,26 @@ class M3Encoder(nn.Cell):
         x = ck.embed(Tensor(ids.astype(np.int32)), Tensor(pos.astype(np.int32)), e.word, e.position,
                      e.token_type, e.norm.gamma, e.norm.beta, eps)
         for layer in self.layers:
-            x = ck.ffn_block(ck.attention_block(x, layer.attention, off, heads, eps), layer.ffn, eps)
+            a, f = layer.attention, layer.ffn
+            if self.int8:
+                x = int8_kernels.attention_block(x, a.qkv, a.out, a.norm, off, heads, eps)
+                x = int8_kernels.ffn_block(x, f.inner, f.outer, f.norm, eps)
+            else:
+                x = ck.ffn_block(ck.attention_block(x, a, off, heads, eps), f, eps)
         return x
+
+    def quantize_int8(self) -> None:
+        """Replace each layer's four ``nn.Dense`` (qkv, out, inner, outer) by ``int8_kernels.QuantLinear``: int8
+        weights per output channel, a quarter of the float32 bytes, which are released. Irreversible."""
+        for i, layer in enumerate(self.layers):
+            for path in ("attention.qkv", "attention.out", "ffn.inner", "ffn.outer"):
+                owner, name = path.split(".")
+                quant = int8_kernels.QuantLinear.from_dense(getattr(getattr(layer, owner), name))
+                setattr(getattr(layer, owner), name, quant)
+                for p in quant.get_parameters():
+                    p.name = f"layers.{i}.{path}.{p.name.rsplit('.', 1)[-1]}"
+        self.int8 = True
+        int8_kernels.release_freed_memory()
 
 
 def hf_to_encoder_names(cfg: M3Config) -> dict[str, str]:
@@ -256,8 +282,10 @@ def _take(state: dict, key: str, shape: tuple) -> np.ndarray:
         raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)}, the model expects {tuple(shape)}")
     flat = arr.reshape(-1)
     for i in range(0, flat.size, 1 << 20):          # in chunks: no full-size temporary copy
-        if not np.isfinite(flat[i:i + (1 << 20)].astype(np.float32, copy=False)).all():
+        chunk = flat[i:i + (1 << 20)]
+        if not np.isfinite(chunk.astype(np.float32, copy=False)).all():
             raise ValueError(f"tensor {key!r} contains NaN or inf")
+        release(chunk)                              # a file-mapped tensor: checked pages leave memory again
     return arr
 
 
@@ -311,6 +339,8 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
         base = f"encoder.layer.{i}.attention.self."
         w = np.concatenate([_take(state, base + n + ".weight", (H, H)) for n in ("query", "key", "value")])
         b = np.concatenate([_take(state, base + n + ".bias", (H,)) for n in ("query", "key", "value")])
+        for n in ("query", "key", "value"):
+            release(state[base + n + ".weight"])  # now copied into qkv
         qkv = encoder.layers[i].attention.qkv
         qkv.weight.set_data(_tensor(w.astype(np.float32, copy=False), qkv.weight.dtype, True))
         qkv.bias.set_data(_tensor(b.astype(np.float32, copy=False), qkv.bias.dtype, True))
@@ -318,7 +348,7 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
 
 def cast_encoder(encoder: M3Encoder, dtype: str) -> M3Encoder:
     """Cast the transformer layers to ``dtype`` (float32/float16/bfloat16); embeddings and
-    layer norms stay float32 for stability."""
+    layer norms stay float32 for stability. ``int8`` casts to float32: ``M3Encoder.quantize_int8`` follows."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     target = DTYPES[dtype]
