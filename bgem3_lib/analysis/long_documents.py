@@ -19,6 +19,9 @@ exhaustive scoring is its protocol here):
 :func:`evaluate_long_documents` returns per-query nDCG@10 and Recall@10 (trec_eval) keyed like the runner's
 ``per_query`` (``(task, lang, variant, metric)``), so :func:`~bgem3_lib.evaluation.significance.mode_differences`
 gives each difference a stratified bootstrap interval, plus each language's document lengths in tokens.
+Every corpus encoding goes through the encoding cache (``cache_dir()/encodings``, MCLS vectors
+``cache_dir()/mcls``), keyed by the model's weights and the texts: a long corpus is encoded once, and a later
+build reads it back.
 
 >>> pack_windows([3, 4, 2, 9], 8)
 [[0, 1], [2], [3]]
@@ -30,11 +33,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..model.mcls import mcls_dense_embedding
 from ..retrieval.index import colbert_rerank, lexical_weights_to_csr
 from ..retrieval.metrics import evaluate_run, run_from_scores
 from ..retrieval.modes import fuse, paper_weights
 from ..retrieval.scoring import dense_score
+from .longdoc_eval import pooled_texts
 
 TASK = "xquad-longdoc"
 METRICS = ("ndcg@10", "recall@10")
@@ -61,14 +64,17 @@ def pack_windows(paragraph_tokens: Sequence[int], budget: int) -> list[list[int]
 
 
 def _scores(q: Mapping, d: Mapping, vocab: int) -> dict[str, np.ndarray]:
-    """Exhaustive dense / sparse / ColBERT scores [Nq, Nd] of query encodings ``q`` against documents ``d``."""
+    """Exhaustive dense / sparse / ColBERT scores [Nq, Nd] of query encodings ``q`` against documents ``d``
+    (each representation both hold)."""
     out = {}
-    if q.get("dense_vecs") is not None:
+    both = {k for k in ("dense_vecs", "lexical_weights", "colbert_vecs")
+            if q.get(k) is not None and d.get(k) is not None}
+    if "dense_vecs" in both:
         out["dense"] = dense_score(q["dense_vecs"], d["dense_vecs"])
-    if q.get("lexical_weights") is not None:
+    if "lexical_weights" in both:
         ql, dl = (lexical_weights_to_csr(x["lexical_weights"], vocab, np.float64) for x in (q, d))
         out["sparse"] = np.asarray((ql @ dl.T).todense())
-    if q.get("colbert_vecs") is not None:
+    if "colbert_vecs" in both:
         every = np.tile(np.arange(len(d["colbert_vecs"])), (len(q["colbert_vecs"]), 1))
         out["colbert"] = colbert_rerank(q["colbert_vecs"], d["colbert_vecs"], every).astype(np.float64)
     return out
@@ -103,18 +109,25 @@ def variant_scores(short, long_tile, long_interp, queries: Sequence[str], docs: 
         return _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_size, vocab)
 
 
+def _corpus(model, texts: Sequence[str], reps: tuple[str, ...], max_length: int | None, batch_size: int) -> dict:
+    """``encode_corpus`` of ``texts`` through the encoding cache (:mod:`bgem3_lib.evaluation.corpus_cache`):
+    encoded once per model weights and texts, read back in every later build."""
+    from ..evaluation.corpus_cache import corpus_encodings
+    return corpus_encodings(model, [str(i) for i in range(len(texts))], list(texts), reps=reps,
+                            max_length=max_length, batch_size=batch_size)
+
+
 def _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_size, vocab) -> dict:
     kw = dict(batch_size=batch_size, return_sparse=True, return_colbert_vecs=True, show_progress=False)
     q = short.encode_queries(list(queries), max_length=short.config.max_length, **{**kw, "batch_size": 64})
-    dense_only = dict(return_dense=True, batch_size=batch_size, show_progress=False)
-    out = {BASELINE: dense_score(q["dense_vecs"], short.encode_corpus(
-        list(docs), max_length=short.config.max_length, **dense_only)["dense_vecs"])}
-    long = _scores(q, long_tile.encode_corpus(list(docs), **kw), vocab)      # queries are short: same vectors
+    out = {BASELINE: dense_score(q["dense_vecs"], _corpus(short, docs, ("dense",), short.config.max_length,
+                                                          batch_size)["dense_vecs"])}
+    long = _scores(q, _corpus(long_tile, docs, ("dense", "sparse", "colbert"), None, batch_size), vocab)
     out["Dense (tile)"], out["Sparse (tile)"], out["Multi-vec (tile)"] = long["dense"], long["sparse"], long["colbert"]
     out["Dense (interpolate)"] = dense_score(q["dense_vecs"],
-                                             long_interp.encode_corpus(list(docs), **dense_only)["dense_vecs"])
-    mcls = mcls_dense_embedding(long_tile, [long_tile.passage_instruction + d for d in docs], every,
-                                long_tile.config.max_length, long_tile.config.pooling, batch_size)
+                                             _corpus(long_interp, docs, ("dense",), None, batch_size)["dense_vecs"])
+    mcls = pooled_texts(long_tile, [long_tile.passage_instruction + d for d in docs], every,
+                        long_tile.config.max_length, batch_size)[long_tile.config.pooling]
     out["Dense MCLS (tile)"] = dense_score(q["dense_vecs"], mcls)
     for mode, name in (("dense+sparse", "Dense+Sparse (tile)"), ("all", "All (tile)")):
         out[name] = fuse(mode, paper_weights("mldr", mode), dense=long["dense"], sparse=long["sparse"],
@@ -126,7 +139,7 @@ def _variant_scores(short, long_tile, long_interp, queries, docs, every, batch_s
         for w in pack_windows(counts, short.config.max_length):
             texts.append(PARAGRAPH_SEP.join(paras[i] for i in w))
             owner.append(j)
-    win = _scores(q, short.encode_corpus(texts, max_length=short.config.max_length, **kw), vocab)
+    win = _scores(q, _corpus(short, texts, ("dense", "sparse"), short.config.max_length, batch_size), vocab)
     owner = np.array(owner)
     out["Windows dense"] = _best_window(win["dense"], owner, len(docs))
     out["Windows sparse"] = _best_window(win["sparse"], owner, len(docs))

@@ -84,10 +84,15 @@ def _run(args: list[str], what: str, timeout: float) -> None:
 
 def write_random_checkpoint(out_dir: str | Path, layers: int, hidden: int, heads: int, ffn: int,
                             max_pos: int = 514, seed: int = 0, timeout: float = 1800) -> Path:
-    """Write a random BGE-M3-layout checkpoint (torch, in a subprocess) unless ``out_dir`` has one."""
+    """Write a random BGE-M3-layout checkpoint (torch, in a subprocess) unless ``out_dir`` has one of this
+    shape (one of another shape, e.g. fewer positions, is replaced)."""
     out = Path(out_dir)
-    if (out / "pytorch_model.bin").is_file() and (out / "sparse_linear.pt").is_file():
-        return out
+    want = {"num_hidden_layers": layers, "hidden_size": hidden, "num_attention_heads": heads,
+            "intermediate_size": ffn, "max_position_embeddings": max_pos}
+    if all((out / f).is_file() for f in ("pytorch_model.bin", "sparse_linear.pt", "config.json")):
+        have = json.loads((out / "config.json").read_text())
+        if all(have.get(k) == v for k, v in want.items()):
+            return out
     from ..weights.assets import asset_path
     from .torch_reference import run_reference
     run_reference("write_bge_m3_checkpoint", timeout=int(timeout), out_dir=str(out),

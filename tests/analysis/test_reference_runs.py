@@ -5,6 +5,8 @@ bgem3_lib vs FlagEmbedding, by tests/model/test_equivalence.py.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -56,3 +58,13 @@ def test_run_implementation_checks_inputs(tmp_path):
         run_implementation("bgem3_lib", tmp_path, ["a", ""], tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         run_implementation("bgem3_lib", tmp_path, ["a"], tmp_path)
+
+
+def test_random_checkpoint_is_reused_only_at_its_shape(tmp_path):
+    from bgem3_lib.analysis.reference_runs import write_random_checkpoint
+    out = write_random_checkpoint(tmp_path / "ckpt", layers=1, hidden=32, heads=2, ffn=64, max_pos=40)
+    first = (out / "pytorch_model.bin").stat().st_mtime_ns
+    assert write_random_checkpoint(out, layers=1, hidden=32, heads=2, ffn=64, max_pos=40) == out
+    assert (out / "pytorch_model.bin").stat().st_mtime_ns == first                 # same shape: reused
+    write_random_checkpoint(out, layers=1, hidden=32, heads=2, ffn=64, max_pos=70)
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 70   # rewritten
