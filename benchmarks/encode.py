@@ -1,5 +1,6 @@
-"""Benchmark: encoding speed and memory of bgem3_lib vs FlagEmbedding (PyTorch) vs MindNLP (transformers
-on MindSpore), side by side on this CPU, identical weights and inputs, all three outputs on.
+"""Benchmark: encoding speed and memory of bgem3_lib (float32 and int8) vs FlagEmbedding (PyTorch), ONNX Runtime
+(fp32 and dynamic int8, exported from the PyTorch reference) and MindNLP (transformers on MindSpore), side by side
+on this CPU, identical weights and inputs, all three outputs on.
 
     .venv/bin/python benchmarks/encode.py [--quick] [--runs 5] [--no-mindnlp]
 
@@ -9,7 +10,7 @@ on MindSpore), side by side on this CPU, identical weights and inputs, all three
   ``cache_dir()/bench``. ``--quick`` uses ``m3-small`` only.
 * Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD
   articles as long documents, many languages, fixed seed) and fixed batches of exactly
-  128 / 512 / 2048 tokens (long XQuAD text cut by ``max_length``).
+  128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
 * Every system runs in its own process (``encode_workers.py``) holding its model; runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
   all systems alike. tokens/s = real (non-padding) tokens / wall seconds, median of ``--runs`` runs
@@ -23,7 +24,8 @@ on MindSpore), side by side on this CPU, identical weights and inputs, all three
 
 Writes ``benchmarks/results/encode_*.json`` and ``benchmarks/results/encode.md`` (generated from the
 JSON by ``encode_report.py``); the last line printed is
-``speedup_vs_flagembedding=X.XX speedup_vs_mindnlp=Y.YY roofline_pct=Z.Z``.
+``speedup_vs_flagembedding=… speedup_vs_onnxruntime=… speedup_vs_mindnlp=… rss_ratio_vs_flagembedding=…
+int8_speedup=… roofline_pct=…``, each ratio the worst case over every workload (``encode_report.worst_cases``).
 """
 from __future__ import annotations
 
@@ -45,9 +47,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode_inputs import SIZES, Tokens, long_texts, make_case, make_checkpoint, padded_slots, real_mix  # noqa: E402
-from encode_report import summarize, write_markdown  # noqa: E402
+from encode_report import last_line, summarize, write_markdown  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "encode_workers.py"
+SYSTEMS = ("bgem3_lib", "bgem3_lib-int8", "flagembedding", "onnxruntime", "onnxruntime-int8")   # + mindnlp
+FLOAT32 = ("bgem3_lib", "onnxruntime", "mindnlp")          # must match FlagEmbedding's dense output (<= TOLERANCE)
+TOLERANCE = 1e-4
 
 
 class Worker:
@@ -102,7 +107,9 @@ def run_cases(workers, cases, runs, plan, tmp: Path) -> dict:
             for s, w in active.items():
                 extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
                 recs[s].append(w.ask(op="encode", **base, **extra))
-        dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active}
+            if r == 0:
+                dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active}
+                check_outputs(dense, f"{plan}/{name}")
         res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
                "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {}}
         for s, rs in recs.items():
@@ -117,11 +124,24 @@ def run_cases(workers, cases, runs, plan, tmp: Path) -> dict:
                 entry["cpu_kernels"] = rs[0]["kernels_used"]
             if "flagembedding" in dense and s != "flagembedding":
                 entry["max_abs_dense_diff_vs_flagembedding"] = float(np.abs(dense[s] - dense["flagembedding"]).max())
+                entry["min_dense_cosine_vs_flagembedding"] = float(np.min(np.sum(dense[s] * dense["flagembedding"], 1)))
             res["systems"][s] = entry
         out[name] = res
         print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
                                                 for s, e in res["systems"].items()), flush=True)
     return out
+
+
+def check_outputs(dense: dict, where: str) -> None:
+    """Before any timing counts: every float32 engine's dense vectors equal FlagEmbedding's (<= TOLERANCE)."""
+    if "flagembedding" not in dense:
+        return
+    for s in FLOAT32:
+        if s in dense:
+            diff = float(np.abs(dense[s] - dense["flagembedding"]).max())
+            if diff > TOLERANCE:
+                raise SystemExit(f"{where}: {s}'s dense output differs from FlagEmbedding's by {diff:.2e} "
+                                 f"(> {TOLERANCE}); its timings would not compare the same computation")
 
 
 def warm_up(workers, case) -> None:
@@ -138,13 +158,15 @@ def matmul_round(workers) -> dict:
 
 
 def plan_for(quick: bool) -> dict:
-    """Input sizes. MindNLP (4-10x slower than the others) runs the real mix only, to bound the time."""
+    """Input sizes. MindNLP (4-10x slower than the others) runs the real mix only, to bound the time. Fixed
+    lengths at the batch sizes a user would pick (8192 at batch 1). ``--quick``: the same workload kinds at
+    M3-small size, each case large enough (>= 2k tokens) that one timed call lasts about a second."""
     if quick:
-        return {"sizes": ["m3-small"], "mix": (6, 2, 1), "mix_max_length": 128, "fixed": ((128, 4),),
-                "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
+        return {"sizes": ["m3-small"], "mix": (24, 8, 2), "mix_max_length": 512,
+                "fixed": ((128, 16), (512, 4), (2048, 1)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
-    return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 2048,
-            "fixed": ((128, 8), (512, 2), (2048, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
+    return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192,
+            "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
                                                   "padded": True}}
 
@@ -207,7 +229,7 @@ def main() -> None:
     if args.runs < 5 or any(p not in PARTS for p in parts):
         raise SystemExit(f"--runs must be >= 5 and --parts a subset of {PARTS}")
     plan = plan_for(args.quick)
-    systems = ["bgem3_lib", "flagembedding"] + ([] if args.no_mindnlp else ["mindnlp"])
+    systems = list(SYSTEMS) + ([] if args.no_mindnlp else ["mindnlp"])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "encode_quick" if args.quick else "encode"
     path = args.out / f"{stem}.json"
@@ -233,8 +255,7 @@ def main() -> None:
     path.write_text(json.dumps(results, indent=1))
     summary = summarize(results)
     write_markdown(results, summary, args.out / f"{stem}.md")
-    print(f"speedup_vs_flagembedding={summary['speedup_vs_flagembedding']:.2f} "
-          f"speedup_vs_mindnlp={summary['speedup_vs_mindnlp']:.2f} roofline_pct={summary['roofline_pct']:.1f}")
+    print(last_line(summary))
 
 
 def sort_experiment(worker: Worker, case: dict, runs: int, padded: bool, lengths: list[int]) -> dict:

@@ -1,10 +1,12 @@
 """Worker processes for ``benchmarks/encode.py``: one per system, each loads the model once, then
 answers JSON commands read from stdin (one per line) with one ``@@ {json}`` line on stdout.
 
-    python benchmarks/encode_workers.py {bgem3_lib|flagembedding|mindnlp|onnxruntime|onnxruntime-int8} MODEL_DIR
+    python benchmarks/encode_workers.py SYSTEM MODEL_DIR      (SYSTEM: a key of SYSTEMS)
 
 Systems (identical weights from MODEL_DIR, identical texts, all three outputs, float32, CPU):
 * ``bgem3_lib``      — this library (``BGEM3.encode``); ``kernels: false`` forces the plain-op path.
+* ``bgem3_lib-int8`` — the same with ``dtype="int8"``: the encoder's linear layers in int8 (per-channel
+  weight scales, per-token activation quantisation, int32 accumulation; ``bgem3_lib.kernels.int8``).
 * ``flagembedding``  — ``BGEM3FlagModel.encode`` on PyTorch. Its ``encode`` first runs the longest
   batch an extra time to probe the batch size and throws the result away; that probe forward is
   skipped here (``skip_probe``, its output is unused) and its cost reported as ``probe_seconds``
@@ -61,10 +63,12 @@ def numpy_gflops(repeats: int = 5) -> float:
 
 
 class Ours:
+    dtype = "float32"
+
     def __init__(self, model_dir: str):
         sys.path.insert(0, str(ROOT))
         from bgem3_lib import BGEM3
-        self.model = BGEM3(model_dir)
+        self.model = BGEM3(model_dir, dtype=self.dtype)
 
     def encode(self, texts, max_length, batch_size, sort=True, kernels=True, sparse_only=False):
         self.model.encoder.use_cpu_kernels = kernels
@@ -212,8 +216,12 @@ class OnnxRuntimeInt8(OnnxRuntime):
     int8 = True
 
 
-SYSTEMS = {"bgem3_lib": Ours, "flagembedding": Flag, "mindnlp": MindNLP, "onnxruntime": OnnxRuntime,
-           "onnxruntime-int8": OnnxRuntimeInt8}
+class OursInt8(Ours):
+    dtype = "int8"
+
+
+SYSTEMS = {"bgem3_lib": Ours, "bgem3_lib-int8": OursInt8, "flagembedding": Flag, "mindnlp": MindNLP,
+           "onnxruntime": OnnxRuntime, "onnxruntime-int8": OnnxRuntimeInt8}
 
 
 def serve(system: str, model_dir: str) -> None:
