@@ -8,7 +8,7 @@ training step on long passages (``step_memory``), the time and memory of encodin
 8192 tokens beside FlagEmbedding (``long_cost``), the live-figure widget (``figure_widget``), the explorers
 that recompute in the built book's pages (``static_widgets``), the runs of the reference
 implementations in their own processes (``reference_runs``, ``torch_reference``; ``real_weight_runs``
-on M3-small's real encoder), and the paper's
+on M3-small's real encoder; ``onnx_reference``: the ONNX Runtime export, fp32 and int8), and the paper's
 numbers the chapters quote, with their labels (``paper_numbers``; the tables' data in ``paper_tables``).
 
 May import every other wing. Nothing outside ``analysis``, ``benchmarks``, ``notebooks`` (and the tests)
