@@ -142,7 +142,9 @@ class Flag:
 
 class MindNLP:
     def __init__(self, model_dir: str):
-        import mindnlp  # noqa: F401  (must come first: routes transformers/torch to MindSpore)
+        sys.path.insert(0, str(ROOT))
+        from bgem3_lib.analysis.reference_runs import import_mindnlp
+        import_mindnlp()                 # must come first: routes transformers/torch to MindSpore
         import torch
         from tokenizers import Tokenizer
         from transformers import AutoModel

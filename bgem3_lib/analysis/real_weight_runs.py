@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .reference_runs import _run, sorted_batches
+from .reference_runs import _run, import_mindnlp, sorted_batches
 
 IMPLEMENTATIONS = ("bgem3_lib", "transformers", "mindnlp")
 REFERENCE = "transformers"
@@ -284,7 +284,7 @@ def _main(name: str, job_file: str, arrays: str, meta: str) -> None:
         vecs = {k: v["dense_vecs"] for k, v in vecs.items()}
     else:
         if name == "mindnlp":
-            import mindnlp  # noqa: F401  (first: from here on `torch` is MindNLP's MindSpore shim)
+            import_mindnlp()          # first: from here on `torch` is MindNLP's MindSpore shim
             import torch
             from mindnlp.transformers import AutoModel, AutoTokenizer
             if "mindtorch" not in getattr(torch, "__file__", ""):

@@ -227,8 +227,17 @@ class _SkipFirstCall:
         return self.inner(*args, **kwargs)
 
 
+def import_mindnlp() -> None:
+    """``import mindnlp`` (from then on ``torch`` in this process is MindNLP's MindSpore shim), with ONNX Runtime
+    hidden: MindNLP 0.5 runs ``from diffusers import *``, and diffusers 0.35, seeing ``onnxruntime`` installed,
+    exports ONNX pipelines it no longer has (AttributeError). The process never uses ONNX Runtime."""
+    if "onnxruntime" not in sys.modules or sys.modules["onnxruntime"] is None:
+        sys.modules["onnxruntime"] = None          # importlib.util.find_spec now answers "not installed"
+    import mindnlp  # noqa: F401
+
+
 def _encode_mindnlp(model_dir: Path, texts: list[str], max_length: int, batch_size: int, **_):
-    import mindnlp  # noqa: F401  (first: from here on `torch` is MindNLP's MindSpore shim)
+    import_mindnlp()
     import torch
     from transformers import AutoModel, AutoTokenizer
 

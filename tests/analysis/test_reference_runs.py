@@ -68,3 +68,13 @@ def test_random_checkpoint_is_reused_only_at_its_shape(tmp_path):
     assert (out / "pytorch_model.bin").stat().st_mtime_ns == first                 # same shape: reused
     write_random_checkpoint(out, layers=1, hidden=32, heads=2, ffn=64, max_pos=70)
     assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 70   # rewritten
+
+
+def test_mindnlp_imports_beside_onnxruntime():
+    # diffusers (imported by MindNLP) breaks when it sees onnxruntime installed; import_mindnlp hides it
+    import subprocess
+    import sys
+    pytest.importorskip("onnxruntime")
+    code = "from bgem3_lib.analysis.reference_runs import import_mindnlp; import_mindnlp(); import transformers"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
