@@ -66,10 +66,11 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   const int32_t *offsets = (const int32_t *)params[8];
   int64_t heads = *(const int32_t *)params[9];
   float *y = (float *)params[10];
-  int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[8][0] - 1, d = h / heads, qblock = 256;
+  int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[8][0] - 1, qblock = 256;
   std::vector<AttentionTask> tasks;
   int64_t longest = 1;
   if (heads < 1 || h % heads || !attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
+  const int64_t d = h / heads;  // after the check: heads < 1 must not reach the division
   std::vector<float> qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
   SingleThreadedBlas one;

@@ -118,3 +118,17 @@ def test_pack_offsets_and_bad_ids():
     ids[0, 1] = 300                                      # == vocab_size: out of range
     with pytest.raises(ValueError, match="token ids must lie in"):
         enc.forward_packed(ids, mask)
+
+
+@pytest.mark.parametrize("heads", [0, -1, 3])
+def test_attention_kernel_refuses_head_counts_that_do_not_split_the_hidden_size(heads):
+    """0, negative or non-dividing head counts are refused with the kernel's error 2 before anything divides by them."""
+    from bgem3_lib.model.encoder import SelfAttention
+    cfg = M3Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    x = Tensor(np.random.default_rng(5).normal(0, 1, (6, 16)).astype(np.float32))
+    offsets = Tensor(np.array([0, 2, 6], np.int32))
+    ok = ck.attention_block(x, SelfAttention(cfg), offsets, Tensor(np.array([2], np.int32)), ck.scalar(1e-5))
+    assert ok.asnumpy().shape == (6, 16)
+    with pytest.raises(RuntimeError, match="m3_attention_block.* is 2"):
+        ck.attention_block(x, SelfAttention(cfg), offsets, Tensor(np.array([heads], np.int32)),
+                           ck.scalar(1e-5)).asnumpy()
