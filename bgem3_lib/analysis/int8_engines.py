@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reference_runs import _run
+from .reference_runs import _run, cached_job
 
 ENGINES = ("bgem3_lib-float32", "bgem3_lib-int8", "ort-float32", "ort-int8")
 CACHE_VERSION = 1
@@ -134,18 +134,8 @@ def encode_all(engine: str, queries: list[str], passages: list[str], model: str 
     versions = {p: metadata.version(p) for p in ("mindspore", "onnxruntime")}
     ident = [CACHE_VERSION, _digest(lm), versions, {k: v for k, v in job.items() if k not in ("onnx", "tokenizer")},
              job.get("onnx") and os.stat(job["onnx"]).st_mtime]
-    key = hashlib.sha256(json.dumps(ident, ensure_ascii=False).encode()).hexdigest()[:24]
-    folder = cache_dir() / "reference" / "int8-quality"
-    arrays, meta = folder / f"{engine}-{key}.npz", folder / f"{engine}-{key}.json"
-    if not (cache and arrays.is_file() and meta.is_file()):
-        folder.mkdir(parents=True, exist_ok=True)
-        job_file = folder / f"{engine}-{key}.{os.getpid()}.job.json"
-        job_file.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-        try:
-            _run(["-m", _MODULE, "encode", str(job_file), str(arrays), str(meta)], f"the {engine} run", timeout)
-        finally:
-            job_file.unlink(missing_ok=True)
-    data, info = np.load(arrays), json.loads(meta.read_text())
+    data, info = cached_job(cache_dir() / "reference" / "int8-quality", engine, ident, job, [_MODULE, "encode"],
+                            f"the {engine} run", timeout, cache)
     colbert = np.split(data["colbert"], np.cumsum(data["colbert_len"])[:-1])
     out = {"dense_vecs": data["dense"], "lexical_weights": info.pop("lexical"), "colbert_vecs": colbert}
     return Encodings(engine, out, len(queries), info["seconds"], info["n_tokens"])

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .reference_runs import _run, import_mindnlp, sorted_batches
+from .reference_runs import cached_job, import_mindnlp, sorted_batches
 
 IMPLEMENTATIONS = ("bgem3_lib", "transformers", "mindnlp")
 REFERENCE = "transformers"
@@ -123,19 +123,9 @@ def encode_dense(name: str, hf_dir: str | Path, queries: list[str], passages: li
     head = json.loads((hf_dir / "m3_dense.json").read_text())
     job = {"model": head["model"], "hf_dir": str(hf_dir), "query": list(queries), "passage": list(passages),
            "max_length": int(max_length), "batch_size": {"query": int(query_batch_size), "passage": int(batch_size)}}
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, name, head, _versions(), job["query"], job["passage"],
-                                     max_length, job["batch_size"]], ensure_ascii=False).encode()).hexdigest()[:24]
-    folder = cache_dir() / "reference" / "real-weights"
-    arrays, meta = folder / f"{name}-{key}.npz", folder / f"{name}-{key}.json"
-    if not (cache and arrays.is_file() and meta.is_file()):
-        folder.mkdir(parents=True, exist_ok=True)
-        job_file = folder / f"{name}-{key}.{os.getpid()}.job.json"
-        job_file.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
-        try:
-            _run(["-m", __name__, name, str(job_file), str(arrays), str(meta)], f"the {name} dense run", timeout)
-        finally:
-            job_file.unlink(missing_ok=True)
-    data, info = np.load(arrays), json.loads(meta.read_text())
+    ident = [CACHE_VERSION, name, head, _versions(), job["query"], job["passage"], max_length, job["batch_size"]]
+    data, info = cached_job(cache_dir() / "reference" / "real-weights", name, ident, job, [__name__, name],
+                            f"the {name} dense run", timeout, cache)
     return DenseRun(name, data["query"], data["passage"], info["seconds"], info["n_tokens"], info["ids_digest"])
 
 

@@ -26,6 +26,7 @@ normalisation), which the equivalence test checks against FlagEmbedding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -80,6 +81,40 @@ def _run(args: list[str], what: str, timeout: float) -> None:
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+
+
+def cached_job(folder: str | Path, name: str, ident, job: dict, command: list[str], what: str, timeout: float,
+               cache: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """The outputs of ``python -m <command...> JOB.json ARRAYS.npz META.json``, run in a subprocess only when
+    they are not cached: (the arrays of ``ARRAYS.npz`` by name, ``META.json`` parsed).
+
+    Cached as ``folder/<name>-<key>.npz`` / ``.json``; ``key``: 24 hex digits of the sha256 of ``ident`` as JSON
+    (everything the outputs depend on). The job runs when either file is missing or ``cache`` is False; ``job``
+    (JSON) reaches it as ``folder/<name>-<key>.<pid>.job.json``, deleted afterwards. The subprocess writes both
+    outputs (atomically); ``what`` names it in the RuntimeError raised when it fails.
+
+    >>> import tempfile
+    >>> key = hashlib.sha256(json.dumps(["v1"]).encode()).hexdigest()[:24]       # the key of ident ["v1"]
+    >>> with tempfile.TemporaryDirectory() as d:                                 # cached: no subprocess runs
+    ...     np.savez(Path(d) / f"demo-{key}.npz", dense=np.zeros((2, 3)))
+    ...     _ = (Path(d) / f"demo-{key}.json").write_text('{"seconds": 1.5}')
+    ...     arrays, meta = cached_job(d, "demo", ["v1"], {}, ["no.such.module"], "the demo run", 60)
+    >>> arrays["dense"].shape, meta
+    ((2, 3), {'seconds': 1.5})
+    """
+    folder = Path(folder)
+    key = hashlib.sha256(json.dumps(ident, ensure_ascii=False).encode()).hexdigest()[:24]
+    arrays, meta = folder / f"{name}-{key}.npz", folder / f"{name}-{key}.json"
+    if not (cache and arrays.is_file() and meta.is_file()):
+        folder.mkdir(parents=True, exist_ok=True)
+        job_file = folder / f"{name}-{key}.{os.getpid()}.job.json"
+        job_file.write_text(json.dumps(job, ensure_ascii=False), encoding="utf-8")
+        try:
+            _run(["-m", *command, str(job_file), str(arrays), str(meta)], what, timeout)
+        finally:
+            job_file.unlink(missing_ok=True)
+    with np.load(arrays) as data:
+        return {k: data[k] for k in data.files}, json.loads(meta.read_text())
 
 
 def write_random_checkpoint(out_dir: str | Path, layers: int, hidden: int, heads: int, ffn: int,

@@ -4,8 +4,10 @@ Why: on CPU, MindSpore 2.7's own kernels are several times slower than PyTorch's
 (measured on a 2-core EPYC: matmul ~2x, exact GELU ~20x, batched attention matmul ~3x, softmax ~2x;
 ``benchmarks/encode.py`` re-measures the matmul), and NumPy's OpenBLAS matmul is the fastest here.
 These kernels run one transformer sub-layer per call on *packed* tokens ``x [T, H]`` (padding
-removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), call NumPy's OpenBLAS for every
-matrix product and fuse bias, GELU, softmax, residual and layer norm into single passes.
+removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), call NumPy's OpenBLAS for the linear
+layers, run attention in an AVX-512 register-tiled kernel where the CPU has it and the head size is a
+multiple of 16 (OpenBLAS otherwise, or with ``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU, softmax,
+residual and layer norm into single passes.
 
 The C++ source is compiled with ``g++`` on first use into ``cache_dir()/kernels`` (keyed by a hash
 of source, compiler flags, BLAS and CPU), so nothing binary lives in the repository. Inference
@@ -117,13 +119,20 @@ def available() -> bool:
     return _state["lib"] is not None
 
 
+def custom_op(state: dict, name: str, out_shape, ready, unavailable: str) -> ops.Custom:
+    """Kernel ``name`` of the library ``state["lib"]`` as a float32-output aot ``ops.Custom`` with shape rule
+    ``out_shape`` (input shapes -> output shape), made once and kept in ``state[name]``. The first call for a name
+    calls ``ready()`` (which builds ``state["lib"]``) and raises RuntimeError(``unavailable``) when it is False."""
+    if name not in state:
+        if not ready():
+            raise RuntimeError(unavailable)
+        state[name] = ops.Custom(f"{state['lib']}:{name}", out_shape=out_shape,
+                                 out_dtype=lambda *types: ms.float32, func_type="aot")
+    return state[name]
+
+
 def _op(name: str, out_shape) -> ops.Custom:
-    if name not in _state:
-        if not available():
-            raise RuntimeError("fast CPU kernels are not available on this machine")
-        _state[name] = ops.Custom(f"{_state['lib']}:{name}", out_shape=out_shape,
-                                  out_dtype=lambda *types: ms.float32, func_type="aot")
-    return _state[name]
+    return custom_op(_state, name, out_shape, available, "fast CPU kernels are not available on this machine")
 
 
 def scalar(value: float) -> Tensor:

@@ -4,7 +4,8 @@
 // x [T, H], with sequence b occupying rows offsets[b] .. offsets[b+1]-1. Attention runs per
 // sequence on exactly its own tokens, so no FLOP is spent on padding and no mask is needed.
 //
-// Matrix products go to the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen; the
+// The linear layers' products go to the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
+// (attention: kernels_common.h's tile kernel, or OpenBLAS where it does not apply); the
 // library path, symbol names and integer width are fixed at compile time by cpu_kernels.py:
 //   BGEM3_BLAS_LIB, BGEM3_SGEMM, BGEM3_SET_THREADS, BGEM3_GET_THREADS, BGEM3_BLAS_INT.
 // Element-wise work (bias, GELU, softmax, layer norm) is fused into one pass per row, with OpenMP.
@@ -79,7 +80,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block)
       linear_rows(x, wqkv, bqkv, qkv.data(), r0, std::min(block, rows - r0), h, 3 * h, false);
-    std::vector<float> scores(std::min(qblock, longest) * longest);
+    std::vector<float> scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
 #pragma omp for schedule(dynamic, 1)

@@ -159,12 +159,8 @@ def uses_vnni() -> bool:
 def _op(name: str, out_shape) -> ops.Custom:
     if _device() != "CPU":
         raise RuntimeError(f"the int8 kernels run on CPU only; MindSpore's device is {_device()}")
-    if name not in _state:
-        if not available():
-            raise RuntimeError("the int8 CPU kernels are not available on this machine (see the warning)")
-        _state[name] = ops.Custom(f"{_state['lib']}:{name}", out_shape=out_shape,
-                                  out_dtype=lambda *types: ms.float32, func_type="aot")
-    return _state[name]
+    return cpu.custom_op(_state, name, out_shape, available,
+                         "the int8 CPU kernels are not available on this machine (see the warning)")
 
 
 def _check(x: Tensor, k: int, what: str, ndim: int | None = None) -> None:

@@ -299,7 +299,7 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
     if (!bad) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tl.items(); ++t) run_item(tl, t, a, rows, wqkv, qkv.data(), false);
-      std::vector<float> scores(std::min(qblock, longest) * longest);
+      std::vector<float> scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
       QRows c;                                      // this worker's block of quantised context rows

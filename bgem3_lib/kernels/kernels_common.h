@@ -13,6 +13,7 @@
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -146,12 +147,161 @@ void linear_rows(const float *x, const float *w, const float *b, float *y, int64
 }
 
 // Scaled dot-product attention of one (sequence, head, block of query rows) on the sequence's own
-// tokens. qkv [T, 3H] (query | key | value, heads side by side), ctx [T, H], scores [rows, n] scratch.
-// (A hand-written AVX2 6x16 tile kernel for these skinny products was tried and measured at about
-// half of OpenBLAS's single-thread speed on them, so BLAS it is.)
+// tokens. qkv [T, 3H] (query | key | value, heads side by side), ctx [T, H], scratch of
+// attention_scratch(d, longest, qblock) floats.
+//
+// With AVX-512 and d % 16 == 0 (M3-small: d = 32, XLM-R large: d = 64) a register-tiled kernel runs:
+// the head's keys are packed once per task in panels kp [npad / 32, d, 32] (npad = n rounded up to
+// 32) and its values contiguous vp [n, d]; then 8 query rows at a time: scores [8, npad] =
+// (q / sqrt d) @ K^T with 8 x 32 accumulators in registers, a masked row softmax (max, exp, sum), and
+// ctx [8, d] = p @ vp, again 8 rows x 32 (or 16) columns of accumulators per pass over the keys.
+// OpenBLAS's sgemm is slow on these skinny products (k = d = 32): the attention core of M3-small at
+// 16 x 512 tokens ran at about 60-95 GFLOP/s through it on 2 cores and about twice that tiled
+// (/tmp harness, ctypes; benchmarks/encode.py measures the whole model). Elsewhere: OpenBLAS.
 struct AttentionTask { int64_t start, n, head, row0, rows; };
 
-void attend(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scores, float *ctx) {
+const int64_t kTileRows = 8;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Row stride of the scores [8, .]: n rounded up to 32, plus 16 floats so that rows are never a multiple
+// of 4 KiB apart (L1 set conflicts at n = 8192).
+inline int64_t key_stride(int64_t n) { return round_up(n, 32) + 16; }
+
+// Floats of per-worker scratch either attention path needs.
+int64_t attention_scratch(int64_t d, int64_t longest, int64_t qblock) {
+  const int64_t stride = key_stride(longest);
+  return std::max(std::min(qblock, longest) * longest, 2 * d * stride + kTileRows * stride + kTileRows * d);
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+// fast_exp on 16 lanes: same clamp, same reduction and polynomial; 2^n applied by scalef.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f), f);
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __mmask16 lanes_below(int64_t count) {  // the first min(count, 16) lanes
+  return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
+}
+
+// s [8, ld] = qt [8, d] @ K^T over the first npad (a multiple of 32) keys, 32 per pass; K^T is packed in
+// panels kp [npad / 32, d, 32], so each pass reads one contiguous d x 32 block.
+inline void tile_scores(const float *qt, const float *kp, int64_t d, int64_t npad, int64_t ld, float *s) {
+  for (int64_t j0 = 0; j0 < npad; j0 += 32) {
+    const float *panel = kp + j0 * d;
+    __m512 acc[kTileRows][2];
+    for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < d; ++c) {
+      const __m512 k0 = _mm512_loadu_ps(panel + 32 * c), k1 = _mm512_loadu_ps(panel + 32 * c + 16);
+      for (int r = 0; r < kTileRows; ++r) {
+        const __m512 q = _mm512_set1_ps(qt[r * d + c]);
+        acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < kTileRows; ++r) {
+      _mm512_storeu_ps(s + r * ld + j0, acc[r][0]);
+      _mm512_storeu_ps(s + r * ld + j0 + 16, acc[r][1]);
+    }
+  }
+}
+
+// Row r of s [., ld] over its first n entries <- exp(s - max); returns 1 / sum.
+inline float softmax_row(float *row, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t j = 0; j < n; j += 16)
+    mx = _mm512_mask_max_ps(mx, lanes_below(n - j), mx, _mm512_loadu_ps(row + j));
+  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = lanes_below(n - j);
+    const __m512 e = _mm512_maskz_mov_ps(m, exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), shift)));
+    _mm512_mask_storeu_ps(row + j, m, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(sum);
+}
+
+// out[r, 0:W*16] = inv[r] * sum_j p[r, j] v[j, 0:W*16] for the first m of 8 rows.
+template <int W>
+inline void tile_context(const float *p, int64_t ldp, const float *v, int64_t ldv, int64_t n, const float *inv,
+                         int64_t m, float *out, int64_t ldo) {
+  __m512 acc[kTileRows][W];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    __m512 vj[W];
+    for (int w = 0; w < W; ++w) vj[w] = _mm512_loadu_ps(v + j * ldv + 16 * w);
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ldp + j]);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(pr, vj[w], acc[r][w]);
+    }
+  }
+  // All 8 rows go to a local tile first: a store loop bounded by m made GCC keep acc on the stack and
+  // write it back on every step of the j loop (half speed).
+  float tile[kTileRows][16 * W];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(tile[r] + 16 * w, _mm512_mul_ps(acc[r][w], _mm512_set1_ps(inv[r])));
+  for (int64_t r = 0; r < m; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(tile[r]));
+}
+
+// Flush-to-zero and denormals-are-zero for the life of the object (this thread's MXCSR, restored after).
+// Softmax weights of far-off keys are tiny, and their products with v fall below 2^-126; each denormal
+// costs a microcode assist, which made the context pass four times slower at n = 8192. What is
+// flushed is below 1e-38 of a sum that is at least 1.
+struct FlushDenormals {
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+};
+
+void attend_tiled(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *ctx) {
+  FlushDenormals ftz;
+  const int64_t ld = 3 * hidden, npad = round_up(t.n, 32), lk = key_stride(t.n);
+  const float *q = qkv + (t.start + t.row0) * ld + t.head * d;
+  const float *k = qkv + t.start * ld + hidden + t.head * d;
+  const float *v = k + hidden;
+  // This head's keys and values, packed once per task: qkv rows are 12 H bytes apart, a page or more at
+  // full size, where the hardware prefetcher does not follow, and at n = 8192 the strided reads ran at a
+  // fifth of the packed speed.
+  float *kp = scratch, *vp = kp + d * npad, *s = vp + d * npad, *qt = s + kTileRows * lk;
+  for (int64_t j0 = 0; j0 < npad; j0 += 32)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = j0; j < j0 + 32; ++j) kp[j0 * d + 32 * c + (j - j0)] = j < t.n ? k[j * ld + c] : 0.0f;
+  for (int64_t j = 0; j < t.n; ++j) std::memcpy(vp + j * d, v + j * ld, d * sizeof(float));
+  const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t r0 = 0; r0 < t.rows; r0 += kTileRows) {
+    const int64_t m = std::min(kTileRows, t.rows - r0);
+    for (int64_t r = 0; r < kTileRows; ++r)
+      for (int64_t c = 0; c < d; ++c) qt[r * d + c] = r < m ? q[(r0 + r) * ld + c] * scale : 0.0f;
+    tile_scores(qt, kp, d, npad, lk, s);
+    float inv[kTileRows];
+    for (int64_t r = 0; r < kTileRows; ++r) inv[r] = r < m ? softmax_row(s + r * lk, t.n) : 0.0f;
+    float *out = ctx + (t.start + t.row0 + r0) * hidden + t.head * d;
+    int64_t c0 = 0;
+    for (; c0 + 32 <= d; c0 += 32) tile_context<2>(s, lk, vp + c0, d, t.n, inv, m, out + c0, hidden);
+    if (c0 < d) tile_context<1>(s, lk, vp + c0, d, t.n, inv, m, out + c0, hidden);
+  }
+}
+#endif  // __AVX512F__
+
+// The same attention through OpenBLAS: scores [rows, n] = q @ k^T, row softmax, ctx = p @ v.
+void attend_blas(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scores, float *ctx) {
   const int64_t ld = 3 * hidden;
   const float *q = qkv + (t.start + t.row0) * ld + t.head * d;
   const float *k = qkv + t.start * ld + hidden + t.head * d;
@@ -168,6 +318,18 @@ void attend(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d,
     for (int64_t j = 0; j < t.n; ++j) row[j] *= inv;
   }
   gemm(false, t.rows, d, t.n, 1.0f, scores, t.n, v, ld, 0.0f, ctx + (t.start + t.row0) * hidden + t.head * d, hidden);
+}
+
+// Tiled kernel where it applies, OpenBLAS otherwise; BGEM3_ATTENTION_BLAS=1 forces OpenBLAS (for comparison).
+void attend(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *ctx) {
+#if defined(__AVX512F__)
+  static const bool force_blas = [] {
+    const char *e = std::getenv("BGEM3_ATTENTION_BLAS");
+    return e && e[0] == '1';
+  }();
+  if (d % 16 == 0 && !force_blas) return attend_tiled(t, qkv, hidden, d, scratch, ctx);
+#endif
+  attend_blas(t, qkv, hidden, d, scratch, ctx);
 }
 
 // The attention tasks of packed tokens: one per (sequence, head, block of <= qblock query rows). False

@@ -34,6 +34,28 @@ from .tokenization import M3Tokenizer, check_texts
 BACKENDS = ("kernels", "mindspore")
 
 
+def _why_no_kernels(backend: str | None, device: str, dtype: str, config: M3Config) -> str | None:
+    """The first reason the fused CPU kernels (for ``dtype="int8"`` the int8 ones) cannot run, None when they can.
+    Checked in order, each only once the ones before it passed: the last builds the kernels.
+
+    >>> cfg = M3Config(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    >>> _why_no_kernels("mindspore", "CPU", "int8", cfg), _why_no_kernels(None, "CPU", "float16", cfg)
+    ("backend='mindspore' has no int8 path", "dtype 'float16' is not float32")
+    """
+    int8 = dtype == "int8"
+    if int8 and backend == "mindspore":
+        return "backend='mindspore' has no int8 path"
+    if device != "CPU":
+        return f"the device is {device}, not CPU"
+    if DTYPES[dtype] != ms.float32:                   # int8: float32 outside the quantised linear maps
+        return f"dtype {dtype!r} is not float32"
+    if config.hidden_act != "gelu":
+        return f"hidden_act {config.hidden_act!r} is not erf GELU"
+    if not (int8_kernels if int8 else cpu_kernels).available():
+        return "they are unavailable here (BGEM3_CPU_KERNELS=0, or no compiler/OpenBLAS: see the warning)"
+    return None
+
+
 def select_backend(backend: str | None, device: str, dtype: str, config: M3Config) -> str:
     """The inference backend, chosen once at load: ``"kernels"`` (the fused CPU kernels of
     :mod:`bgem3_lib.kernels.cpu`: CPU, float32, erf GELU, and they build here) or ``"mindspore"`` (plain
@@ -42,30 +64,13 @@ def select_backend(backend: str | None, device: str, dtype: str, config: M3Confi
     ``dtype="int8"`` runs only on the int8 CPU kernels (:mod:`bgem3_lib.kernels.int8`): an error elsewhere."""
     if backend not in (None, *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} (or None: automatic)")
-    if dtype == "int8":
-        if backend == "mindspore":
-            why = "backend='mindspore' has no int8 path"
-        elif device != "CPU":
-            why = f"the device is {device}, not CPU"
-        elif config.hidden_act != "gelu":
-            why = f"hidden_act {config.hidden_act!r} is not erf GELU"
-        elif not int8_kernels.available():
-            why = "they are unavailable here (BGEM3_CPU_KERNELS=0, or no compiler/OpenBLAS: see the warning)"
-        else:
-            return "kernels"
-        raise ValueError(f"dtype='int8' runs only on the int8 CPU kernels: {why}")
-    if backend == "mindspore":
+    if backend == "mindspore" and dtype != "int8":
         return backend
-    if device != "CPU":
-        why = f"the device is {device}, not CPU"
-    elif DTYPES[dtype] != ms.float32:
-        why = f"dtype {dtype!r} is not float32"
-    elif config.hidden_act != "gelu":
-        why = f"hidden_act {config.hidden_act!r} is not erf GELU"
-    elif not cpu_kernels.available():
-        why = "they are unavailable here (BGEM3_CPU_KERNELS=0, or no compiler/OpenBLAS: see the warning)"
-    else:
+    why = _why_no_kernels(backend, device, dtype, config)
+    if why is None:
         return "kernels"
+    if dtype == "int8":
+        raise ValueError(f"dtype='int8' runs only on the int8 CPU kernels: {why}")
     if backend == "kernels":
         raise ValueError(f"backend='kernels' cannot run: {why}")
     return "mindspore"

@@ -132,3 +132,50 @@ def test_attention_kernel_refuses_head_counts_that_do_not_split_the_hidden_size(
     with pytest.raises(RuntimeError, match="m3_attention_block.* is 2"):
         ck.attention_block(x, SelfAttention(cfg), offsets, Tensor(np.array([heads], np.int32)),
                            ck.scalar(1e-5)).asnumpy()
+
+
+def _attention_block_reference(x, attn, offsets, heads, eps=1e-5):
+    """float64 NumPy post-LN self-attention sub-layer, each packed sequence on its own rows."""
+    P = {k: getattr(getattr(attn, a), w).asnumpy().astype(np.float64)
+         for k, (a, w) in {"wqkv": ("qkv", "weight"), "bqkv": ("qkv", "bias"), "wo": ("out", "weight"),
+                           "bo": ("out", "bias"), "g": ("norm", "gamma"), "b": ("norm", "beta")}.items()}
+    x = x.astype(np.float64)
+    t, h = x.shape
+    d = h // heads
+    qkv = x @ P["wqkv"].T + P["bqkv"]
+    ctx = np.zeros((t, h))
+    for a, e in zip(offsets[:-1], offsets[1:]):
+        q, k, v = (qkv[a:e, i * h:(i + 1) * h].reshape(e - a, heads, d).transpose(1, 0, 2) for i in range(3))
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(d)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ctx[a:e] = ((p / p.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(e - a, h)
+    return _layer_norm(x + ctx @ P["wo"].T + P["bo"], P["g"], P["b"], eps)
+
+
+@pytest.mark.parametrize("hidden, heads, scale", [
+    (32, 2, 0.2),     # d = 16: AVX-512 tile kernel, one 16-wide column pass
+    (96, 3, 0.2),     # d = 32 (M3-small)
+    (96, 2, 0.2),     # d = 48: a 32-wide and a 16-wide column pass
+    (128, 2, 0.2),    # d = 64 (XLM-R large)
+    (48, 4, 0.2),     # d = 12: OpenBLAS path
+    (96, 3, 3.0),     # scores of several hundred: most softmax weights underflow
+])
+def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scale):
+    """Lengths that are not multiples of the 8-row tile or the 32-key panel, one longer than the 256-row
+    query block, and a single token; both attention paths (tile kernel and OpenBLAS) against float64."""
+    from bgem3_lib.model.encoder import SelfAttention
+    cfg = M3Config(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=4 * hidden)
+    attn = SelfAttention(cfg)
+    rng = np.random.default_rng(hidden + heads)
+    for p in attn.get_parameters():
+        base = 1.0 if p.name.endswith("gamma") else 0.0
+        p.set_data(Tensor((base + rng.normal(0, scale if "qkv" in p.name else 0.2, p.shape)).astype(np.float32)))
+    lengths = [1, 7, 33, 300, 41]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    x = rng.normal(0, 1, (offsets[-1], hidden)).astype(np.float32)
+    out = ck.attention_block(Tensor(x), attn, Tensor(offsets), Tensor(np.array([heads], np.int32)),
+                             ck.scalar(1e-5)).asnumpy()
+    ref = _attention_block_reference(x, attn, offsets, heads)
+    assert out.shape == ref.shape and np.isfinite(out).all()
+    # scores of several hundred carry float32 rounding of ~1e-4 into the weights, on either path
+    assert np.abs(out - ref).max() < (2e-5 if scale < 1 else 1e-3)
