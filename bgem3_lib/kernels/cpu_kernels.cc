@@ -72,7 +72,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   int64_t longest = 1;
   if (heads < 1 || h % heads || !attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
   const int64_t d = h / heads;  // after the check: heads < 1 must not reach the division
-  std::vector<float> qkv(rows * 3 * h), ctx(rows * h);
+  Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
   SingleThreadedBlas one;
 #pragma omp parallel
@@ -80,7 +80,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block)
       linear_rows(x, wqkv, bqkv, qkv.data(), r0, std::min(block, rows - r0), h, 3 * h, false);
-    std::vector<float> scores(attention_scratch(d, longest, qblock));
+    Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
 #pragma omp for schedule(dynamic, 1)
@@ -106,7 +106,7 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   SingleThreadedBlas one;
 #pragma omp parallel
   {
-    std::vector<float> inner(block * f);
+    Scratch inner(block * f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       int64_t n = std::min(block, rows - r0);

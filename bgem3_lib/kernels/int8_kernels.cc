@@ -287,7 +287,7 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size(), block = int8_block(rows);
   QRows a;
   a.resize(rows, h);
-  std::vector<float> qkv(rows * 3 * h), ctx(rows * h);
+  Scratch qkv(rows * 3 * h), ctx(rows * h);
   const Tiling tl(rows, wqkv.panels);
   int bad = 0;
   SingleThreadedBlas one;
@@ -299,7 +299,7 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
     if (!bad) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tl.items(); ++t) run_item(tl, t, a, rows, wqkv, qkv.data(), false);
-      std::vector<float> scores(attention_scratch(d, longest, qblock));
+      Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
       QRows c;                                      // this worker's block of quantised context rows
@@ -338,7 +338,7 @@ int m3_int8_ffn_block(int nparam, void **params, int *ndims, int64_t **shapes, c
     QRows a, inner_q;
     a.resize(block, h);
     inner_q.resize(block, f);
-    std::vector<float> inner(block * f);
+    Scratch inner(block * f);
     QWeight outer = w2;
     outer.bias = nullptr;                           // added with the residual, before the norm
 #pragma omp for schedule(dynamic, 1) reduction(| : bad)
