@@ -13,10 +13,11 @@ on this CPU, identical weights and inputs, all three outputs on.
   128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
 * Every system runs in its own process (``encode_workers.py``) holding its model; runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
-  all systems alike; the order rotates from round to round and each call follows a 0.5 s rest, so no system
-  always runs right after another one's spinning thread pools. tokens/s = real (non-padding) tokens / wall seconds, median of ``--runs`` runs
-  after one warm-up. FlagEmbedding's ``encode`` re-runs its longest batch to probe the batch size;
-  the headline ratio uses its time *without* that probe (the stricter comparison).
+  all systems alike; the order rotates from round to round and each call follows a 0.5 s rest, so no
+  system always runs right after another one's spinning thread pools. tokens/s = real (non-padding)
+  tokens / wall seconds, median of ``--runs`` runs after one warm-up; a ratio between two systems is the
+  median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
+  probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
 * Roofline: NumPy's float32 1024x1024x4096 matmul GFLOP/s, measured in the same run before and
   after; ``roofline_pct`` = bgem3_lib's useful GFLOP/s on the mix / that.
 * Sparse memory: peak RSS of bgem3_lib's sparse output at up to 32 x 2048 tokens vs FlagEmbedding's

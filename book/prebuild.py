@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # goes first so that it encodes the TyDi corpora for M3-small and its ablation in one encoder pass
 # (model.shared_encoder) before another chapter encodes them for M3-small alone: the other slot meanwhile runs
 # the chapters that do not encode TyDi (9: real weights on XQuAD; 7, 2, 1), then the long ones.
-ORDER = ["06", "09", "11", "07", "02", "01", "10", "08", "04", "03", "05"]
+ORDER = ["06", "09", "11", "07", "02", "01", "10", "08", "12", "04", "03", "05"]
 # Checkpoints only one chapter loads, trained here (in a slot of the pool, beside other chapters) when missing:
 # chapter 6's ablation without self-distillation (`make m3-small` trains it too, for use outside the book).
 TRAINED = {"06": ("m3-small-nosd", ["--recipe", "m3-small", "--no-self-distill"])}
