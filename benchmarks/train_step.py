@@ -8,7 +8,8 @@ from the cache and split into length chunks, forward, the unified loss with self
 Beside it, the same layers, heads, loss, clipping and AdamW written in PyTorch
 (:mod:`bgem3_lib.analysis.torch_train_step`), on the same padded tensors with the same weights (copied
 across through ``.npz``). Each framework runs in its own worker process
-(:mod:`bgem3_lib.analysis.train_throughput`).
+(:mod:`bgem3_lib.analysis.train_step_worker`, :mod:`bgem3_lib.analysis.torch_train_step`), driven through
+:mod:`bgem3_lib.analysis.train_throughput`.
 
 Method, per number of trainable layers N (``--layers``):
 
@@ -40,7 +41,7 @@ Usage::
     .venv/bin/python benchmarks/train_step.py --quick --jit            # + MindSpore with the layers under jit
 
 ``--jit`` adds a third worker whose trainable layers run as one ``mindspore.jit`` graph
-(:func:`bgem3_lib.analysis.train_throughput.jit_trainable_layers`): an experiment, not the trainer's step (the
+(:func:`bgem3_lib.analysis.train_step_worker.jit_trainable_layers`): an experiment, not the trainer's step (the
 graph is compiled for every new input shape; the first forward + backward of each layer count, which compiles
 the batch's five shapes, is reported per side).
 """

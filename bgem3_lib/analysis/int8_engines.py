@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reference_runs import _run, cached_job
+from .subprocess_jobs import _run, cached_job
 
 ENGINES = ("bgem3_lib-float32", "bgem3_lib-int8", "ort-float32", "ort-int8")
 CACHE_VERSION = 1

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .reference_runs import cached_job, import_mindnlp, sorted_batches
+from .reference_runs import import_mindnlp, sorted_batches
+from .subprocess_jobs import cached_job
 
 IMPLEMENTATIONS = ("bgem3_lib", "transformers", "mindnlp")
 REFERENCE = "transformers"

@@ -1,4 +1,4 @@
-"""The M3-small training step in PyTorch: the reference for :mod:`bgem3_lib.analysis.train_throughput`.
+"""The M3-small training step in PyTorch: the reference for :mod:`bgem3_lib.analysis.train_step_worker`.
 
 The same computation as the trainer's step (:class:`~bgem3_lib.training.train_model.M3TrainNet` +
 :mod:`~bgem3_lib.training.losses` + :mod:`~bgem3_lib.training.optim`), written as a PyTorch user would:
@@ -17,7 +17,7 @@ The same computation as the trainer's step (:class:`~bgem3_lib.training.train_mo
   :class:`~bgem3_lib.training.optim.AdamW` (decoupled decay, bias correction).
 
 Weights and the padded batch come from the ``.npz``/``.json`` that the MindSpore worker wrote
-(:func:`~bgem3_lib.analysis.train_throughput.export_step`), parameter names included. PyTorch runs only in
+(:func:`~bgem3_lib.analysis.train_step_worker.export_step`), parameter names included. PyTorch runs only in
 its own process (``python -m bgem3_lib.analysis.torch_train_step SPEC_JSON``, a worker answering the
 commands of :mod:`~bgem3_lib.analysis.train_throughput`); importing this module imports no PyTorch.
 

@@ -1,6 +1,6 @@
-"""bgem3_lib.analysis.train_throughput and torch_train_step: the trainer's step (MindSpore) and its PyTorch
-reference, each in its own worker process, compute the same loss, gradients and updates on a tiny model
-(2 layers, hidden 32), with the top layer trainable and with the heads alone."""
+"""bgem3_lib.analysis.train_throughput, train_step_worker and torch_train_step: the trainer's step (MindSpore)
+and its PyTorch reference, each in its own worker process, compute the same loss, gradients and updates on a
+tiny model (2 layers, hidden 32), with the top layer trainable and with the heads alone."""
 from __future__ import annotations
 
 import numpy as np
