@@ -218,14 +218,8 @@ class TorchStep:
         return {"loss": float(out["total"]), "grad_norm": norm}
 
     def steps(self, n: int) -> dict:
-        out = {"seconds": [], "loss": [], "grad_norm": []}
-        for _ in range(int(n)):
-            t0 = time.perf_counter()
-            rec = self.train_step()
-            out["seconds"].append(time.perf_counter() - t0)
-            out["loss"].append(rec["loss"])
-            out["grad_norm"].append(rec["grad_norm"])
-        return out
+        from .train_throughput import timed_steps
+        return timed_steps(self.train_step, n)
 
 
 if __name__ == "__main__":

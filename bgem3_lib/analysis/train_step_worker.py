@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .train_throughput import CHECK_NAMES, SPECIAL_IDS, WORKER_MODULES, StepSpec, make_texts, serve
+from .train_throughput import CHECK_NAMES, SPECIAL_IDS, WORKER_MODULES, StepSpec, make_texts, serve, timed_steps
 
 
 def _fixed_batch_trainer():
@@ -192,14 +192,7 @@ class MindSporeStep:
                 "global_norm": float(np.sqrt(sum(v * v for v in norms.values()))), "seconds": seconds}
 
     def steps(self, n: int) -> dict:
-        out = {"seconds": [], "loss": [], "grad_norm": []}
-        for _ in range(int(n)):
-            t0 = time.perf_counter()
-            rec = self.trainer.train_step()
-            out["seconds"].append(time.perf_counter() - t0)
-            out["loss"].append(rec["loss"])
-            out["grad_norm"].append(rec["grad_norm"])
-        return out
+        return timed_steps(self.trainer.train_step, n)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,6 +120,23 @@ def make_texts(spec: StepSpec) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the workers' loop
+def timed_steps(step, n: int) -> dict:
+    """Run ``step()`` (one optimizer step -> ``{"loss", "grad_norm"}``) ``n`` times: per-step wall seconds, losses
+    and gradient norms, as both workers answer the ``steps`` command.
+
+    >>> timed_steps(lambda: {"loss": 1.0, "grad_norm": 2.0}, 2)["loss"]
+    [1.0, 1.0]
+    """
+    out = {"seconds": [], "loss": [], "grad_norm": []}
+    for _ in range(int(n)):
+        t0 = time.perf_counter()
+        rec = step()
+        out["seconds"].append(time.perf_counter() - t0)
+        out["loss"].append(rec["loss"])
+        out["grad_norm"].append(rec["grad_norm"])
+    return out
+
+
 def serve(handler) -> None:
     """The worker loop: a JSON command per stdin line -> ``handler.<op>(**args)`` -> one ``@@ {json}`` line."""
     print("@@ " + json.dumps({"ready": True, "pid": os.getpid()}), flush=True)
