@@ -99,26 +99,38 @@ def start_workers(systems, model_dir, log_dir) -> dict[str, Worker]:
     return workers
 
 
-def run_cases(workers, cases, runs, plan, tmp: Path) -> dict:
+def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> dict:
     """``runs`` interleaved rounds of every (case, system); returns medians per case. The first round's
-    dense vectors are kept to check that all systems compute the same thing."""
+    dense vectors are kept to check that all systems compute the same thing. A worker process that dies
+    (at full size and 8192 tokens the kernel's OOM killer took one holding 11 GB) is recorded in the case's
+    ``died`` and left out from then on; the other systems go on. ``done(out)`` runs after every case (the
+    caller saves what is finished)."""
     out = {}
     for case in cases:
         name = case["name"]
         base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
         active = {s: w for s, w in workers.items() if s in case["systems"]}
-        recs = {s: [] for s in active}
+        recs, died = {s: [] for s in active}, {}
         order = list(active)
         for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
             for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
+                if s in died:
+                    continue
                 time.sleep(COOL_DOWN)
                 extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
-                recs[s].append(active[s].ask(op="encode", **base, **extra))
+                try:
+                    recs[s].append(active[s].ask(op="encode", **base, **extra))
+                except (BrokenPipeError, RuntimeError) as exc:
+                    died[s] = f"{type(exc).__name__}: {exc}"
+                    workers.pop(s).close()
+                    print(f"  {plan}/{name}: {s} died ({died[s]}); left out from here on", flush=True)
             if r == 0:
-                dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active}
+                dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active if s not in died}
                 check_outputs(dense, f"{plan}/{name}")
+        recs = {s: rs for s, rs in recs.items() if s not in died}
         res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
-               "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {}}
+               "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {},
+               **({"died": died} if died else {})}
         for s, rs in recs.items():
             secs = [r["seconds"] for r in rs]
             med = float(np.median(secs))
@@ -136,6 +148,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path) -> dict:
         out[name] = res
         print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
                                                 for s, e in res["systems"].items()), flush=True)
+        done(out)
     return out
 
 
@@ -183,8 +196,10 @@ def plan_for(quick: bool) -> dict:
 PARTS = ("speed", "sort", "sparse")
 
 
-def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: int, tmp: Path) -> dict:
-    """Every requested part at one model size, sharing the worker processes; returns that size's entry."""
+def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: int, tmp: Path,
+             save=lambda entry: None) -> dict:
+    """Every requested part at one model size, sharing the worker processes; returns that size's entry
+    (``save(entry)`` gets it so far after every speed case)."""
     model_dir = make_checkpoint(size)
     tokens, cfg = Tokens(model_dir / "tokenizer.json"), SIZES[size]
     if size not in plan.get("mindnlp_sizes", plan["sizes"]):
@@ -209,7 +224,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         warm_up(workers, cases[0])
         if "speed" in parts:
             entry["matmul"] = [matmul_round(workers)]
-            entry["cases"] = run_cases(workers, cases, runs, size, tmp)
+            entry["cases"] = run_cases(workers, cases, runs, size, tmp, lambda out: save({**entry, "cases": out}))
             entry["matmul"].append(matmul_round(workers))
         if "sort" in parts and "sorting" in plan and size == "m3-small":
             sp = plan["sorting"]
@@ -255,7 +270,10 @@ def main() -> None:
     t_start, load_start = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bgem3-bench-") as tmp_s:
         for size in plan["sizes"]:
-            entry = run_size(size, parts, plan, systems, args.runs, Path(tmp_s))
+            def save(partial, size=size):     # finished cases survive a crash: <stem>.partial.json
+                snapshot = {**results, "sizes": {**results["sizes"], size: partial}}
+                path.with_suffix(".partial.json").write_text(json.dumps(snapshot, indent=1))
+            entry = run_size(size, parts, plan, systems, args.runs, Path(tmp_s), save)
             results["sizes"].setdefault(size, {}).update(entry)
     part_meta = {"load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_seconds": time.time() - t_start,
                  "date": time.strftime("%Y-%m-%d %H:%M")}
@@ -264,6 +282,7 @@ def main() -> None:
                            "quick": args.quick, "runs": args.runs, "python": platform.python_version(), "parts": {}}
     results["meta"].setdefault("parts", {}).update({p: part_meta for p in parts})
     path.write_text(json.dumps(results, indent=1))
+    path.with_suffix(".partial.json").unlink(missing_ok=True)
     summary = summarize(results)
     write_markdown(results, summary, args.out / f"{stem}.md")
     print(last_line(summary))

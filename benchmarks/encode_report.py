@@ -113,6 +113,8 @@ def _cases_table(entry: dict) -> list[str]:
                        else "n/a")
         pct = 100 * sy.get("bgem3_lib", {}).get("gflop_per_s", math.nan) / roof
         desc = f"{name} ({c['texts']} texts, batch {c['batch_size']}, max_length {c['max_length']})"
+        if c.get("died"):
+            desc += " - worker died, left out: " + ", ".join(c["died"])
         lines.append(f"| {desc} | {c['tokens']} | " + " | ".join(cells) + " | " + " | ".join(rel) + f" | {pct:.1f} |")
     return lines
 
