@@ -19,7 +19,8 @@ on this CPU, identical weights and inputs, all three outputs on.
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
 * Roofline: NumPy's float32 1024x1024x4096 matmul GFLOP/s, measured in the same run before and
-  after; ``roofline_pct`` = bgem3_lib's useful GFLOP/s on the mix / that.
+  after, and in the bgem3_lib worker after every round of every case; ``roofline_pct`` = the median over
+  the mix's rounds of bgem3_lib's useful GFLOP/s in that round / that round's NumPy GFLOP/s.
 * Sparse memory: peak RSS of bgem3_lib's sparse output at up to 32 x 2048 tokens vs FlagEmbedding's
   B x L x V ("old") and B x V ("new") sparse embedding at sizes this machine can hold.
 * Sorted vs unsorted batches on the mix, for the packed CPU-kernel path and the plain padded path.
@@ -110,7 +111,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
         name = case["name"]
         base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
         active = {s: w for s, w in workers.items() if s in case["systems"]}
-        recs, died = {s: [] for s in active}, {}
+        recs, died, roof = {s: [] for s in active}, {}, []
         order = list(active)
         for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
             for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
@@ -124,13 +125,15 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
                     died[s] = f"{type(exc).__name__}: {exc}"
                     workers.pop(s).close()
                     print(f"  {plan}/{name}: {s} died ({died[s]}); left out from here on", flush=True)
+            if "bgem3_lib" in active and "bgem3_lib" not in died:     # this round's roofline, beside its times
+                roof.append(active["bgem3_lib"].ask(op="matmul")["numpy_gflops"])
             if r == 0:
                 dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active if s not in died}
                 check_outputs(dense, f"{plan}/{name}")
         recs = {s: rs for s, rs in recs.items() if s not in died}
         res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
                "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {},
-               **({"died": died} if died else {})}
+               **({"died": died} if died else {}), **({"numpy_gflops_runs": roof} if roof else {})}
         for s, rs in recs.items():
             secs = [r["seconds"] for r in rs]
             med = float(np.median(secs))
