@@ -21,7 +21,8 @@ Systems (identical weights from MODEL_DIR, identical texts, all three outputs, f
   weights on the MatMul/Gemm projections, activations quantized at run time).
 
 Commands: ``{"op": "encode", "texts": file, "max_length", "batch_size", "sort", "kernels"}``,
-``{"op": "matmul"}`` (GFLOP/s of this framework's float32 1024x1024x4096 matmul, and NumPy's),
+``{"op": "matmul", "numpy_only": false}`` (GFLOP/s of this framework's float32 1024x1024x4096 matmul, and NumPy's;
+``numpy_only``: NumPy's alone, the per-round roofline),
 ``{"op": "sparse_rss", "texts": file, "batch", "max_length", "path"}``, ``{"op": "quit"}``.
 Every answer carries ``peak_rss_mb`` (VmHWM, reset before the command) and ``base_rss_mb``.
 """
@@ -237,7 +238,9 @@ def serve(system: str, model_dir: str) -> None:
         _reset_peak()
         t = time.perf_counter()
         if cmd["op"] == "matmul":
-            res = {"framework_gflops": worker.framework_gflops(), "numpy_gflops": numpy_gflops()}
+            res = {"numpy_gflops": numpy_gflops()}
+            if not cmd.get("numpy_only"):
+                res["framework_gflops"] = worker.framework_gflops()
         elif cmd["op"] == "encode":
             texts = json.loads(Path(cmd["texts"]).read_text())
             res = worker.encode(texts, cmd["max_length"], cmd["batch_size"], cmd.get("sort", True),

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .subprocess_jobs import _run, cached_job  # noqa: F401  (cached_job: still importable from here)
+from .subprocess_jobs import _run
 
 IMPLEMENTATIONS = ("bgem3_lib", "flagembedding", "mindnlp")
 
