@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from encode_inputs import SIZES, Tokens, long_texts, make_case, make_checkpoint, padded_slots, real_mix  # noqa: E402
+from encode_extras import sort_experiment, sparse_rss  # noqa: E402
+from encode_inputs import SIZES, Tokens, long_texts, make_case, make_checkpoint, real_mix  # noqa: E402
 from encode_report import last_line, summarize, write_markdown  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "encode_workers.py"
@@ -130,29 +131,71 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
             if r == 0:
                 dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active if s not in died}
                 check_outputs(dense, f"{plan}/{name}")
-        recs = {s: rs for s, rs in recs.items() if s not in died}
-        res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
-               "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {},
-               **({"died": died} if died else {}), **({"numpy_gflops_runs": roof} if roof else {})}
-        for s, rs in recs.items():
-            secs = [r["seconds"] for r in rs]
-            med = float(np.median(secs))
-            entry = {"seconds_runs": secs, "seconds": med, "tokens_per_s": case["tokens"] / med,
-                     "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "gflop_per_s": case["gflop"] / med}
-            if "probe_seconds" in rs[0]:
-                with_probe = float(np.median([r["seconds"] + r["probe_seconds"] for r in rs]))
-                entry.update(seconds_with_probe=with_probe, tokens_per_s_with_probe=case["tokens"] / with_probe)
-            if "kernels_used" in rs[0]:
-                entry["cpu_kernels"] = rs[0]["kernels_used"]
-            if "flagembedding" in dense and s != "flagembedding":
-                entry["max_abs_dense_diff_vs_flagembedding"] = float(np.abs(dense[s] - dense["flagembedding"]).max())
-                entry["min_dense_cosine_vs_flagembedding"] = float(np.min(np.sum(dense[s] * dense["flagembedding"], 1)))
-            res["systems"][s] = entry
-        out[name] = res
+        out[name] = case_result(case, recs, died, roof, dense)
         print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
-                                                for s, e in res["systems"].items()), flush=True)
+                                                for s, e in out[name]["systems"].items()), flush=True)
         done(out)
     return out
+
+
+def run_solo_case(systems, model_dir, case, runs, plan, tmp: Path) -> dict:
+    """One case with one system in memory at a time: start its worker, warm up, ``runs`` calls, stop it.
+    For the full-size 8192-token batch: five full-size models plus one engine's 8192-token peak do not fit in
+    24 GB together (the OOM killer took a worker holding 11 GB). Each system's peak RSS is then its own, and
+    round ``r`` of one system pairs with round ``r`` of another as in ``run_cases`` (not back to back)."""
+    name = case["name"]
+    base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
+    recs, died, roof = {}, {}, []
+    for s in [s for s in systems if s in case["systems"]]:
+        w = start_workers([s], model_dir, tmp).get(s)
+        if w is None:
+            died[s] = "worker did not start"
+            continue
+        try:
+            warm_up({s: w}, case)
+            recs[s] = []
+            for r in tqdm(range(runs), desc=f"{plan}/{name} {s} (alone)", leave=False):
+                time.sleep(COOL_DOWN)
+                extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
+                recs[s].append(w.ask(op="encode", **base, **extra))
+                if s == "bgem3_lib":
+                    roof.append(w.ask(op="matmul", numpy_only=True)["numpy_gflops"])
+        except (BrokenPipeError, RuntimeError) as exc:
+            died[s] = f"{type(exc).__name__}: {exc}"
+            print(f"  {plan}/{name}: {s} died ({died[s]})", flush=True)
+        finally:
+            w.close()
+    dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in recs if s not in died}
+    check_outputs(dense, f"{plan}/{name}")
+    res = case_result(case, recs, died, roof, dense)
+    res["alone"] = True
+    print(f"  {plan}/{name} (one system at a time): " + ", ".join(
+        f"{s} {e['tokens_per_s']:.1f} tok/s, peak {e['peak_rss_mb']:.0f} MB" for s, e in res["systems"].items()),
+        flush=True)
+    return res
+
+
+def case_result(case, recs, died, roof, dense) -> dict:
+    """One case's JSON entry from every system's per-round answers (``recs``) and first-round dense vectors."""
+    recs = {s: rs for s, rs in recs.items() if s not in died}
+    res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
+           "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {},
+           **({"died": died} if died else {}), **({"numpy_gflops_runs": roof} if roof else {})}
+    for s, rs in recs.items():
+        secs = [r["seconds"] for r in rs]
+        med = float(np.median(secs))
+        entry = {"seconds_runs": secs, "seconds": med, "tokens_per_s": case["tokens"] / med,
+                 "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)), "gflop_per_s": case["gflop"] / med}
+        if "probe_seconds" in rs[0]:
+            with_probe = float(np.median([r["seconds"] + r["probe_seconds"] for r in rs]))
+            entry.update(seconds_with_probe=with_probe, tokens_per_s_with_probe=case["tokens"] / with_probe)
+        if "kernels_used" in rs[0]:
+            entry["cpu_kernels"] = rs[0]["kernels_used"]
+        if "flagembedding" in dense and s != "flagembedding":
+            entry["max_abs_dense_diff_vs_flagembedding"] = float(np.abs(dense[s] - dense["flagembedding"]).max())
+            entry["min_dense_cosine_vs_flagembedding"] = float(np.min(np.sum(dense[s] * dense["flagembedding"], 1)))
+        res["systems"][s] = entry
+    return res
 
 
 def check_outputs(dense: dict, where: str) -> None:
@@ -183,7 +226,8 @@ def matmul_round(workers) -> dict:
 def plan_for(quick: bool) -> dict:
     """Input sizes. MindNLP (4-10x slower than the others) runs the real mix only, and in the full run at
     M3-small size only (its full-size mix alone took 22 minutes of a 48-minute run), to bound the time. Fixed
-    lengths at the batch sizes a user would pick (8192 at batch 1). ``--quick``: the same workload kinds at
+    lengths at the batch sizes a user would pick (8192 at batch 1); the ``alone`` cases run one system at a time
+    (``run_solo_case``). ``--quick``: the same workload kinds at
     M3-small size, each case about 4k tokens so that one timed call lasts about a second on the fastest
     float32 engine (at 2k tokens two back-to-back quick runs disagreed by up to 31% on a ratio)."""
     if quick:
@@ -193,7 +237,8 @@ def plan_for(quick: bool) -> dict:
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192,
             "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
-                                                  "padded": True}, "mindnlp_sizes": ["m3-small"]}
+                                                  "padded": True}, "mindnlp_sizes": ["m3-small"],
+            "alone": ("full/fixed8192",)}
 
 
 PARTS = ("speed", "sort", "sparse")
@@ -217,6 +262,8 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     for L, B in plan["fixed"]:
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
+    alone = [c for c in cases if f"{size}/{c['name']}" in plan.get("alone", ())]
+    cases = [c for c in cases if c not in alone]
     order = [s for s in systems if s in need]
     print(f"[{size}] starting workers: {', '.join(order)}", flush=True)
     workers = start_workers(order, model_dir, tmp)
@@ -241,6 +288,9 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     finally:
         for w in workers.values():
             w.close()
+    for case in alone if "speed" in parts else ():
+        entry["cases"][case["name"]] = run_solo_case(order, model_dir, case, runs, size, tmp)
+        save(entry)
     return entry
 
 
@@ -289,49 +339,6 @@ def main() -> None:
     summary = summarize(results)
     write_markdown(results, summary, args.out / f"{stem}.md")
     print(last_line(summary))
-
-
-def sort_experiment(worker: Worker, case: dict, runs: int, padded: bool, lengths: list[int]) -> dict:
-    """bgem3_lib on a mixed-length input: length-sorted vs input-order batches, for the packed CPU
-    kernels (no padding computed) and, if ``padded``, the plain padded MindSpore path."""
-    base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
-    out = {"input": {k: case[k] for k in ("tokens", "n_texts", "max_length", "batch_size")},
-           "padded_slots": {"sorted": padded_slots(lengths, case["batch_size"], True),
-                            "unsorted": padded_slots(lengths, case["batch_size"], False)}}
-    variants = [(k, s) for k in ((True, False) if padded else (True,)) for s in (True, False)]
-    secs = {v: [] for v in variants}
-    for _ in tqdm(range(runs), desc="sorting", leave=False):
-        for kernels, sort in variants:
-            secs[(kernels, sort)].append(worker.ask(op="encode", **base, kernels=kernels, sort=sort)["seconds"])
-    for (kernels, sort), s in secs.items():
-        out[f"{'packed' if kernels else 'padded'}_{'sorted' if sort else 'unsorted'}"] = {
-            "seconds": float(np.median(s)), "tokens_per_s": case["tokens"] / float(np.median(s))}
-    speeds = [f"{k} {v['tokens_per_s']:.1f} tok/s" for k, v in out.items() if "tokens_per_s" in v]
-    print("  sorting: " + ", ".join(speeds), flush=True)
-    return out
-
-
-def sparse_rss(workers, plan, tokens: Tokens, tmp: Path) -> dict:
-    """Peak RSS for sparse output: bgem3_lib's whole encode at B x L tokens (above its RSS after loading
-    the model); FlagEmbedding's sparse-embedding step alone at B x 256 (above the RSS before it)."""
-    longest = max(L for _, L in plan["sparse"])
-    path = tmp / "sparse.json"
-    path.write_text(json.dumps(long_texts(max(B for B, _ in plan["sparse"]), longest, tokens)))
-    out = {"bgem3_lib": [], "flagembedding_old": [], "flagembedding_new": []}
-    if "bgem3_lib" in workers:
-        for B, L in tqdm(plan["sparse"], desc="sparse RSS (bgem3_lib)", leave=False):
-            r = workers["bgem3_lib"].ask(op="sparse_rss", texts=str(path), batch=B, max_length=L)
-            out["bgem3_lib"].append({"batch": B, "length": L, "tokens": B * L, "peak_rss_mb": r["peak_rss_mb"],
-                                     "extra_mb": r["peak_rss_mb"] - workers["bgem3_lib"].ready["rss_mb"]})
-    if "flagembedding" in workers:
-        L = 256
-        for p in ("old", "new"):
-            for B in plan["flag_sparse"]:
-                r = workers["flagembedding"].ask(op="sparse_rss", texts=str(path), batch=B, max_length=L, path=p)
-                out[f"flagembedding_{p}"].append({"batch": B, "length": L, "tokens": B * L,
-                                                  "peak_rss_mb": r["peak_rss_mb"],
-                                                  "extra_mb": r["peak_rss_mb"] - r["base_rss_mb"]})
-    return out
 
 
 if __name__ == "__main__":
