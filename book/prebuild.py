@@ -66,8 +66,30 @@ def execute(path: str) -> tuple[str, object, float, str | None]:
     config = yaml.safe_load((ROOT / "_config.yml").read_text())["execute"]
     nb = read(Path(path))
     result = single_nb_execution(nb, cwd=str(Path(path).parent), timeout=config["timeout"],
-                                 allow_errors=config["allow_errors"], meta_override=True)
+                                 allow_errors=config["allow_errors"], meta_override=True, record_timing=True)
     return path, nb, result.time, None if result.err is None else result.exc_string
+
+
+def slowest_cells(nb, k: int = 3) -> str:
+    """``"line 524: 310 s, line 180: 95 s"``: the ``k`` code cells that took longest (nbclient's recorded
+    timing; the line is where the cell starts in the MyST file), to say where a chapter's time goes.
+
+    >>> from nbformat.v4 import new_code_cell, new_notebook
+    >>> cells = [new_code_cell(metadata={"execution": {"iopub.execute_input": f"2026-12-01T12:00:0{a}Z",
+    ...                                                "shell.execute_reply": f"2026-12-01T12:00:0{b}Z"}})
+    ...          for a, b in ((0, 1), (1, 7), (7, 9))]
+    >>> slowest_cells(new_notebook(cells=cells, metadata={"source_map": [3, 10, 20]}), k=2)
+    'line 10: 6 s, line 20: 2 s'
+    """
+    from datetime import datetime
+    lines, took = nb.metadata.get("source_map", []), []
+    for i, cell in enumerate(nb.cells):
+        t = cell.metadata.get("execution", {})
+        if cell.cell_type == "code" and "iopub.execute_input" in t and "shell.execute_reply" in t:
+            start, end = (datetime.fromisoformat(t[key].replace("Z", "+00:00"))
+                          for key in ("iopub.execute_input", "shell.execute_reply"))
+            took.append(((end - start).total_seconds(), lines[i] if i < len(lines) else i))
+    return ", ".join(f"line {line}: {sec:.0f} s" for sec, line in sorted(took, reverse=True)[:k])
 
 
 def train(args: list[str]) -> tuple[str, None, float, str | None]:
@@ -128,7 +150,8 @@ def main(argv=None) -> int:
                     cache.cache_notebook_bundle(CacheBundleIn(nb, path, data={"execution_seconds": seconds}),
                                                 check_validity=False, overwrite=True)
                 print(f"[prebuild] {name} {'executed' if nb is not None else 'done'} in {seconds:.0f} s "
-                      f"({time.perf_counter() - start:.0f} s since the start)", flush=True)
+                      f"({time.perf_counter() - start:.0f} s since the start)"
+                      + (f"; slowest cells: {slowest_cells(nb)}" if nb is not None else ""), flush=True)
     print(f"[prebuild] done in {time.perf_counter() - start:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 0
