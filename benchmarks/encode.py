@@ -14,7 +14,9 @@ on this CPU, identical weights and inputs, all three outputs on.
 * Every system runs in its own process (``encode_workers.py``) holding its model; runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
   all systems alike; the order rotates from round to round and each call follows a 0.5 s rest, so no
-  system always runs right after another one's spinning thread pools. tokens/s = real (non-padding)
+  system always runs right after another one's spinning thread pools. Exception: the full-size 8192-token
+  batch runs one system in memory at a time (five full-size models and one 8192-token peak do not fit in
+  24 GB together), so its peak RSS is each engine's own. tokens/s = real (non-padding)
   tokens / wall seconds, median of ``--runs`` runs after one warm-up; a ratio between two systems is the
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
