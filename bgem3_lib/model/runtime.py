@@ -65,7 +65,7 @@ def cpu_synchronous(env: Mapping[str, str] = os.environ) -> bool:
     waits on the queue, yielding in a loop. On a 2-core machine that thread takes CPU time from the
     OpenMP threads of the op itself: 8 x 512 tokens through M3-small took 0.78-1.10 s per call (two
     clusters) with it and 0.75-0.81 s without. There is no device to overlap with on a CPU, so nothing is
-    lost; ``training.trainer.make_deterministic`` does the same for training. Process-wide and one-way
+    lost; ``training.trainer.make_deterministic`` calls it for training on CPU. Process-wide and one-way
     (MindSpore has no call to switch it back)."""
     if env.get("BGEM3_CPU_ASYNC") == "1":
         return False

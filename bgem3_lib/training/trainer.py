@@ -23,7 +23,7 @@ a deterministic function of (parameters, optimizer state, batch).
 Determinism on CPU: :func:`make_deterministic` calls ``mindspore.set_deterministic(True)`` and
 ``mindspore.set_seed``; MindSpore's CPU kernels split work statically over their thread pool, so
 results repeat for the same thread count (keep ``OMP_NUM_THREADS`` / the machine the same when resuming).
-It also switches PyNative to synchronous dispatch (``mindspore.runtime.launch_blocking()``): a training step is
+On CPU it also switches PyNative to synchronous dispatch (``model.runtime.cpu_synchronous``): a training step is
 thousands of small ops, and on a busy 2-core CPU the asynchronous dispatch threads spent ~10x longer
 handing work over than computing (measured: 4 s vs 0.35 s per step of the tiny test model).
 
@@ -48,6 +48,7 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..model.encoder import position_ids_for
+from ..model.runtime import cpu_synchronous
 from ..paths import atomic_write
 from ..progress import tqdm
 from ..retrieval.modes import TEACHER_WEIGHTS
@@ -64,7 +65,8 @@ def make_deterministic(seed: int) -> None:
         ms.set_deterministic(True)
     except RuntimeError:          # MindSpore refuses a second call in one process; the first one holds
         pass
-    ms.runtime.launch_blocking()
+    if ms.get_context("device_target") == "CPU":      # on a device, asynchronous dispatch overlaps host and device
+        cpu_synchronous()
     ms.set_seed(int(seed))
     np.random.seed(int(seed) % 2**32)
 
