@@ -211,15 +211,20 @@ void linear_rows(const float *x, const float *w, const float *b, float *y, int64
 //
 // With AVX-512 and d % 16 == 0 (M3-small: d = 32, XLM-R large: d = 64) a register-tiled kernel runs:
 // the head's keys are packed once per task in panels kp [npad / 32, d, 32] (npad = n rounded up to
-// 32) and its values contiguous vp [n, d]; then 8 query rows at a time: scores [8, npad] =
-// (q / sqrt d) @ K^T with 8 x 32 accumulators in registers, a masked row softmax (max, exp, sum), and
-// ctx [8, d] = p @ vp, again 8 rows x 32 (or 16) columns of accumulators per pass over the keys.
+// 32) and its values contiguous vp [n, d]; then 32 query rows (4 tiles of 8) at a time: scores [32, npad] =
+// (q / sqrt d) @ K^T with 8 x 32 accumulators in registers per tile, a masked row softmax (max, exp, sum),
+// and ctx [32, d] = p @ vp, 8 rows x 32 (or 16) columns of accumulators per tile, over blocks of keys.
 // OpenBLAS's sgemm is slow on these skinny products (k = d = 32): the attention core of M3-small at
 // 16 x 512 tokens ran at about 60-95 GFLOP/s through it on 2 cores and about twice that tiled
 // (/tmp harness, ctypes; benchmarks/encode.py measures the whole model). Elsewhere: OpenBLAS.
 struct AttentionTask { int64_t start, n, head, row0, rows; };
 
 const int64_t kTileRows = 8;
+// Query rows that share each pass over the keys and values: 4 tiles of 8. One tile per pass read the head's
+// K and V (2 x 2 MiB at d = 64, n = 8192, beyond L2) from L3 once per 8 rows, and the kernel was bound by
+// that stream at full size; a 32-row group reads each K panel (d x 32) four times from L1, and V in
+// blocks of kKeyBlock keys that stay in L1 across the group's tiles.
+const int64_t kGroupTiles = 4, kGroupRows = kGroupTiles * kTileRows, kKeyBlock = 128;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
@@ -230,7 +235,7 @@ inline int64_t key_stride(int64_t n) { return round_up(n, 32) + 16; }
 // Floats of per-worker scratch either attention path needs.
 int64_t attention_scratch(int64_t d, int64_t longest, int64_t qblock) {
   const int64_t stride = key_stride(longest);
-  return std::max(std::min(qblock, longest) * longest, 2 * d * stride + kTileRows * stride + kTileRows * d);
+  return std::max(std::min(qblock, longest) * longest, 2 * d * stride + kGroupRows * stride + 2 * kGroupRows * d);
 }
 
 #if defined(__AVX512F__)
@@ -238,24 +243,30 @@ inline __mmask16 lanes_below(int64_t count) {  // the first min(count, 16) lanes
   return count >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1u);
 }
 
-// s [8, ld] = qt [8, d] @ K^T over the first npad (a multiple of 32) keys, 32 per pass; K^T is packed in
-// panels kp [npad / 32, d, 32], so each pass reads one contiguous d x 32 block.
-inline void tile_scores(const float *qt, const float *kp, int64_t d, int64_t npad, int64_t ld, float *s) {
+// s [8 g, ld] = qt [8 g, d] @ K^T over the first npad (a multiple of 32) keys for g = 0..tiles-1, 32 keys per
+// pass; K^T is packed in panels kp [npad / 32, d, 32], so each pass reads one contiguous d x 32 block, which
+// every tile of the group then reuses from L1.
+inline void group_scores(const float *qt, int64_t tiles, const float *kp, int64_t d, int64_t npad, int64_t ld,
+                         float *s) {
   for (int64_t j0 = 0; j0 < npad; j0 += 32) {
     const float *panel = kp + j0 * d;
-    __m512 acc[kTileRows][2];
-    for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < d; ++c) {
-      const __m512 k0 = _mm512_loadu_ps(panel + 32 * c), k1 = _mm512_loadu_ps(panel + 32 * c + 16);
-      for (int r = 0; r < kTileRows; ++r) {
-        const __m512 q = _mm512_set1_ps(qt[r * d + c]);
-        acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
+    for (int64_t g = 0; g < tiles; ++g) {
+      const float *q = qt + g * kTileRows * d;
+      float *sg = s + g * kTileRows * ld;
+      __m512 acc[kTileRows][2];
+      for (int r = 0; r < kTileRows; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < d; ++c) {
+        const __m512 k0 = _mm512_loadu_ps(panel + 32 * c), k1 = _mm512_loadu_ps(panel + 32 * c + 16);
+        for (int r = 0; r < kTileRows; ++r) {
+          const __m512 qr = _mm512_set1_ps(q[r * d + c]);
+          acc[r][0] = _mm512_fmadd_ps(qr, k0, acc[r][0]);
+          acc[r][1] = _mm512_fmadd_ps(qr, k1, acc[r][1]);
+        }
       }
-    }
-    for (int r = 0; r < kTileRows; ++r) {
-      _mm512_storeu_ps(s + r * ld + j0, acc[r][0]);
-      _mm512_storeu_ps(s + r * ld + j0 + 16, acc[r][1]);
+      for (int r = 0; r < kTileRows; ++r) {
+        _mm512_storeu_ps(sg + r * ld + j0, acc[r][0]);
+        _mm512_storeu_ps(sg + r * ld + j0 + 16, acc[r][1]);
+      }
     }
   }
 }
@@ -276,14 +287,16 @@ inline float softmax_row(float *row, int64_t n) {
   return 1.0f / _mm512_reduce_add_ps(sum);
 }
 
-// out[r, 0:W*16] = inv[r] * sum_j p[r, j] v[j, 0:W*16] for the first m of 8 rows.
+// acc[r, 0:W*16] (+)= sum_{j0 <= j < j1} p[r, j] v[j, 0:W*16] for the 8 rows of a tile (acc row stride lda;
+// ``first`` starts from zero). The accumulators live in registers over the block; the loads and stores
+// bounded by constants keep GCC from spilling them on every step of the j loop.
 template <int W>
-inline void tile_context(const float *p, int64_t ldp, const float *v, int64_t ldv, int64_t n, const float *inv,
-                         int64_t m, float *out, int64_t ldo) {
+inline void tile_context_block(const float *p, int64_t ldp, const float *v, int64_t ldv, int64_t j0, int64_t j1,
+                               bool first, float *acc_out, int64_t lda) {
   __m512 acc[kTileRows][W];
   for (int r = 0; r < kTileRows; ++r)
-    for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
-  for (int64_t j = 0; j < n; ++j) {
+    for (int w = 0; w < W; ++w) acc[r][w] = first ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_out + r * lda + 16 * w);
+  for (int64_t j = j0; j < j1; ++j) {
     __m512 vj[W];
     for (int w = 0; w < W; ++w) vj[w] = _mm512_loadu_ps(v + j * ldv + 16 * w);
     for (int r = 0; r < kTileRows; ++r) {
@@ -291,12 +304,8 @@ inline void tile_context(const float *p, int64_t ldp, const float *v, int64_t ld
       for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(pr, vj[w], acc[r][w]);
     }
   }
-  // All 8 rows go to a local tile first: a store loop bounded by m made GCC keep acc on the stack and
-  // write it back on every step of the j loop (half speed).
-  float tile[kTileRows][16 * W];
   for (int r = 0; r < kTileRows; ++r)
-    for (int w = 0; w < W; ++w) _mm512_storeu_ps(tile[r] + 16 * w, _mm512_mul_ps(acc[r][w], _mm512_set1_ps(inv[r])));
-  for (int64_t r = 0; r < m; ++r) std::memcpy(out + r * ldo, tile[r], sizeof(tile[r]));
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(acc_out + r * lda + 16 * w, acc[r][w]);
 }
 
 // Flush-to-zero and denormals-are-zero for the life of the object (this thread's MXCSR, restored after).
@@ -318,23 +327,38 @@ void attend_tiled(const AttentionTask &t, const float *qkv, int64_t hidden, int6
   // This head's keys and values, packed once per task: qkv rows are 12 H bytes apart, a page or more at
   // full size, where the hardware prefetcher does not follow, and at n = 8192 the strided reads ran at a
   // fifth of the packed speed.
-  float *kp = scratch, *vp = kp + d * npad, *s = vp + d * npad, *qt = s + kTileRows * lk;
+  float *kp = scratch, *vp = kp + d * npad, *s = vp + d * npad, *qt = s + kGroupRows * lk, *acc = qt + kGroupRows * d;
   for (int64_t j0 = 0; j0 < npad; j0 += 32)
     for (int64_t c = 0; c < d; ++c)
       for (int64_t j = j0; j < j0 + 32; ++j) kp[j0 * d + 32 * c + (j - j0)] = j < t.n ? k[j * ld + c] : 0.0f;
   for (int64_t j = 0; j < t.n; ++j) std::memcpy(vp + j * d, v + j * ld, d * sizeof(float));
   const float scale = 1.0f / std::sqrt((float)d);
-  for (int64_t r0 = 0; r0 < t.rows; r0 += kTileRows) {
-    const int64_t m = std::min(kTileRows, t.rows - r0);
-    for (int64_t r = 0; r < kTileRows; ++r)
+  // Key blocks only where K and V outgrow L2 (1 MiB together): below that one pass over the keys reads them
+  // from L2 anyway, and each block costs a store and reload of the accumulators (2% slower at d = 32, n = 2048).
+  const int64_t kb = 2 * t.n * d * (int64_t)sizeof(float) <= (1 << 20) ? t.n : kKeyBlock;
+  for (int64_t r0 = 0; r0 < t.rows; r0 += kGroupRows) {
+    const int64_t m = std::min(kGroupRows, t.rows - r0), tiles = (m + kTileRows - 1) / kTileRows;
+    for (int64_t r = 0; r < tiles * kTileRows; ++r)
       for (int64_t c = 0; c < d; ++c) qt[r * d + c] = r < m ? q[(r0 + r) * ld + c] * scale : 0.0f;
-    tile_scores(qt, kp, d, npad, lk, s);
-    float inv[kTileRows];
-    for (int64_t r = 0; r < kTileRows; ++r) inv[r] = r < m ? softmax_row(s + r * lk, t.n) : 0.0f;
+    group_scores(qt, tiles, kp, d, npad, lk, s);
+    float inv[kGroupRows];
+    for (int64_t r = 0; r < tiles * kTileRows; ++r) inv[r] = r < m ? softmax_row(s + r * lk, t.n) : 0.0f;
+    for (int64_t j0 = 0; j0 < t.n; j0 += kb) {        // V in blocks that stay in L1 over the group
+      const int64_t j1 = std::min(t.n, j0 + kb);
+      for (int64_t g = 0; g < tiles; ++g) {
+        const float *p = s + g * kTileRows * lk;
+        float *a = acc + g * kTileRows * d;
+        int64_t c0 = 0;
+        for (; c0 + 32 <= d; c0 += 32) tile_context_block<2>(p, lk, vp + c0, d, j0, j1, j0 == 0, a + c0, d);
+        if (c0 < d) tile_context_block<1>(p, lk, vp + c0, d, j0, j1, j0 == 0, a + c0, d);
+      }
+    }
     float *out = ctx + (t.start + t.row0 + r0) * hidden + t.head * d;
-    int64_t c0 = 0;
-    for (; c0 + 32 <= d; c0 += 32) tile_context<2>(s, lk, vp + c0, d, t.n, inv, m, out + c0, hidden);
-    if (c0 < d) tile_context<1>(s, lk, vp + c0, d, t.n, inv, m, out + c0, hidden);
+    for (int64_t r = 0; r < m; ++r) {
+      const __m512 f = _mm512_set1_ps(inv[r]);
+      for (int64_t c = 0; c < d; c += 16)
+        _mm512_storeu_ps(out + r * hidden + c, _mm512_mul_ps(f, _mm512_loadu_ps(acc + r * d + c)));
+    }
   }
 }
 #endif  // __AVX512F__

@@ -161,8 +161,9 @@ def _attention_block_reference(x, attn, offsets, heads, eps=1e-5):
     (96, 3, 3.0),     # scores of several hundred: most softmax weights underflow
 ])
 def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scale):
-    """Lengths that are not multiples of the 8-row tile or the 32-key panel, one longer than the 256-row
-    query block, and a single token; both attention paths (tile kernel and OpenBLAS) against float64."""
+    """Lengths that are not multiples of the 8-row tile, the 32-row group or the 32-key panel, longer than the
+    256-row query block, a single token, and (d = 48, 64) a sequence long enough for key blocks; both
+    attention paths (tile kernel and OpenBLAS) against float64."""
     from bgem3_lib.model.encoder import SelfAttention
     cfg = M3Config(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=4 * hidden)
     attn = SelfAttention(cfg)
@@ -170,7 +171,9 @@ def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scal
     for p in attn.get_parameters():
         base = 1.0 if p.name.endswith("gamma") else 0.0
         p.set_data(Tensor((base + rng.normal(0, scale if "qkv" in p.name else 0.2, p.shape)).astype(np.float32)))
-    lengths = [1, 7, 33, 300, 41]
+    # + one sequence whose K and V outgrow 1 MiB, where the tile kernel walks the keys in blocks (32- and
+    # 16-wide column passes)
+    lengths = [1, 7, 33, 300, 41] + {64: [2100], 48: [2800]}.get(hidden // heads, [])
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     x = rng.normal(0, 1, (offsets[-1], hidden)).astype(np.float32)
     out = ck.attention_block(Tensor(x), attn, Tensor(offsets), Tensor(np.array([heads], np.int32)),
