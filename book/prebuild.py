@@ -7,8 +7,10 @@ Milvus Lite), so ``book/build.sh`` first runs this script: every notebook whose 
 myst-nb would execute it (same reader, working directory and timeout; errors fail), and stored in the cache
 under the same hash. The Sphinx build that follows then finds every notebook executed and only renders.
 
-A checkpoint that only one chapter loads (``TRAINED``: chapter 6's ablation) is trained in a slot of the
-same pool when it is missing, while other chapters run in the other slot; that chapter waits for it.
+Checkpoints the book trains (``TRAINED``: M3-small, and chapter 6's ablation, which reuses M3-small's cached
+hidden states) are trained in a slot of the same pool when they are missing, while the chapters that do not
+load them (``BASE_ONLY``: the base encoder and random checkpoints only) run in the other slot; a chapter waits
+for the checkpoints it loads (``needs``), and a training for the one it builds on.
 
 Chapters that share an encoding cache entry take turns through its file lock (the first encodes, the
 other reads), so running them side by side never encodes a corpus twice. A failed notebook is reported
@@ -37,9 +39,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # (model.shared_encoder) before another chapter encodes them for M3-small alone: the other slot meanwhile runs
 # the chapters that do not encode TyDi (9: real weights on XQuAD; 7, 2, 1), then the long ones.
 ORDER = ["06", "09", "11", "07", "02", "01", "10", "08", "12", "04", "03", "05"]
-# Checkpoints only one chapter loads, trained here (in a slot of the pool, beside other chapters) when missing:
-# chapter 6's ablation without self-distillation (`make m3-small` trains it too, for use outside the book).
-TRAINED = {"06": ("m3-small-nosd", ["--recipe", "m3-small", "--no-self-distill"])}
+# Checkpoints trained here when missing (in a slot of the pool, beside chapters that do not need them), as
+# name -> (arguments of `python -m bgem3_lib train`, the checkpoint that training builds on). `make m3-small`
+# trains both too, for use outside the book. M3-small's heads training is mostly single-threaded Python, so a
+# chapter beside it uses the other core.
+TRAINED = {"m3-small": (["--recipe", "m3-small"], None),
+           "m3-small-nosd": (["--recipe", "m3-small", "--no-self-distill"], "m3-small")}
+# Chapters that load no trained checkpoint (m3-small-base and random checkpoints only); chapter 6 also loads the
+# ablation.
+BASE_ONLY = {"01", "02", "09"}
+
+
+def needs(chapter: str) -> set[str]:
+    """The trained checkpoints a chapter (``"06"``) loads.
+
+    >>> sorted(needs("06")), sorted(needs("09")), sorted(needs("04"))
+    (['m3-small', 'm3-small-nosd'], [], ['m3-small'])
+    """
+    return set() if chapter in BASE_ONLY else {"m3-small"} | ({"m3-small-nosd"} if chapter == "06" else set())
 
 
 def models_dir() -> Path:
@@ -92,12 +109,12 @@ def slowest_cells(nb, k: int = 3) -> str:
     return ", ".join(f"line {line}: {sec:.0f} s" for sec, line in sorted(took, reverse=True)[:k])
 
 
-def train(args: list[str]) -> tuple[str, None, float, str | None]:
-    """Train a checkpoint a chapter needs (in a worker process) -> (name, None, seconds, error or None)."""
-    start = time.perf_counter()
+def train(checkpoint: str) -> tuple[str, None, float, str | None]:
+    """Train a checkpoint of ``TRAINED`` (in a worker process) -> (its name, None, seconds, error or None)."""
+    args, start = TRAINED[checkpoint][0], time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "bgem3_lib", "train", *args], cwd=ROOT)
     error = None if done.returncode == 0 else f"python -m bgem3_lib train {' '.join(args)}: exit {done.returncode}"
-    return "train " + " ".join(args), None, time.perf_counter() - start, error
+    return checkpoint, None, time.perf_counter() - start, error
 
 
 def main(argv=None) -> int:
@@ -115,32 +132,31 @@ def main(argv=None) -> int:
         except KeyError:
             todo.append(path)
     todo.sort(key=lambda p: ORDER.index(p.name[:2]) if p.name[:2] in ORDER else len(ORDER))
-    # A chapter whose checkpoint is missing waits for its training, which takes the first free slot.
-    blocked = {p.name[:2]: args_ for p in todo for key, (ckpt, args_) in TRAINED.items()
-               if p.name[:2] == key and not (models_dir() / ckpt / "config.json").is_file()}
+    # Missing checkpoints that a chapter to run needs (or that another missing one builds on) are trained
+    # first, each in the first free slot once the checkpoint it builds on exists; their chapters wait.
+    wanted = {c for p in todo for c in needs(p.name[:2])}
+    wanted |= {TRAINED[c][1] for c in wanted if TRAINED[c][1]}
+    missing = {c for c in wanted if not (models_dir() / c / "config.json").is_file()}
     print(f"[prebuild] {len(todo)} notebook(s) to execute, {args.jobs} at a time: "
           + ", ".join(p.stem for p in todo)
-          + "".join(f"; {k} waits for: train {' '.join(a)}" for k, a in blocked.items()), flush=True)
-    queue = [(train, a) for a in blocked.values()] + [(execute, str(p)) for p in todo]
+          + (f"; first trains: {', '.join(sorted(missing))}" if missing else ""), flush=True)
+    queue = [(train, c) for c in TRAINED if c in missing] + [(execute, str(p)) for p in todo]
     failed, start, running = [], time.perf_counter(), set()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         while queue or running:
-            ready = [job for job in queue if job[0] is train or Path(job[1]).name[:2] not in blocked]
+            ready = [job for job in queue if (TRAINED[job[1]][1] not in missing if job[0] is train
+                                              else not needs(Path(job[1]).name[:2]) & missing)]
             if not running and not ready:
-                break                                               # only chapters whose training failed
+                break                                               # only jobs whose training failed
             for job in ready[:args.jobs - len(running)]:
                 queue.remove(job)
                 running.add(pool.submit(*job))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 path, nb, seconds, error = future.result()
-                name = Path(path).stem if nb is not None else path
-                if nb is None:                                      # a training job: release its chapter
-                    for key in [k for k, a in blocked.items() if name == "train " + " ".join(a)]:
-                        if error is None:
-                            del blocked[key]
-                        else:                                       # the book build then fails on that chapter
-                            queue = [j for j in queue if j[0] is train or Path(j[1]).name[:2] != key]
+                name = Path(path).stem if nb is not None else f"train {path}"
+                if nb is None and error is None:                    # a training: release what waits for it
+                    missing.discard(path)
                 if error is not None:
                     failed.append(name)
                     print(f"[prebuild] {name} FAILED after {seconds:.0f} s (the book build runs it again "
