@@ -155,6 +155,27 @@ def test_colbert_rerank_matches_colbert_score():
                 assert got[i, j] == pytest.approx(colbert_score(queries[i], docs[doc]), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("token_block, stack_bytes", [
+    (1 << 25, 1 << 29),   # one block over the whole stack
+    (60, 1 << 29),        # several blocks: some multiply the whole stack, some gather their own rows
+    (60, 16),             # nothing stacked up front: each block copies its documents
+])
+def test_colbert_rerank_blocks_and_stacking_agree_with_colbert_score(monkeypatch, token_block, stack_bytes):
+    import bgem3_lib.retrieval.index as index
+    monkeypatch.setattr(index, "_TOKEN_BLOCK", token_block)
+    monkeypatch.setattr(index, "_STACK_BYTES", stack_bytes)
+    rng = np.random.default_rng(5)
+    docs = [rng.normal(size=(rng.integers(1, 6), 8)).astype(np.float16) for _ in range(40)]
+    queries = [rng.normal(size=(rng.integers(1, 5), 8)).astype(np.float32) for _ in range(12)]
+    cand = np.stack([rng.choice(40, size=6, replace=False) if i % 3 else np.r_[rng.choice(3, 2, replace=False),
+                                                                              [-1] * 4] for i in range(12)])
+    got = index.colbert_rerank(queries, docs, cand)
+    for i, row in enumerate(cand):
+        for j, doc in enumerate(row):
+            want = -np.inf if doc < 0 else colbert_score(queries[i], docs[doc].astype(np.float32))
+            assert got[i, j] == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
 def test_colbert_rerank_rejects_bad_input():
     docs = [np.ones((2, 4), np.float32), np.zeros((0, 4), np.float32)]
     q = [np.ones((1, 4), np.float32)]
