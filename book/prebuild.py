@@ -78,13 +78,17 @@ def read(path: Path):
     return read_myst_markdown_notebook(path.read_text(), md, add_source_map=True, path=path)
 
 
-def execute(path: str) -> tuple[str, object, float, str | None]:
-    """Run one notebook (in a worker process) -> (path, executed notebook, seconds, traceback or None)."""
+def execute(path: str) -> tuple[str, object, float, str | None, str]:
+    """Run one notebook (in a worker process) -> (path, executed notebook, seconds, traceback or None, its
+    slowest cells)."""
     config = yaml.safe_load((ROOT / "_config.yml").read_text())["execute"]
     nb = read(Path(path))
     result = single_nb_execution(nb, cwd=str(Path(path).parent), timeout=config["timeout"],
                                  allow_errors=config["allow_errors"], meta_override=True, record_timing=True)
-    return path, nb, result.time, None if result.err is None else result.exc_string
+    slowest = slowest_cells(nb)
+    for cell in nb.cells:               # jupyter-cache hashes cell metadata: the timing must not reach the cache,
+        cell.metadata.pop("execution", None)     # or myst-nb's lookup misses and Sphinx runs the chapter again
+    return path, nb, result.time, None if result.err is None else result.exc_string, slowest
 
 
 def slowest_cells(nb, k: int = 3) -> str:
@@ -109,12 +113,12 @@ def slowest_cells(nb, k: int = 3) -> str:
     return ", ".join(f"line {line}: {sec:.0f} s" for sec, line in sorted(took, reverse=True)[:k])
 
 
-def train(checkpoint: str) -> tuple[str, None, float, str | None]:
-    """Train a checkpoint of ``TRAINED`` (in a worker process) -> (its name, None, seconds, error or None)."""
+def train(checkpoint: str) -> tuple[str, None, float, str | None, str]:
+    """Train a checkpoint of ``TRAINED`` (in a worker process) -> (its name, None, seconds, error or None, "")."""
     args, start = TRAINED[checkpoint][0], time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "bgem3_lib", "train", *args], cwd=ROOT)
     error = None if done.returncode == 0 else f"python -m bgem3_lib train {' '.join(args)}: exit {done.returncode}"
-    return checkpoint, None, time.perf_counter() - start, error
+    return checkpoint, None, time.perf_counter() - start, error, ""
 
 
 def main(argv=None) -> int:
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
                 running.add(pool.submit(*job))
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
-                path, nb, seconds, error = future.result()
+                path, nb, seconds, error, slowest = future.result()
                 name = Path(path).stem if nb is not None else f"train {path}"
                 if nb is None and error is None:                    # a training: release what waits for it
                     missing.discard(path)
@@ -167,7 +171,7 @@ def main(argv=None) -> int:
                                                 check_validity=False, overwrite=True)
                 print(f"[prebuild] {name} {'executed' if nb is not None else 'done'} in {seconds:.0f} s "
                       f"({time.perf_counter() - start:.0f} s since the start)"
-                      + (f"; slowest cells: {slowest_cells(nb)}" if nb is not None else ""), flush=True)
+                      + (f"; slowest cells: {slowest}" if slowest else ""), flush=True)
     print(f"[prebuild] done in {time.perf_counter() - start:.0f} s"
           + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     return 0

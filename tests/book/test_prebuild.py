@@ -17,14 +17,14 @@ def _fake_execute(path):
     (LOG / f"start-{name}").write_text(str(time.time()))
     time.sleep(0.3)
     (LOG / f"end-{name}").write_text(str(time.time()))
-    return path, new_notebook(), 0.3, None
+    return path, new_notebook(), 0.3, None, ""
 
 
 def _fake_train(checkpoint):
     (LOG / f"start-{checkpoint}").write_text(str(time.time()))
     time.sleep(0.6)
     (LOG / f"end-{checkpoint}").write_text(str(time.time()))
-    return checkpoint, None, 0.6, "boom" if checkpoint == FAIL else None
+    return checkpoint, None, 0.6, "boom" if checkpoint == FAIL else None, ""
 
 
 FAIL = None
@@ -49,7 +49,6 @@ def pool(tmp_path, monkeypatch):
     monkeypatch.setattr(prebuild, "get_cache", lambda _: _Cache())
     monkeypatch.setattr(prebuild, "execute", _fake_execute)
     monkeypatch.setattr(prebuild, "train", _fake_train)
-    monkeypatch.setattr(prebuild, "slowest_cells", lambda nb: "")
     return lambda: {f.name: float(f.read_text()) for f in tmp_path.glob("*-*")}
 
 
@@ -67,3 +66,19 @@ def test_a_failed_training_leaves_out_only_what_needs_it(pool, monkeypatch):
     prebuild.main(["--jobs", "2"])
     t = pool()
     assert "start-06" not in t and {"end-04", "end-09", "end-02"} <= set(t)
+
+
+def test_an_executed_chapter_is_found_by_the_lookup_sphinx_makes(tmp_path):
+    """What prebuild caches must match myst-nb's lookup of the unexecuted file (jupyter-cache hashes cell
+    metadata too: the recorded cell timing once made every chapter run a second time in the Sphinx build)."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import CacheBundleIn
+    page = tmp_path / "99_tiny.md"
+    page.write_text("---\njupytext:\n  text_representation:\n    format_name: myst\nkernelspec:\n  display_name: "
+                    "Python 3\n  language: python\n  name: python3\n---\n# Tiny\n\n```{code-cell} ipython3\n"
+                    "x = 6 * 7\nx\n```\n")
+    path, nb, seconds, error, slowest = prebuild.execute(str(page))
+    assert error is None and slowest.startswith("line ") and nb.cells[1].outputs
+    cache = get_cache(str(tmp_path / "cache"))
+    cache.cache_notebook_bundle(CacheBundleIn(nb, path), check_validity=False, overwrite=True)
+    cache.match_cache_notebook(prebuild.read(page))          # raises KeyError on a miss
