@@ -112,7 +112,6 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
     out = {}
     for case in cases:
         name = case["name"]
-        base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
         active = {s: w for s, w in workers.items() if s in case["systems"]}
         recs, died, roof = {s: [] for s in active}, {}, []
         order = list(active)
@@ -120,10 +119,8 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
             for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
                 if s in died:
                     continue
-                time.sleep(COOL_DOWN)
-                extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
                 try:
-                    recs[s].append(active[s].ask(op="encode", **base, **extra))
+                    recs[s].append(timed_encode(active[s], case, r, tmp))
                 except (BrokenPipeError, RuntimeError) as exc:
                     died[s] = f"{type(exc).__name__}: {exc}"
                     workers.pop(s).close()
@@ -140,13 +137,19 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
     return out
 
 
+def timed_encode(worker: Worker, case: dict, r: int, tmp: Path) -> dict:
+    """Round ``r`` of ``case`` on one worker, after the cool-down; round 0 also saves its dense vectors."""
+    time.sleep(COOL_DOWN)
+    extra = {"save_dense": str(tmp / f"{case['name']}-{worker.system}.npy")} if r == 0 else {}
+    return worker.ask(op="encode", **{k: case[k] for k in ("texts", "max_length", "batch_size")}, **extra)
+
+
 def run_solo_case(systems, model_dir, case, runs, plan, tmp: Path) -> dict:
     """One case with one system in memory at a time: start its worker, warm up, ``runs`` calls, stop it.
     For the full-size 8192-token batch: five full-size models plus one engine's 8192-token peak do not fit in
     24 GB together (the OOM killer took a worker holding 11 GB). Each system's peak RSS is then its own, and
     round ``r`` of one system pairs with round ``r`` of another as in ``run_cases`` (not back to back)."""
     name = case["name"]
-    base = {k: case[k] for k in ("texts", "max_length", "batch_size")}
     recs, died, roof = {}, {}, []
     for s in [s for s in systems if s in case["systems"]]:
         w = start_workers([s], model_dir, tmp).get(s)
@@ -157,9 +160,7 @@ def run_solo_case(systems, model_dir, case, runs, plan, tmp: Path) -> dict:
             warm_up({s: w}, case)
             recs[s] = []
             for r in tqdm(range(runs), desc=f"{plan}/{name} {s} (alone)", leave=False):
-                time.sleep(COOL_DOWN)
-                extra = {"save_dense": str(tmp / f"{name}-{s}.npy")} if r == 0 else {}
-                recs[s].append(w.ask(op="encode", **base, **extra))
+                recs[s].append(timed_encode(w, case, r, tmp))
                 if s == "bgem3_lib":
                     roof.append(w.ask(op="matmul", numpy_only=True)["numpy_gflops"])
         except (BrokenPipeError, RuntimeError) as exc:
