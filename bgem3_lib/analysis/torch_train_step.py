@@ -48,8 +48,8 @@ def _layer(x, bias, P: dict, pre: str, heads: int, eps: float, attention: str):
     """One post-LN encoder layer on ``x [B, L, H]`` with ``bias [B, 1, 1, L]`` (the encoder's ``Layer``)."""
     import torch.nn.functional as F
     B, L, H = x.shape
-    qkv = F.linear(x, P[pre + "attention.qkv.weight"], P[pre + "attention.qkv.bias"])
-    q, k, v = qkv.view(B, L, 3, heads, H // heads).permute(2, 0, 3, 1, 4).unbind(0)       # [B, A, L, D]
+    q, k, v = (F.linear(x, P[pre + f"attention.{n}.weight"], P[pre + f"attention.{n}.bias"])
+               .view(B, L, heads, H // heads).transpose(1, 2) for n in ("query", "key", "value"))  # [B, A, L, D]
     if attention == "sdpa":
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     else:

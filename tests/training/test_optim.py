@@ -118,7 +118,7 @@ def test_adamw_bad_inputs():
 
 
 @pytest.mark.parametrize("name, expected", [
-    ("layers.0.attention.qkv.weight", False), ("layers.0.attention.qkv.bias", True),
+    ("layers.0.attention.query.weight", False), ("layers.0.attention.key.bias", True),
     ("embeddings.norm.gamma", True), ("embeddings.norm.beta", True), ("layers.1.ffn.norm.x", True),
     ("embeddings.word", False), ("sparse_linear.weight", False), ("colbert_linear.bias", True),
 ])

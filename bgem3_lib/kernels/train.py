@@ -1,0 +1,185 @@
+"""Differentiable fused CPU kernels for training one post-LN encoder layer (C++ in ``train_kernels.cc``).
+
+Each sub-layer of ``encoder.Layer`` is one aot ``ops.Custom`` whose ``bprop`` is a second aot kernel returning
+the gradients of x and of every parameter of the sub-layer at once. The parameters are op inputs, so
+``mindspore.value_and_grad(f, grad_position, weights=params)`` (PyNative) gets their gradients. float32 only.
+
+Tokens are packed, ``x [T, H]`` with sequence b in rows ``offsets[b]:offsets[b+1]`` (no padding, no mask; see
+``cpu``). API (``offsets``: int32 [B+1], NumPy or Tensor, read on the host; ``eps``: float or [1] Tensor):
+
+* ``attention_block_train(x, attention, offsets, heads, eps) -> [T, H]``: ``encoder.SelfAttention`` (query / key /
+  value as three ``nn.Dense`` [H, H], or one fused ``qkv`` [3H, H]; ``out``; ``norm``);
+* ``ffn_block_train(x, ffn, eps) -> [T, H]``: ``encoder.FeedForward`` with the exact (erf) GELU;
+* ``layer_train(x, layer, offsets, heads, eps) -> [T, H]``: both, i.e. ``encoder.Layer``;
+* ``Packing(mask)`` for a NumPy 0/1 mask [B, L]: ``.pack(x [B, L, H]) -> [T, H]``, ``.unpack(y [T, H]) -> [B, L, H]``
+  (zeros at padding), ``.offsets``; both differentiable (``gather_rows``). For a stack of layers pack once, run
+  ``layer_train`` per layer, unpack once (or pool from the packed rows);
+* ``layer_train_padded(x [B, L, H], layer, mask, heads, eps) -> [B, L, H]``: pack, ``layer_train``, unpack;
+  ``layers_train_padded(x, layers, mask, heads, eps)`` the same for a stack (packed once).
+
+What each forward keeps for its backward (extra outputs, handed back to ``bprop`` as ``out``; only the first
+output may be used, the gradients arriving at the others are ignored), per layer at T tokens, F = 4H:
+
+* attention: ``y [T, H]``, ``qkv [T, 3H]``, ``ctx [T, H]`` (attention output before W_o), ``probs [heads *
+  sum_b n_b^2]`` (softmax probabilities, per sequence and head a row-major [n_b, n_b]), ``xhat [T, H]``
+  (normalised pre-norm sum), ``rstd [T]`` (1 / sqrt(var + eps));
+* feed-forward: ``y [T, H]``, ``dgelu [T, F]`` (GELU' at the GELU input), ``act [T, F]`` (the GELU output),
+  ``xhat``, ``rstd``.
+
+At M3-small size (H 384, 12 heads) and 5,330 tokens in 40 texts of up to 512 that is about 56 MB of
+probabilities and 115 MB of the rest per layer (the outputs y not counted). The GEMMs go to NumPy's OpenBLAS
+(single-threaded per OpenMP worker, the products split between the workers), bias / LayerNorm / GELU / softmax
+gradients are fused row passes, and with AVX-512 and a head size that is a multiple of 16 the per-head products
+use the register tiles of ``kernels_common.h`` (``BGEM3_ATTENTION_BLAS=1``: OpenBLAS). ``available()`` is False
+(use the plain cells) where ``cpu.available()`` is, or when the build fails.
+
+>>> pack = Packing(mask)                                                           # doctest: +SKIP
+>>> y = pack.unpack(layer_train(pack.pack(x), layer, pack.offsets, heads=12, eps=1e-5))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor, ops
+
+from . import cpu
+
+SOURCE = Path(__file__).with_name("train_kernels.cc")
+_state: dict = {}
+
+
+def available() -> bool:
+    """True when the training kernels can run here (CPU device, library built); never raises."""
+    if not cpu.available():
+        return False
+    if "lib" not in _state:
+        try:
+            _state["lib"] = cpu.build_library(SOURCE)
+        except (RuntimeError, OSError) as exc:
+            warnings.warn(f"fused CPU training kernels unavailable: {exc}", stacklevel=2)
+            _state["lib"] = None
+    return _state["lib"] is not None
+
+
+def _op(name: str, out_shape, outputs: int, bprop=None, key=None) -> ops.Custom:
+    """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` float32 outputs, made once per ``key``."""
+    key = key or name
+    if key not in _state:
+        if not available():
+            raise RuntimeError("fused CPU training kernels are not available on this machine")
+        dtype = (lambda *t: ms.float32) if outputs == 1 else (lambda *t: (ms.float32,) * outputs)
+        _state[key] = ops.Custom(f"{_state['lib']}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot",
+                                 bprop=bprop)
+    return _state[key]
+
+
+def _zeros(*tensors):
+    return tuple(ops.zeros_like(t) for t in tensors)
+
+
+def _attention_bprop(*args):
+    inputs, out, dout = args[:-2], args[-2], args[-1]
+    x, proj, (wo, _, gamma, _, eps, offsets, heads, layout) = inputs[0], inputs[1:-8], inputs[-8:]
+    _, qkv, ctx, probs, xhat, rstd = out
+    h = lambda xs: [xs[1]]  # noqa: E731
+    bwd = _op("m3t_attention_bwd",
+              lambda dy, xs, *s: (dy, *s[:-9], s[-9], h(xs), h(xs), h(xs), dy, [xs[0], 3 * xs[1]]),
+              7 + len(proj), key=("m3t_attention_bwd", len(proj)))
+    grads = bwd(dout[0], x, *proj, wo, gamma, qkv, ctx, probs, xhat, rstd, offsets, heads)[:-2]  # less work space
+    return (*grads, *_zeros(eps, offsets, heads, layout))
+
+
+def _ffn_bprop(x, w1, b1, w2, b2, gamma, beta, eps, out, dout):
+    _, dgelu, act, xhat, rstd = out
+    bwd = _op("m3t_ffn_bwd", lambda dy, xs, w1s, w2s, g, act_s, *s: (dy, w1s, [w1s[0]], w2s, [w2s[0]], g, g, act_s), 8)
+    return (*bwd(dout[0], x, w1, w2, gamma, dgelu, act, xhat, rstd)[:-1], *_zeros(eps))
+
+
+def _scalar(value) -> Tensor:
+    return value if isinstance(value, Tensor) else cpu.scalar(float(value))
+
+
+def _projections(attention) -> list:
+    """The query / key / value weights and biases: fused ``qkv`` [3H, H] or three ``query`` / ``key`` / ``value``."""
+    dense = [attention.qkv] if hasattr(attention, "qkv") else [attention.query, attention.key, attention.value]
+    return [t for d in dense for t in (d.weight, d.bias)]
+
+
+def attention_block_train(x: Tensor, attention, offsets, heads: int, eps) -> Tensor:
+    """``encoder.SelfAttention`` on packed tokens x [T, H] -> [T, H], differentiable in x and the cell's parameters
+    (query / key / value or fused qkv, out, norm). ``offsets``: int32 [B+1] (NumPy or Tensor; read on the host)."""
+    off = offsets.asnumpy() if isinstance(offsets, Tensor) else np.asarray(offsets)
+    n = np.diff(off.astype(np.int64))
+    # Output shapes must follow from input shapes (MindSpore caches inferred shapes by them): the number of heads
+    # and the size of the probabilities travel as the lengths of two placeholder inputs.
+    head_count = Tensor(np.zeros(heads, np.int32))
+    layout = Tensor(np.zeros(int((n * n).sum()), np.int8))
+    fwd = _op("m3t_attention_fwd", lambda xs, *s: (xs, [xs[0], 3 * xs[1]], xs, [s[-2][0] * s[-1][0]], xs, [xs[0]]),
+              6, bprop=_attention_bprop)
+    return fwd(x, *_projections(attention), attention.out.weight, attention.out.bias, attention.norm.gamma,
+               attention.norm.beta, _scalar(eps), Tensor(off.astype(np.int32)), head_count, layout)[0]
+
+
+def ffn_block_train(x: Tensor, ffn, eps) -> Tensor:
+    """``encoder.FeedForward`` (erf GELU) on x [T, H] -> [T, H], differentiable in x and the six parameters."""
+    fwd = _op("m3t_ffn_fwd", lambda xs, w1s, *s: (xs, [xs[0], w1s[0]], [xs[0], w1s[0]], xs, [xs[0]]), 5,
+              bprop=_ffn_bprop)
+    return fwd(x, ffn.inner.weight, ffn.inner.bias, ffn.outer.weight, ffn.outer.bias, ffn.norm.gamma,
+               ffn.norm.beta, _scalar(eps))[0]
+
+
+def layer_train(x: Tensor, layer, offsets, heads: int, eps) -> Tensor:
+    """``encoder.Layer`` on packed tokens x [T, H] -> [T, H] (both sub-layers, 16 parameters)."""
+    eps = _scalar(eps)
+    return ffn_block_train(attention_block_train(x, layer.attention, offsets, heads, eps), layer.ffn, eps)
+
+
+def _gather_bprop(x, idx, out, dout):
+    scatter = _op("m3t_scatter_rows", lambda dy, i, xs: xs, 1)
+    return scatter(dout, idx, x), ops.zeros_like(idx)
+
+
+def gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """x [R, H], idx int32 [N] -> [N, H] with row i = x[idx[i]], zeros where idx[i] < 0; differentiable in x
+    (idx's non-negative entries must be distinct)."""
+    return _op("m3t_gather_rows", lambda xs, i: [i[0], xs[1]], 1, bprop=_gather_bprop)(x, idx)
+
+
+class Packing:
+    """Packed layout of a padded batch: ``Packing(mask)`` for a NumPy 0/1 mask [B, L] (attended tokens first in
+    each row or anywhere: rows are taken in order). ``pack(x [B, L, H]) -> [T, H]``, ``unpack(y [T, H]) ->
+    [B, L, H]`` (zeros at padding), ``offsets`` int32 [B+1] for the kernels."""
+
+    def __init__(self, mask: np.ndarray):
+        mask = np.asarray(mask).astype(bool)
+        self.shape = mask.shape
+        rows = np.flatnonzero(mask)
+        inverse = np.full(mask.size, -1, np.int32)
+        inverse[rows] = np.arange(rows.size, dtype=np.int32)
+        self.rows, self.inverse = Tensor(rows.astype(np.int32)), Tensor(inverse)
+        self.offsets = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32)
+
+    def pack(self, x: Tensor) -> Tensor:
+        return gather_rows(x.reshape(-1, x.shape[-1]), self.rows)
+
+    def unpack(self, y: Tensor) -> Tensor:
+        return gather_rows(y, self.inverse).reshape(*self.shape, y.shape[-1])
+
+
+def layer_train_padded(x: Tensor, layer, mask: np.ndarray, heads: int, eps) -> Tensor:
+    """``encoder.Layer`` on a padded batch x [B, L, H] with NumPy mask [B, L] -> [B, L, H], zeros at padding
+    (where ``encoder.Layer`` returns values no loss should use). For a stack, pack once and unpack once."""
+    p = Packing(mask)
+    return p.unpack(layer_train(p.pack(x), layer, p.offsets, heads, eps))
+
+
+def layers_train_padded(x: Tensor, layers, mask: np.ndarray, heads: int, eps) -> Tensor:
+    """``encoder.Layer``s one after the other on a padded batch x [B, L, H] (packed once, unpacked once)."""
+    p, eps = Packing(mask), _scalar(eps)
+    y = p.pack(x)
+    for layer in layers:
+        y = layer_train(y, layer, p.offsets, heads, eps)
+    return p.unpack(y)

@@ -1,0 +1,599 @@
+// Fused float32 CPU kernels for *training* one post-LN encoder layer (MindSpore ops.Custom, func_type="aot"):
+// a forward that also returns what its backward needs, and that backward, for the self-attention and the
+// feed-forward sub-layers of encoder.Layer, plus a row gather / scatter to pack and unpack padded batches.
+// kernels/train.py wires them into ops.Custom with bprop, so mindspore.value_and_grad differentiates them.
+//
+// Tokens are packed: x [T, H], sequence b in rows offsets[b] .. offsets[b+1]-1 (no padding, no mask).
+// Attention probabilities are stored per (sequence b, head a) as a row-major [n_b, n_b] block at
+// heads * sum_{c<b} n_c^2 + a * n_b^2 of one flat buffer [heads * sum_b n_b^2].
+//
+// Threads: one OpenMP parallel region per kernel; every BLAS call runs single-threaded on the worker that
+// makes it (SingleThreadedBlas), the big products dealt out in chunks along their longer side (par_gemm), the
+// (sequence, head) pairs of attention one task each, longest first. With AVX-512 and a head size that is a
+// multiple of 16 the per-head products use kernels_common.h's register tiles (group_scores, softmax_row,
+// tile_context_block), otherwise OpenBLAS; BGEM3_ATTENTION_BLAS=1 forces OpenBLAS. Column sums (bias, gamma,
+// beta gradients) are taken per fixed block of kRows rows and then added in block order, so the gradients do
+// not depend on which worker ran which block. Large work buffers are extra outputs (MindSpore's memory pool
+// reuses them; a fresh malloc of this size is an mmap whose pages fault in on every call).
+//
+// Kernel ABI (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
+//                                   const char **dtypes, void *stream, void *extra); inputs then outputs.
+#include "kernels_common.h"
+
+namespace {
+
+const int64_t kRows = 128;  // rows per work item of the row-parallel passes (and per column-sum partial)
+
+inline int64_t blocks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
+
+// C [m, n] = alpha op(A) @ op(B) + beta C, op = transpose where ta / tb.
+inline void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+                  const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // BLAS leaves C alone when k = 0; the product is zero
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
+    return;
+  }
+  blas().sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha, a, lda, b, ldb, beta, c,
+               ldc);
+}
+
+// sgemm called by every worker of a parallel region: C dealt out in about two chunks per worker along its
+// longer side (rows of C, or columns: the weight gradients dW [out, in] = dY^T X are short and wide), so that
+// each piece is still a large product. Ends with a barrier.
+void par_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
+              const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+  const int64_t workers = omp_get_num_threads(), along = std::max(m, n);
+  const int64_t chunk = std::max<int64_t>(16, round_up((along + 2 * workers - 1) / (2 * workers), 16));
+  const bool rows = m >= n;
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t i0 = 0; i0 < along; i0 += chunk) {
+    const int64_t len = std::min(chunk, along - i0);
+    if (rows)
+      sgemm(ta, tb, len, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc, ldc);
+    else
+      sgemm(ta, tb, m, len, k, alpha, a, lda, tb ? b + i0 * ldb : b + i0, ldb, beta, c + i0, ldc);
+  }
+}
+
+// out[j] = sum over blocks of part[blk * width + j] (block order: deterministic); called by every worker.
+void reduce_blocks(const float *part, int64_t blocks, int64_t width, float *const *outs, int64_t each) {
+#pragma omp for schedule(static)
+  for (int64_t j = 0; j < width; ++j) {
+    float s = 0.0f;
+    for (int64_t blk = 0; blk < blocks; ++blk) s += part[blk * width + j];
+    outs[j / each][j % each] = s;
+  }
+}
+
+// row <- LayerNorm(row + bias + res) * gamma + beta, keeping xhat = (z - mean) * rstd and rstd.
+inline void add_layer_norm_save(float *row, const float *bias, const float *res, const float *gamma,
+                                const float *beta, int64_t h, float eps, float *xhat, float *rstd) {
+  for (int64_t j = 0; j < h; ++j) row[j] += bias[j] + res[j];
+  float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < h; ++j) sum += row[j];
+  const float mean = sum / (float)h;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < h; ++j) sq += (row[j] - mean) * (row[j] - mean);
+  const float inv = 1.0f / std::sqrt(sq / (float)h + eps);
+  for (int64_t j = 0; j < h; ++j) {
+    const float xh = (row[j] - mean) * inv;
+    xhat[j] = xh;
+    row[j] = xh * gamma[j] + beta[j];
+  }
+  *rstd = inv;
+}
+
+// Backward of y = xhat * gamma + beta, xhat = (z - mean) * rstd for one row: dz, and the row's share of
+// dgamma (dy * xhat), dbeta (dy) and dbias (dz, the gradient of the bias added before the norm).
+inline void layer_norm_backward_row(const float *dy, const float *xhat, float rstd, const float *gamma, int64_t h,
+                                    float *dz, float *dgamma, float *dbeta, float *dbias) {
+  float mg = 0.0f, mgx = 0.0f;
+#pragma omp simd reduction(+ : mg, mgx)
+  for (int64_t j = 0; j < h; ++j) {
+    const float g = dy[j] * gamma[j];
+    mg += g;
+    mgx += g * xhat[j];
+  }
+  mg /= (float)h;
+  mgx /= (float)h;
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) {
+    const float d = rstd * (dy[j] * gamma[j] - mg - xhat[j] * mgx);
+    dz[j] = d;
+    dgamma[j] += dy[j] * xhat[j];
+    dbeta[j] += dy[j];
+    dbias[j] += d;
+  }
+}
+
+// Rows [r0, r0+n) of the LayerNorm backward: dz rows, and block partials [dgamma | dbeta | dbias] (3h).
+void layer_norm_backward_block(const float *dy, const float *xhat, const float *rstd, const float *gamma, int64_t h,
+                               int64_t r0, int64_t n, float *dz, float *part) {
+  std::fill(part, part + 3 * h, 0.0f);
+  for (int64_t i = r0; i < r0 + n; ++i)
+    layer_norm_backward_row(dy + i * h, xhat + i * h, rstd[i], gamma, h, dz + i * h, part, part + h, part + 2 * h);
+}
+
+inline void colsum_block(const float *m, int64_t width, int64_t r0, int64_t n, float *part) {
+  std::fill(part, part + width, 0.0f);
+  for (int64_t i = r0; i < r0 + n; ++i) {
+    const float *row = m + i * width;
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) part[j] += row[j];
+  }
+}
+
+// GELU(x) = x Phi(x) and GELU'(x) = Phi(x) + x phi(x), Phi by the erfc fit of gelu_erf (kernels_common.h),
+// in one pass: the forward keeps GELU' for the backward instead of the GELU input.
+inline float erfc_poly(float t) {
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  return p;
+}
+
+inline void gelu_and_grad(float x, float *g, float *dg) {
+  const float z = std::fabs(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
+  const float half_erfc = 0.5f * t * fast_exp(-z * z + erfc_poly(t));
+  const float phi = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
+  *g = x * phi;
+  *dg = phi + x * 0.39894228040143268f * fast_exp(-0.5f * x * x);
+}
+
+#if defined(__AVX512F__)
+inline void gelu_and_grad16(__m512 x, __m512 *g, __m512 *dg) {
+  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
+  __m512 p = _mm512_set1_ps(0.17087277f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
+  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), t), exp16(_mm512_fnmadd_ps(z, z, p)));
+  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
+  const __m512 phi = _mm512_mask_sub_ps(half_erfc, positive, _mm512_set1_ps(1.0f), half_erfc);
+  const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
+                                   exp16(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(x, x))));
+  *g = _mm512_mul_ps(x, phi);
+  *dg = _mm512_fmadd_ps(x, pdf, phi);
+}
+#endif
+
+// Rows [r0, r0+n) of width f: h = pre + bias, act = GELU(h), pre <- GELU'(h).
+void bias_gelu_rows(float *pre, const float *bias, float *act, int64_t r0, int64_t n, int64_t f) {
+  for (int64_t i = r0; i < r0 + n; ++i) {
+    float *p = pre + i * f, *a = act + i * f;
+    int64_t j = 0;
+#if defined(__AVX512F__)
+    for (; j + 16 <= f; j += 16) {
+      __m512 g, dg;
+      gelu_and_grad16(_mm512_add_ps(_mm512_loadu_ps(p + j), _mm512_loadu_ps(bias + j)), &g, &dg);
+      _mm512_storeu_ps(a + j, g);
+      _mm512_storeu_ps(p + j, dg);
+    }
+#endif
+    for (; j < f; ++j) gelu_and_grad(p[j] + bias[j], a + j, p + j);
+  }
+}
+
+// Rows [r0, r0+n) of width f: d <- d * dgelu, and the block's column sums of the result into part.
+void gelu_backward_block(const float *dgelu, float *d, int64_t f, int64_t r0, int64_t n, float *part) {
+  std::fill(part, part + f, 0.0f);
+  for (int64_t i = r0; i < r0 + n; ++i) {
+    const float *g = dgelu + i * f;
+    float *row = d + i * f;
+#pragma omp simd
+    for (int64_t j = 0; j < f; ++j) {
+      row[j] *= g[j];
+      part[j] += row[j];
+    }
+  }
+}
+
+// One (sequence, head) of packed attention; tasks longest first (dynamic scheduling balances better).
+struct HeadTask { int64_t start, n, head, probs; };
+
+bool head_tasks(const int32_t *offsets, int64_t batch, int64_t heads, int64_t rows, int64_t probs_size,
+                std::vector<HeadTask> &tasks, int64_t &longest) {
+  if (batch < 0 || offsets[0] != 0 || offsets[batch] != rows) return false;
+  int64_t at = 0;
+  longest = 1;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t start = offsets[b], n = offsets[b + 1] - offsets[b];
+    if (n < 0) return false;
+    longest = std::max(longest, n);
+    for (int64_t a = 0; a < heads; ++a) tasks.push_back({start, n, a, at + a * n * n});
+    at += heads * n * n;
+  }
+  std::stable_sort(tasks.begin(), tasks.end(), [](const HeadTask &l, const HeadTask &r) { return l.n > r.n; });
+  return at == probs_size;
+}
+
+// probs block [n, n] = softmax(q k^T / sqrt d); ctx rows of this head = probs @ v.
+void head_forward(const HeadTask &t, const float *qkv, int64_t hidden, int64_t d, float *probs, float *ctx) {
+  const int64_t ld = 3 * hidden, n = t.n;
+  const float *q = qkv + t.start * ld + t.head * d, *k = q + hidden, *v = q + 2 * hidden;
+  float *p = probs + t.probs;
+  sgemm(false, true, n, n, d, 1.0f / std::sqrt((float)d), q, ld, k, ld, 0.0f, p, n);
+  for (int64_t r = 0; r < n; ++r) {
+    float *row = p + r * n, mx = row[0], sum = 0.0f;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 1; j < n; ++j) mx = row[j] > mx ? row[j] : mx;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) {
+      row[j] = fast_exp(row[j] - mx);
+      sum += row[j];
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) row[j] *= inv;
+  }
+  sgemm(false, false, n, d, n, 1.0f, p, n, v, ld, 0.0f, ctx + t.start * hidden + t.head * d, hidden);
+}
+
+// dq, dk, dv of one head from dctx: dV = P^T dC, dP = dC V^T, dS = P (dP - rowsum(P dP)),
+// dQ = dS K / sqrt d, dK = dS^T Q / sqrt d. ws: n * n floats.
+void head_backward(const HeadTask &t, const float *qkv, const float *probs, const float *dctx, int64_t hidden,
+                   int64_t d, float *ws, float *dqkv) {
+  const int64_t ld = 3 * hidden, n = t.n;
+  const float *q = qkv + t.start * ld + t.head * d, *k = q + hidden, *v = q + 2 * hidden, *p = probs + t.probs;
+  const float *dc = dctx + t.start * hidden + t.head * d;
+  float *dq = dqkv + t.start * ld + t.head * d, *dk = dq + hidden, *dv = dq + 2 * hidden;
+  const float scale = 1.0f / std::sqrt((float)d);
+  sgemm(true, false, n, d, n, 1.0f, p, n, dc, hidden, 0.0f, dv, ld);
+  sgemm(false, true, n, n, d, 1.0f, dc, hidden, v, ld, 0.0f, ws, n);
+  for (int64_t r = 0; r < n; ++r) {
+    const float *pr = p + r * n;
+    float *wr = ws + r * n, dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < n; ++j) dot += pr[j] * wr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) wr[j] = pr[j] * (wr[j] - dot);
+  }
+  sgemm(false, false, n, d, n, scale, ws, n, k, ld, 0.0f, dq, ld);
+  sgemm(true, false, n, d, n, scale, ws, n, q, ld, 0.0f, dk, ld);
+}
+
+#if defined(__AVX512F__)
+// head_forward with kernels_common.h's register tiles (d % 16 == 0): keys packed in 32-key panels, 32 query rows
+// per pass, scores -> softmax -> probabilities stored -> ctx = p @ v. scratch: attention_scratch(d, n, n) floats.
+void head_forward_tiled(const HeadTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *probs,
+                        float *ctx) {
+  FlushDenormals ftz;
+  const int64_t ld = 3 * hidden, n = t.n, npad = round_up(n, 32), lk = key_stride(n);
+  const float *q = qkv + t.start * ld + t.head * d, *k = q + hidden, *v = q + 2 * hidden;
+  float *kp = scratch, *vp = kp + d * npad, *s = vp + d * npad, *qt = s + kGroupRows * lk, *acc = qt + kGroupRows * d;
+  for (int64_t j0 = 0; j0 < npad; j0 += 32)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = j0; j < j0 + 32; ++j) kp[j0 * d + 32 * c + (j - j0)] = j < n ? k[j * ld + c] : 0.0f;
+  for (int64_t j = 0; j < n; ++j) std::memcpy(vp + j * d, v + j * ld, d * sizeof(float));
+  const float scale = 1.0f / std::sqrt((float)d);
+  float *p = probs + t.probs;
+  for (int64_t r0 = 0; r0 < n; r0 += kGroupRows) {
+    const int64_t m = std::min(kGroupRows, n - r0), tiles = (m + kTileRows - 1) / kTileRows;
+    for (int64_t r = 0; r < tiles * kTileRows; ++r)
+      for (int64_t c = 0; c < d; ++c) qt[r * d + c] = r < m ? q[(r0 + r) * ld + c] * scale : 0.0f;
+    group_scores(qt, tiles, kp, d, npad, lk, s);
+    for (int64_t r = 0; r < m; ++r) {
+      float *row = s + r * lk;
+      const __m512 inv = _mm512_set1_ps(softmax_row(row, n));
+      for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 mk = lanes_below(n - j);
+        _mm512_mask_storeu_ps(row + j, mk, _mm512_mul_ps(inv, _mm512_maskz_loadu_ps(mk, row + j)));
+      }
+      std::memcpy(p + (r0 + r) * n, row, n * sizeof(float));
+    }
+    for (int64_t g = 0; g < tiles; ++g) {
+      const float *pg = s + g * kTileRows * lk;
+      float *a = acc + g * kTileRows * d;
+      int64_t c0 = 0;
+      for (; c0 + 32 <= d; c0 += 32) tile_context_block<2>(pg, lk, vp + c0, d, 0, n, true, a + c0, d);
+      if (c0 < d) tile_context_block<1>(pg, lk, vp + c0, d, 0, n, true, a + c0, d);
+    }
+    float *o = ctx + (t.start + r0) * hidden + t.head * d;
+    for (int64_t r = 0; r < m; ++r) std::memcpy(o + r * hidden, acc + r * d, d * sizeof(float));
+  }
+}
+
+// head_backward with the same tiles for the two products whose inner size is d or n over 32-row groups:
+// dP = dC V^T (V packed in panels like the keys) and dQ = dS K / sqrt d; dK and dV (sums over the query rows)
+// through BLAS from the stored dS [n, n] (ws) and P. scratch: attention_scratch(d, n, n) floats.
+void head_backward_tiled(const HeadTask &t, const float *qkv, const float *probs, const float *dctx, int64_t hidden,
+                         int64_t d, float *scratch, float *ws, float *dqkv) {
+  FlushDenormals ftz;
+  const int64_t ld = 3 * hidden, n = t.n, npad = round_up(n, 32), lk = key_stride(n);
+  const float *q = qkv + t.start * ld + t.head * d, *k = q + hidden, *v = q + 2 * hidden, *p = probs + t.probs;
+  const float *dc = dctx + t.start * hidden + t.head * d;
+  float *dq = dqkv + t.start * ld + t.head * d, *dk = dq + hidden, *dv = dq + 2 * hidden;
+  float *vpan = scratch, *kc = vpan + d * npad, *s = kc + d * npad, *ct = s + kGroupRows * lk, *acc = ct + kGroupRows * d;
+  for (int64_t j0 = 0; j0 < npad; j0 += 32)
+    for (int64_t c = 0; c < d; ++c)
+      for (int64_t j = j0; j < j0 + 32; ++j) vpan[j0 * d + 32 * c + (j - j0)] = j < n ? v[j * ld + c] : 0.0f;
+  for (int64_t j = 0; j < n; ++j) std::memcpy(kc + j * d, k + j * ld, d * sizeof(float));
+  const float scale = 1.0f / std::sqrt((float)d);
+  for (int64_t r0 = 0; r0 < n; r0 += kGroupRows) {
+    const int64_t m = std::min(kGroupRows, n - r0), tiles = (m + kTileRows - 1) / kTileRows;
+    for (int64_t r = 0; r < tiles * kTileRows; ++r)
+      for (int64_t c = 0; c < d; ++c) ct[r * d + c] = r < m ? dc[(r0 + r) * hidden + c] : 0.0f;
+    group_scores(ct, tiles, vpan, d, npad, lk, s);                 // dP rows (zero rows past m)
+    for (int64_t r = 0; r < m; ++r) {
+      const float *pr = p + (r0 + r) * n;
+      float *row = s + r * lk, dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t j = 0; j < n; ++j) dot += pr[j] * row[j];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) row[j] = pr[j] * (row[j] - dot);
+      std::memcpy(ws + (r0 + r) * n, row, n * sizeof(float));
+    }
+    for (int64_t g = 0; g < tiles; ++g) {
+      const float *sg = s + g * kTileRows * lk;
+      float *a = acc + g * kTileRows * d;
+      int64_t c0 = 0;
+      for (; c0 + 32 <= d; c0 += 32) tile_context_block<2>(sg, lk, kc + c0, d, 0, n, true, a + c0, d);
+      if (c0 < d) tile_context_block<1>(sg, lk, kc + c0, d, 0, n, true, a + c0, d);
+    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t c = 0; c < d; ++c) dq[(r0 + r) * ld + c] = scale * acc[r * d + c];
+  }
+  sgemm(true, false, n, d, n, scale, ws, n, q, ld, 0.0f, dk, ld);
+  sgemm(true, false, n, d, n, 1.0f, p, n, dc, hidden, 0.0f, dv, ld);
+}
+#endif  // __AVX512F__
+
+// The register-tiled heads where they apply (AVX-512, d % 16 == 0), unless BGEM3_ATTENTION_BLAS=1; BLAS otherwise.
+bool tiled_heads(int64_t d) {
+#if defined(__AVX512F__)
+  static const bool force_blas = [] {
+    const char *e = std::getenv("BGEM3_ATTENTION_BLAS");
+    return e && e[0] == '1';
+  }();
+  return d % 16 == 0 && !force_blas;
+#else
+  (void)d;
+  return false;
+#endif
+}
+
+void head_forward_any(const HeadTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *probs,
+                      float *ctx) {
+#if defined(__AVX512F__)
+  if (tiled_heads(d)) return head_forward_tiled(t, qkv, hidden, d, scratch, probs, ctx);
+#endif
+  (void)scratch;
+  head_forward(t, qkv, hidden, d, probs, ctx);
+}
+
+void head_backward_any(const HeadTask &t, const float *qkv, const float *probs, const float *dctx, int64_t hidden,
+                       int64_t d, float *scratch, float *ws, float *dqkv) {
+#if defined(__AVX512F__)
+  if (tiled_heads(d)) return head_backward_tiled(t, qkv, probs, dctx, hidden, d, scratch, ws, dqkv);
+#endif
+  (void)scratch;
+  head_backward(t, qkv, probs, dctx, hidden, d, ws, dqkv);
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0 if the BLAS symbols resolved (cpu.build_library checks it through ctypes).
+int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
+
+// The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
+// (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.
+struct Projections {
+  const float *w[3], *b[3];
+  Projections(void **params, int parts, int64_t h) {
+    for (int j = 0; j < 3; ++j) {
+      w[j] = parts == 1 ? (const float *)params[1] + j * h * h : (const float *)params[1 + 2 * j];
+      b[j] = parts == 1 ? (const float *)params[2] + j * h : (const float *)params[2 + 2 * j];
+    }
+  }
+};
+
+#define FOR_ROW_BLOCKS(rows, r0, n)                                 \
+  _Pragma("omp for schedule(dynamic, 1)")                           \
+  for (int64_t r0 = 0; r0 < (rows); r0 += kRows)                    \
+    for (int64_t n = std::min(kRows, (rows) - r0), once_ = 1; once_; once_ = 0)
+
+// Self-attention sub-layer forward, y = LayerNorm(x + Attention(x W_qkv^T + b_qkv) W_o^T + b_o).
+// inputs:  0 x [T, H], then the projections (2 or 6 tensors, see Projections), then w_o [H, H], b_o [H], gamma [H],
+//          beta [H], eps [1], offsets [B+1] i32, heads [heads] i32, layout [sum_b n_b^2] (of these two only the
+//          shapes are read: the output shapes must follow from the input shapes, which MindSpore caches them by)
+// outputs: y [T, H], qkv [T, 3H], ctx [T, H], probs [heads * sum_b n_b^2], xhat [T, H], rstd [T]
+int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if ((nparam != 17 && nparam != 21) || !blas().sgemm) return 1;
+  const int parts = nparam == 17 ? 1 : 3, at = 2 * parts + 1;
+  const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 5][0] - 1;
+  const float *x = (const float *)params[0];
+  const Projections pr(params, parts, h);
+  const float *wo = (const float *)params[at], *bo = (const float *)params[at + 1];
+  const float *gamma = (const float *)params[at + 2], *beta = (const float *)params[at + 3];
+  const float eps = *(const float *)params[at + 4];
+  const int32_t *offsets = (const int32_t *)params[at + 5];
+  const int64_t heads = shapes[at + 6][0];  // the length of the heads input, not its values
+  float *const *out = (float *const *)params + at + 8;
+  float *y = out[0], *qkv = out[1], *ctx = out[2], *probs = out[3], *xhat = out[4], *rstd = out[5];
+  std::vector<HeadTask> tasks;
+  int64_t longest = 1;
+  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 11][0], tasks, longest)) return 2;
+  const int64_t d = h / heads, ntasks = (int64_t)tasks.size();
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    for (int j = 0; j < 3; ++j) par_gemm(false, true, rows, h, h, 1.0f, x, h, pr.w[j], h, 0.0f, qkv + j * h, 3 * h);
+    FOR_ROW_BLOCKS(rows, r0, n) {
+      for (int64_t i = r0; i < r0 + n; ++i)
+        for (int j = 0; j < 3; ++j) add_bias(qkv + i * 3 * h + j * h, pr.b[j], h, false);
+    }
+    Scratch scratch(attention_scratch(d, longest, longest));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < ntasks; ++i) head_forward_any(tasks[i], qkv, h, d, scratch.data(), probs, ctx);
+    par_gemm(false, true, rows, h, h, 1.0f, ctx, h, wo, h, 0.0f, y, h);
+    FOR_ROW_BLOCKS(rows, r0, n) {
+      for (int64_t i = r0; i < r0 + n; ++i)
+        add_layer_norm_save(y + i * h, bo, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
+    }
+  }
+  return 0;
+}
+
+// Self-attention sub-layer backward.
+// inputs:  0 dy [T, H], 1 x, then the projections (2 or 6 tensors; the biases are not read), then w_o, gamma, qkv,
+//          ctx, probs, xhat, rstd, offsets, heads
+// outputs: dx [T, H], the projections' gradients (2 or 6, same shapes), dw_o [H, H], db_o [H], dgamma, dbeta [H],
+//          then work space: dctx [T, H], dqkv [T, 3H] (outputs so that they come from MindSpore's memory pool)
+int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if ((nparam != 22 && nparam != 30) || !blas().sgemm) return 1;
+  const int parts = nparam == 22 ? 1 : 3, at = 2 * parts + 2;
+  const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 7][0] - 1;
+  const float *dy = (const float *)params[0], *x = (const float *)params[1];
+  const Projections pr(params + 1, parts, h);
+  const float *wo = (const float *)params[at], *gamma = (const float *)params[at + 1];
+  const float *qkv = (const float *)params[at + 2], *ctx = (const float *)params[at + 3];
+  const float *probs = (const float *)params[at + 4], *xhat = (const float *)params[at + 5];
+  const float *rstd = (const float *)params[at + 6];
+  const int32_t *offsets = (const int32_t *)params[at + 7];
+  const int64_t heads = shapes[at + 8][0];
+  float *const *out = (float *const *)params + at + 9;
+  float *dx = out[0], *dw[3], *db[3];
+  for (int j = 0; j < 3; ++j) {
+    dw[j] = parts == 1 ? out[1] + j * h * h : out[1 + 2 * j];
+    db[j] = parts == 1 ? out[2] + j * h : out[2 + 2 * j];
+  }
+  float *dwo = out[2 * parts + 1], *dbo = out[2 * parts + 2], *dgamma = out[2 * parts + 3];
+  float *dbeta = out[2 * parts + 4], *dctx = out[2 * parts + 5], *dqkv = out[2 * parts + 6];
+  std::vector<HeadTask> tasks;
+  int64_t longest = 1;
+  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 4][0], tasks, longest)) return 2;
+  const int64_t d = h / heads, ntasks = (int64_t)tasks.size(), blocks = blocks_of(rows);
+  Scratch part(std::max<int64_t>(blocks, 1) * 3 * h);
+  float *const ln_outs[3] = {dgamma, dbeta, dbo};
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
+    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
+    par_gemm(false, false, rows, h, h, 1.0f, dx, h, wo, h, 0.0f, dctx, h);
+    par_gemm(true, false, h, h, rows, 1.0f, dx, h, ctx, h, 0.0f, dwo, h);
+    Scratch ws(longest * longest), scratch(attention_scratch(d, longest, longest));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < ntasks; ++i) head_backward_any(tasks[i], qkv, probs, dctx, h, d, scratch.data(), ws.data(), dqkv);
+    FOR_ROW_BLOCKS(rows, r0, n) colsum_block(dqkv, 3 * h, r0, n, part.data() + r0 / kRows * 3 * h);
+    reduce_blocks(part.data(), blocks, 3 * h, db, h);
+    for (int j = 0; j < 3; ++j) par_gemm(true, false, h, h, rows, 1.0f, dqkv + j * h, 3 * h, x, h, 0.0f, dw[j], h);
+    par_gemm(false, false, rows, h, h, 1.0f, dqkv, 3 * h, pr.w[0], h, 1.0f, dx, h);  // dx = dz + dqkv W_qkv
+    par_gemm(false, false, rows, h, h, 1.0f, dqkv + h, 3 * h, pr.w[1], h, 1.0f, dx, h);
+    par_gemm(false, false, rows, h, h, 1.0f, dqkv + 2 * h, 3 * h, pr.w[2], h, 1.0f, dx, h);
+  }
+  return 0;
+}
+
+// Feed-forward sub-layer forward, y = LayerNorm(x + GELU(x W1^T + b1) W2^T + b2).
+// inputs:  0 x [T, H], 1 w1 [F, H], 2 b1 [F], 3 w2 [H, F], 4 b2 [H], 5 gamma, 6 beta [H], 7 eps [1]
+// outputs: 8 y [T, H], 9 dgelu [T, F] (GELU' at the GELU input), 10 act [T, F] (the GELU output), 11 xhat [T, H],
+//          12 rstd [T]
+int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 13 || !blas().sgemm) return 1;
+  const float *x = (const float *)params[0], *w1 = (const float *)params[1], *b1 = (const float *)params[2];
+  const float *w2 = (const float *)params[3], *b2 = (const float *)params[4];
+  const float *gamma = (const float *)params[5], *beta = (const float *)params[6];
+  const float eps = *(const float *)params[7];
+  float *y = (float *)params[8], *pre = (float *)params[9], *act = (float *)params[10];  // pre: dgelu at the end
+  float *xhat = (float *)params[11], *rstd = (float *)params[12];
+  const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0];
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    par_gemm(false, true, rows, f, h, 1.0f, x, h, w1, h, 0.0f, pre, f);
+    FOR_ROW_BLOCKS(rows, r0, n) bias_gelu_rows(pre, b1, act, r0, n, f);
+    par_gemm(false, true, rows, h, f, 1.0f, act, f, w2, f, 0.0f, y, h);
+    FOR_ROW_BLOCKS(rows, r0, n) {
+      for (int64_t i = r0; i < r0 + n; ++i)
+        add_layer_norm_save(y + i * h, b2, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
+    }
+  }
+  return 0;
+}
+
+// Feed-forward sub-layer backward.
+// inputs:  0 dy [T, H], 1 x, 2 w1 [F, H], 3 w2 [H, F], 4 gamma, 5 dgelu [T, F], 6 act [T, F], 7 xhat, 8 rstd
+// outputs: 9 dx [T, H], 10 dw1 [F, H], 11 db1 [F], 12 dw2 [H, F], 13 db2 [H], 14 dgamma, 15 dbeta [H],
+//          16 dpre [T, F] (work space)
+int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 17 || !blas().sgemm) return 1;
+  const float *dy = (const float *)params[0], *x = (const float *)params[1], *w1 = (const float *)params[2];
+  const float *w2 = (const float *)params[3], *gamma = (const float *)params[4], *dgelu = (const float *)params[5];
+  const float *act = (const float *)params[6], *xhat = (const float *)params[7], *rstd = (const float *)params[8];
+  float *dx = (float *)params[9], *dw1 = (float *)params[10], *db1 = (float *)params[11];
+  float *dw2 = (float *)params[12], *db2 = (float *)params[13], *dgamma = (float *)params[14];
+  float *dbeta = (float *)params[15], *dpre = (float *)params[16];
+  const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[2][0], blocks = blocks_of(rows);
+  Scratch part(std::max<int64_t>(blocks, 1) * std::max(3 * h, f));
+  float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1};
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
+    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
+    par_gemm(false, false, rows, f, h, 1.0f, dx, h, w2, f, 0.0f, dpre, f);     // d act = dz W2
+    FOR_ROW_BLOCKS(rows, r0, n) gelu_backward_block(dgelu, dpre, f, r0, n, part.data() + r0 / kRows * f);
+    reduce_blocks(part.data(), blocks, f, bias_out, f);
+    par_gemm(true, false, h, f, rows, 1.0f, dx, h, act, f, 0.0f, dw2, f);
+    par_gemm(true, false, f, h, rows, 1.0f, dpre, f, x, h, 0.0f, dw1, h);
+    par_gemm(false, false, rows, h, f, 1.0f, dpre, f, w1, h, 1.0f, dx, h);     // dx = dz + dpre W1
+  }
+  return 0;
+}
+
+// y [N, H] = x[idx] row by row, zero rows where idx < 0 (pack / unpack of padded batches).
+// inputs: 0 x [R, H], 1 idx [N] i32; output: 2 y [N, H]
+int m3t_gather_rows(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 3) return 1;
+  const float *x = (const float *)params[0];
+  const int32_t *idx = (const int32_t *)params[1];
+  float *y = (float *)params[2];
+  const int64_t r = shapes[0][0], h = shapes[0][1], n = shapes[1][0];
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] >= r) return 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    if (idx[i] >= 0) std::memcpy(y + i * h, x + (int64_t)idx[i] * h, h * sizeof(float));
+    else std::fill(y + i * h, y + (i + 1) * h, 0.0f);
+  }
+  return 0;
+}
+
+// The gradient of m3t_gather_rows: dx [R, H] = 0, then dx[idx[i]] = dy[i] (idx injective where >= 0).
+// inputs: 0 dy [N, H], 1 idx [N] i32, 2 x [R, H] (shape only); output: 3 dx [R, H]
+int m3t_scatter_rows(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 4) return 1;
+  const float *dy = (const float *)params[0];
+  const int32_t *idx = (const int32_t *)params[1];
+  float *dx = (float *)params[3];
+  const int64_t n = shapes[0][0], h = shapes[0][1], r = shapes[2][0];
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] >= r) return 2;
+  std::fill(dx, dx + r * h, 0.0f);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < n; ++i)
+    if (idx[i] >= 0) std::memcpy(dx + (int64_t)idx[i] * h, dy + i * h, h * sizeof(float));
+  return 0;
+}
+
+}  // extern "C"
