@@ -2,10 +2,11 @@
 
 What lives here: ``losses`` (InfoNCE per mode, the integrated score, ``self_distill_loss``),
 ``bucketing`` (length-bucketed batches and length chunks), ``data`` (MLQA training examples),
-``train_model`` (the trainable network on the model's heads), ``optim`` (AdamW and the schedule),
+``train_model`` (the trainable network on the model's heads), ``batch_scores`` (its heads and scores on
+the batch's packed tokens), ``optim`` (AdamW and the schedule),
 ``hidden_cache`` (cached states of frozen lower layers), ``trainer`` (the training loop),
 ``recipe`` (the M3-small recipe) and ``mlqa_validation`` (held-out MLQA metrics).
 
-May import: ``model``, ``retrieval``, ``weights`` and the foundation modules; never ``evaluation`` or
+May import: ``model``, ``kernels``, ``retrieval``, ``weights`` and the foundation modules; never ``evaluation`` or
 ``analysis``.
 """
