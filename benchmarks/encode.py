@@ -3,6 +3,7 @@
 on this CPU, identical weights and inputs, all three outputs on.
 
     .venv/bin/python benchmarks/encode.py [--quick] [--runs 5] [--no-mindnlp]
+    .venv/bin/python benchmarks/encode.py --cases full/fixed8192     # re-measure one case, merged and marked
 
 * Weights: random checkpoints in the real BAAI/bge-m3 file layout, written by torch
   (``bgem3_lib.analysis.torch_reference.write_bge_m3_checkpoint``): ``full`` (XLM-R large: 24 x 1024, 8194
@@ -248,9 +249,10 @@ PARTS = ("speed", "sort", "sparse")
 
 
 def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: int, tmp: Path,
-             save=lambda entry: None) -> dict:
+             save=lambda entry: None, only: set | None = None) -> dict:
     """Every requested part at one model size, sharing the worker processes; returns that size's entry
-    (``save(entry)`` gets it so far after every speed case)."""
+    (``save(entry)`` gets it so far after every speed case). ``only``: re-measure just these ``size/case``
+    speed cases (``--cases``); the entry then holds those cases alone, for ``main`` to merge."""
     model_dir = make_checkpoint(size)
     tokens, cfg = Tokens(model_dir / "tokenizer.json"), SIZES[size]
     if size not in plan.get("mindnlp_sizes", plan["sizes"]):
@@ -265,20 +267,30 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     for L, B in plan["fixed"]:
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
+    if only is not None:
+        cases = [c for c in cases if f"{size}/{c['name']}" in only]
+        if not cases:
+            return {}
     alone = [c for c in cases if f"{size}/{c['name']}" in plan.get("alone", ())]
     cases = [c for c in cases if c not in alone]
     order = [s for s in systems if s in need]
+    entry = {"config": cfg, "cases": {}}
+    if only is not None and not cases:                 # only one-at-a-time cases: no shared workers needed
+        for case in alone:
+            entry["cases"][case["name"]] = run_solo_case(order, model_dir, case, runs, size, tmp)
+            save(entry)
+        return entry
     print(f"[{size}] starting workers: {', '.join(order)}", flush=True)
     workers = start_workers(order, model_dir, tmp)
-    entry = {"config": cfg}
-    if "speed" in parts:            # a partial re-run (e.g. --parts sort) starts fewer workers: keep the old RSS
+    if "speed" in parts and only is None:    # a partial re-run (--parts sort, --cases) starts fewer workers: old RSS
         entry["load_rss_mb"] = {s: w.ready["rss_mb"] for s, w in workers.items()}
     try:
         warm_up(workers, cases[0])
         if "speed" in parts:
-            entry["matmul"] = [matmul_round(workers)]
+            matmul = [matmul_round(workers)]
             entry["cases"] = run_cases(workers, cases, runs, size, tmp, lambda out: save({**entry, "cases": out}))
-            entry["matmul"].append(matmul_round(workers))
+            if only is None:                          # a --cases re-run keeps the full run's roofline rounds
+                entry["matmul"] = matmul + [matmul_round(workers)]
         if "sort" in parts and "sorting" in plan and size == "m3-small":
             sp = plan["sorting"]
             texts = real_mix(*sp["mix"], seed=1)
@@ -297,6 +309,18 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     return entry
 
 
+def git_commit() -> str:
+    """The checkout's commit (short), "+changes" when the tree differs from it; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if dirty else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="m3-small size only, smaller inputs (<= 5 minutes)")
@@ -304,6 +328,8 @@ def main() -> None:
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="comma list of speed,sort,sparse; a subset re-measures only those and merges them "
                          "into the existing results file")
+    ap.add_argument("--cases", default="", help="comma list of size/case (e.g. full/fixed8192): re-measure only "
+                    "these speed cases and merge them into the existing results, marked with the date and commit")
     ap.add_argument("--no-mindnlp", action="store_true")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
@@ -311,11 +337,19 @@ def main() -> None:
     if args.runs < 5 or any(p not in PARTS for p in parts):
         raise SystemExit(f"--runs must be >= 5 and --parts a subset of {PARTS}")
     plan = plan_for(args.quick)
+    only = {c for c in args.cases.split(",") if c} or None
+    if only is not None:
+        parts = ["speed"]
     systems = list(SYSTEMS) + ([] if args.no_mindnlp else ["mindnlp"])
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "encode_quick" if args.quick else "encode"
     path = args.out / f"{stem}.json"
-    results = json.loads(path.read_text()) if path.is_file() and set(parts) != set(PARTS) else {"sizes": {}}
+    partial = set(parts) != set(PARTS) or only is not None
+    results = json.loads(path.read_text()) if path.is_file() and partial else {"sizes": {}}
+    if only is not None:
+        known = {f"{size}/{c}" for size, e in results["sizes"].items() for c in e.get("cases", {})}
+        if not only <= known:
+            raise SystemExit(f"--cases: {sorted(only - known)} not in {path} (known: {sorted(known)})")
     if "speed" not in parts and "meta" not in results:
         raise SystemExit(f"{path} has no speed results yet: run with --parts including speed first")
     meta = results.get("meta", {})
@@ -329,10 +363,22 @@ def main() -> None:
             def save(partial, size=size):     # finished cases survive a crash: <stem>.partial.json
                 snapshot = {**results, "sizes": {**results["sizes"], size: partial}}
                 path.with_suffix(".partial.json").write_text(json.dumps(snapshot, indent=1))
-            entry = run_size(size, parts, plan, systems, args.runs, Path(tmp_s), save)
+            entry = run_size(size, parts, plan, systems, args.runs, Path(tmp_s), save, only)
+            if only is not None:
+                stamp = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": git_commit()}
+                for name, case in entry.get("cases", {}).items():
+                    results["sizes"][size]["cases"][name] = {**case, "remeasured": stamp}
+                continue
             results["sizes"].setdefault(size, {}).update(entry)
     part_meta = {"load_avg_start": load_start, "load_avg_end": os.getloadavg(), "wall_seconds": time.time() - t_start,
                  "date": time.strftime("%Y-%m-%d %H:%M")}
+    if only is not None:
+        path.write_text(json.dumps(results, indent=1))
+        path.with_suffix(".partial.json").unlink(missing_ok=True)
+        summary = summarize(results)
+        write_markdown(results, summary, args.out / f"{stem}.md")
+        print(last_line(summary))
+        return
     if "speed" in parts:
         results["meta"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "quick": args.quick, "runs": args.runs, "python": platform.python_version(), "parts": {}}

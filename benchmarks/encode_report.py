@@ -132,6 +132,9 @@ def _cases_table(entry: dict) -> list[str]:
         desc = f"{name} ({c['texts']} texts, batch {c['batch_size']}, max_length {c['max_length']})"
         if c.get("alone"):
             desc += " - one system in memory at a time"
+        if c.get("remeasured"):
+            r = c["remeasured"]
+            desc += f" - re-measured {r['date']} at {r['commit']} (`--cases`), not in the run above"
         if c.get("died"):
             desc += " - worker died, left out: " + ", ".join(c["died"])
         lines.append(f"| {desc} | {c['tokens']} | " + " | ".join(cells) + " | " + " | ".join(rel) + f" | {pct:.1f} |")
