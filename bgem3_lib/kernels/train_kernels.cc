@@ -26,6 +26,28 @@ const int64_t kRows = 128;  // rows per work item of the row-parallel passes (an
 
 inline int64_t blocks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
 
+// Phase timing for development (-DM3T_PROFILE): PROF_START before a kernel's parallel region, PROF(name) after
+// each phase inside it (a barrier, then the master thread adds the time since the last mark to name's total);
+// m3t_prof_get / m3t_prof_reset read and clear the totals through ctypes. Compiled out otherwise.
+#ifdef M3T_PROFILE
+double prof_total[64], prof_last;
+const char *prof_name[64];
+int prof_count;
+inline void prof_mark(const char *name) {
+  const double now = omp_get_wtime();
+  int i = 0;
+  while (i < prof_count && prof_name[i] != name) ++i;
+  if (i == prof_count && prof_count < 64) prof_name[prof_count++] = name;
+  if (i < 64) prof_total[i] += now - prof_last;
+  prof_last = omp_get_wtime();
+}
+#define PROF_START() (prof_last = omp_get_wtime())
+#define PROF(name) _Pragma("omp barrier") _Pragma("omp master") prof_mark(name);
+#else
+#define PROF_START() ((void)0)
+#define PROF(name)
+#endif
+
 // C [m, n] = alpha op(A) @ op(B) + beta C, op = transpose where ta / tb.
 inline void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
                   const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
@@ -40,20 +62,52 @@ inline void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
 }
 
 // sgemm called by every worker of a parallel region: C dealt out in about two chunks per worker along its
-// longer side (rows of C, or columns: the weight gradients dW [out, in] = dY^T X are short and wide), so that
-// each piece is still a large product. Ends with a barrier.
+// longer side (rows of C, or columns), so that each piece is still a large product. With ``bias`` (a row of n,
+// row split only) each chunk of C is first filled with it and the product added (beta = 1): no separate
+// bias pass, and OpenBLAS skips its own zero-fill pass of C (beta = 0). Ends with a barrier.
 void par_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
-              const float *b, int64_t ldb, float beta, float *c, int64_t ldc) {
+              const float *b, int64_t ldb, float beta, float *c, int64_t ldc, const float *bias = nullptr) {
   const int64_t workers = omp_get_num_threads(), along = std::max(m, n);
   const int64_t chunk = std::max<int64_t>(16, round_up((along + 2 * workers - 1) / (2 * workers), 16));
-  const bool rows = m >= n;
+  const bool rows = m >= n || bias;
 #pragma omp for schedule(dynamic, 1)
-  for (int64_t i0 = 0; i0 < along; i0 += chunk) {
-    const int64_t len = std::min(chunk, along - i0);
-    if (rows)
+  for (int64_t i0 = 0; i0 < (rows ? m : n); i0 += chunk) {
+    const int64_t len = std::min(chunk, (rows ? m : n) - i0);
+    if (bias) {
+      for (int64_t i = i0; i < i0 + len; ++i) std::memcpy(c + i * ldc, bias, n * sizeof(float));
+      sgemm(ta, tb, len, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, 1.0f, c + i0 * ldc, ldc);
+    } else if (rows) {
       sgemm(ta, tb, len, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc, ldc);
-    else
+    } else {
       sgemm(ta, tb, m, len, k, alpha, a, lda, tb ? b + i0 * ldb : b + i0, ldb, beta, c + i0, ldc);
+    }
+  }
+}
+
+// Weight gradient C [m, n] = A^T B for A [k, m], B [k, n] (k = tokens), called by every worker: the k rows cut
+// into one contiguous slice per worker, each slice one single-threaded product into part [workers, m, n], then
+// row i of C = the slices' rows added in slice order, written to outs[i / each] + (i % each) * n (the fused
+// query / key / value gradient goes to three tensors). Splitting along k packs each operand once (split along
+// n, every chunk packed all of A again) and the sum does not depend on which worker ran which slice.
+// part: workers * m * n floats. Ends with a barrier.
+void par_gemm_k(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
+                float *part, float *const *outs, int64_t each) {
+  const int64_t pieces = omp_get_num_threads(), slice = round_up((k + pieces - 1) / pieces, 16);
+#pragma omp for schedule(static, 1)
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t k0 = std::min(k, p * slice), len = std::min(slice, k - k0);
+    sgemm(true, false, m, n, len, 1.0f, a + k0 * lda, lda, b + k0 * ldb, ldb, 0.0f, part + p * m * n, n);
+  }
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    float *o = outs[i / each] + (i % each) * n;
+    const float *src = part + i * n;
+    std::memcpy(o, src, n * sizeof(float));
+    for (int64_t p = 1; p < pieces; ++p) {
+      const float *q = src + p * m * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) o[j] += q[j];
+    }
   }
 }
 
@@ -391,17 +445,49 @@ void head_backward_any(const HeadTask &t, const float *qkv, const float *probs, 
 
 extern "C" {
 
+#ifdef M3T_PROFILE
+int m3t_prof_get(int i, double *t, const char **name) {
+  if (i < 0 || i >= prof_count) return 1;
+  *t = prof_total[i];
+  *name = prof_name[i];
+  return 0;
+}
+void m3t_prof_reset() {
+  prof_count = 0;
+  std::fill(prof_total, prof_total + 64, 0.0);
+}
+#endif
+
 // 0 if the BLAS symbols resolved (cpu.build_library checks it through ctypes).
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
 // The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
 // (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.
+// wqkv [3H, H] and bqkv [3H] are the fused weight and bias: the inputs themselves (parts = 1) or, after gather()
+// (called by every worker of a parallel region; ends with a barrier), copies of the three in the caller's scratch,
+// so that the projections are one product with 3H columns (and their backward one with 3H inner size).
 struct Projections {
-  const float *w[3], *b[3];
-  Projections(void **params, int parts, int64_t h) {
+  const float *w[3], *b[3], *wqkv, *bqkv;
+  int parts;
+  Projections(void **params, int parts_, int64_t h) : parts(parts_) {
     for (int j = 0; j < 3; ++j) {
       w[j] = parts == 1 ? (const float *)params[1] + j * h * h : (const float *)params[1 + 2 * j];
       b[j] = parts == 1 ? (const float *)params[2] + j * h : (const float *)params[2 + 2 * j];
+    }
+    wqkv = w[0];
+    bqkv = b[0];
+  }
+  void gather(float *wc, float *bc, int64_t h) {
+    if (parts == 1) return;
+#pragma omp for schedule(static)
+    for (int j = 0; j < 3; ++j) {
+      std::memcpy(wc + j * h * h, w[j], h * h * sizeof(float));
+      if (bc) std::memcpy(bc + j * h, b[j], h * sizeof(float));
+    }
+#pragma omp single
+    {
+      wqkv = wc;
+      bqkv = bc;
     }
   }
 };
@@ -421,7 +507,7 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   const int parts = nparam == 17 ? 1 : 3, at = 2 * parts + 1;
   const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 5][0] - 1;
   const float *x = (const float *)params[0];
-  const Projections pr(params, parts, h);
+  Projections pr(params, parts, h);
   const float *wo = (const float *)params[at], *bo = (const float *)params[at + 1];
   const float *gamma = (const float *)params[at + 2], *beta = (const float *)params[at + 3];
   const float eps = *(const float *)params[at + 4];
@@ -433,22 +519,25 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   int64_t longest = 1;
   if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 11][0], tasks, longest)) return 2;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size();
+  Scratch wcat(parts == 1 ? 0 : 3 * h * h), bcat(parts == 1 ? 0 : 3 * h);
   SingleThreadedBlas one;
+  PROF_START();
 #pragma omp parallel
   {
-    for (int j = 0; j < 3; ++j) par_gemm(false, true, rows, h, h, 1.0f, x, h, pr.w[j], h, 0.0f, qkv + j * h, 3 * h);
-    FOR_ROW_BLOCKS(rows, r0, n) {
-      for (int64_t i = r0; i < r0 + n; ++i)
-        for (int j = 0; j < 3; ++j) add_bias(qkv + i * 3 * h + j * h, pr.b[j], h, false);
-    }
+    pr.gather(wcat.data(), bcat.data(), h);
+    par_gemm(false, true, rows, 3 * h, h, 1.0f, x, h, pr.wqkv, h, 0.0f, qkv, 3 * h, pr.bqkv);  // bias added
+    PROF("af.qkv_gemm")
     Scratch scratch(attention_scratch(d, longest, longest));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) head_forward_any(tasks[i], qkv, h, d, scratch.data(), probs, ctx);
+    PROF("af.heads")
     par_gemm(false, true, rows, h, h, 1.0f, ctx, h, wo, h, 0.0f, y, h);
+    PROF("af.out_gemm")
     FOR_ROW_BLOCKS(rows, r0, n) {
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, bo, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
     }
+    PROF("af.ln")
   }
   return 0;
 }
@@ -463,7 +552,7 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   const int parts = nparam == 22 ? 1 : 3, at = 2 * parts + 2;
   const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 7][0] - 1;
   const float *dy = (const float *)params[0], *x = (const float *)params[1];
-  const Projections pr(params + 1, parts, h);
+  Projections pr(params + 1, parts, h);
   const float *wo = (const float *)params[at], *gamma = (const float *)params[at + 1];
   const float *qkv = (const float *)params[at + 2], *ctx = (const float *)params[at + 3];
   const float *probs = (const float *)params[at + 4], *xhat = (const float *)params[at + 5];
@@ -482,24 +571,32 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   int64_t longest = 1;
   if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 4][0], tasks, longest)) return 2;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size(), blocks = blocks_of(rows);
-  Scratch part(std::max<int64_t>(blocks, 1) * 3 * h);
-  float *const ln_outs[3] = {dgamma, dbeta, dbo};
+  Scratch part(std::max<int64_t>(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 3 * h * h));
+  Scratch wcat(parts == 1 ? 0 : 3 * h * h);
+  float *const ln_outs[3] = {dgamma, dbeta, dbo}, *const dwo_out[1] = {dwo};
   SingleThreadedBlas one;
+  PROF_START();
 #pragma omp parallel
   {
     FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
     reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
+    PROF("ab.ln_bwd")
     par_gemm(false, false, rows, h, h, 1.0f, dx, h, wo, h, 0.0f, dctx, h);
-    par_gemm(true, false, h, h, rows, 1.0f, dx, h, ctx, h, 0.0f, dwo, h);
+    PROF("ab.dctx_gemm")
+    par_gemm_k(h, h, rows, dx, h, ctx, h, part.data(), dwo_out, h);
+    PROF("ab.dwo_gemm")
     Scratch ws(longest * longest), scratch(attention_scratch(d, longest, longest));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) head_backward_any(tasks[i], qkv, probs, dctx, h, d, scratch.data(), ws.data(), dqkv);
+    PROF("ab.heads")
     FOR_ROW_BLOCKS(rows, r0, n) colsum_block(dqkv, 3 * h, r0, n, part.data() + r0 / kRows * 3 * h);
     reduce_blocks(part.data(), blocks, 3 * h, db, h);
-    for (int j = 0; j < 3; ++j) par_gemm(true, false, h, h, rows, 1.0f, dqkv + j * h, 3 * h, x, h, 0.0f, dw[j], h);
-    par_gemm(false, false, rows, h, h, 1.0f, dqkv, 3 * h, pr.w[0], h, 1.0f, dx, h);  // dx = dz + dqkv W_qkv
-    par_gemm(false, false, rows, h, h, 1.0f, dqkv + h, 3 * h, pr.w[1], h, 1.0f, dx, h);
-    par_gemm(false, false, rows, h, h, 1.0f, dqkv + 2 * h, 3 * h, pr.w[2], h, 1.0f, dx, h);
+    PROF("ab.dbqkv")
+    par_gemm_k(3 * h, h, rows, dqkv, 3 * h, x, h, part.data(), dw, h);
+    PROF("ab.dwqkv_gemm")
+    pr.gather(wcat.data(), nullptr, h);
+    par_gemm(false, false, rows, h, 3 * h, 1.0f, dqkv, 3 * h, pr.wqkv, h, 1.0f, dx, h);  // dx = dz + dqkv W_qkv
+    PROF("ab.dx_gemm")
   }
   return 0;
 }
@@ -518,15 +615,20 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
   float *xhat = (float *)params[11], *rstd = (float *)params[12];
   const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0];
   SingleThreadedBlas one;
+  PROF_START();
 #pragma omp parallel
   {
     par_gemm(false, true, rows, f, h, 1.0f, x, h, w1, h, 0.0f, pre, f);
+    PROF("ff.w1_gemm")
     FOR_ROW_BLOCKS(rows, r0, n) bias_gelu_rows(pre, b1, act, r0, n, f);
+    PROF("ff.gelu")
     par_gemm(false, true, rows, h, f, 1.0f, act, f, w2, f, 0.0f, y, h);
+    PROF("ff.w2_gemm")
     FOR_ROW_BLOCKS(rows, r0, n) {
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, b2, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
     }
+    PROF("ff.ln")
   }
   return 0;
 }
@@ -544,19 +646,27 @@ int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char *
   float *dw2 = (float *)params[12], *db2 = (float *)params[13], *dgamma = (float *)params[14];
   float *dbeta = (float *)params[15], *dpre = (float *)params[16];
   const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[2][0], blocks = blocks_of(rows);
-  Scratch part(std::max<int64_t>(blocks, 1) * std::max(3 * h, f));
-  float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1};
+  Scratch part(std::max(std::max<int64_t>(blocks, 1) * std::max(3 * h, f), omp_get_max_threads() * f * h));
+  float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1}, *const dw1_out[1] = {dw1};
+  float *const dw2_out[1] = {dw2};
   SingleThreadedBlas one;
+  PROF_START();
 #pragma omp parallel
   {
     FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
     reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
+    PROF("fb.ln_bwd")
     par_gemm(false, false, rows, f, h, 1.0f, dx, h, w2, f, 0.0f, dpre, f);     // d act = dz W2
+    PROF("fb.dact_gemm")
     FOR_ROW_BLOCKS(rows, r0, n) gelu_backward_block(dgelu, dpre, f, r0, n, part.data() + r0 / kRows * f);
     reduce_blocks(part.data(), blocks, f, bias_out, f);
-    par_gemm(true, false, h, f, rows, 1.0f, dx, h, act, f, 0.0f, dw2, f);
-    par_gemm(true, false, f, h, rows, 1.0f, dpre, f, x, h, 0.0f, dw1, h);
+    PROF("fb.gelu_bwd")
+    par_gemm_k(h, f, rows, dx, h, act, f, part.data(), dw2_out, h);
+    PROF("fb.dw2_gemm")
+    par_gemm_k(f, h, rows, dpre, f, x, h, part.data(), dw1_out, f);
+    PROF("fb.dw1_gemm")
     par_gemm(false, false, rows, h, f, 1.0f, dpre, f, w1, h, 1.0f, dx, h);     // dx = dz + dpre W1
+    PROF("fb.dx_gemm")
   }
   return 0;
 }
