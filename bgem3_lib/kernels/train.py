@@ -94,8 +94,9 @@ def _attention_bprop(*args):
 
 def _ffn_bprop(x, w1, b1, w2, b2, gamma, beta, eps, out, dout):
     _, dgelu, act, xhat, rstd = out
-    bwd = _op("m3t_ffn_bwd", lambda dy, xs, w1s, w2s, g, act_s, *s: (dy, w1s, [w1s[0]], w2s, [w2s[0]], g, g, act_s), 8)
-    return (*bwd(dout[0], x, w1, w2, gamma, dgelu, act, xhat, rstd)[:-1], *_zeros(eps))
+    bwd = _op("m3t_ffn_bwd", lambda dy, xs, w1s, w2s, g, act_s, *s: (dy, w1s, [w1s[0]], w2s, [w2s[0]], g, g, act_s,
+                                                                        dy), 9)
+    return (*bwd(dout[0], x, w1, w2, gamma, dgelu, act, xhat, rstd)[:-2], *_zeros(eps))  # less work space
 
 
 def _scalar(value) -> Tensor:

@@ -8,13 +8,19 @@
 // heads * sum_{c<b} n_c^2 + a * n_b^2 of one flat buffer [heads * sum_b n_b^2].
 //
 // Threads: one OpenMP parallel region per kernel; every BLAS call runs single-threaded on the worker that
-// makes it (SingleThreadedBlas), the big products dealt out in chunks along their longer side (par_gemm), the
-// (sequence, head) pairs of attention one task each, longest first. With AVX-512 and a head size that is a
+// makes it (SingleThreadedBlas). Products of token rows with a weight run per chunk of rows (par_chunks: a
+// multiple of the workers in number, dealt out dynamically) together with the row passes before and after them
+// (LayerNorm and its backward, GELU and its backward, bias column sums), while the chunk is in cache and without
+// a barrier between a compute-bound and a memory-bound phase; the query / key / value projections are one
+// product with 3H columns (forward) or 3H inner size (backward). Weight gradients (sums over tokens) are split
+// along the tokens, one slice per worker, the slices added in slice order (par_weight_grads). The (sequence,
+// head) pairs of attention are one task each, longest first. With AVX-512 and a head size that is a
 // multiple of 16 the per-head products use kernels_common.h's register tiles (group_scores, softmax_row,
-// tile_context_block), otherwise OpenBLAS; BGEM3_ATTENTION_BLAS=1 forces OpenBLAS. Column sums (bias, gamma,
-// beta gradients) are taken per fixed block of kRows rows and then added in block order, so the gradients do
-// not depend on which worker ran which block. Large work buffers are extra outputs (MindSpore's memory pool
-// reuses them; a fresh malloc of this size is an mmap whose pages fault in on every call).
+// tile_context_block) and transposed_tile, otherwise OpenBLAS; BGEM3_ATTENTION_BLAS=1 forces OpenBLAS. Column
+// sums (bias, gamma, beta gradients) are taken per fixed block of kRows rows and then added in block order, so
+// the gradients do not depend on which worker ran which block. Large work buffers are extra outputs
+// (MindSpore's memory pool reuses them; a fresh malloc of this size is an mmap whose pages fault in on every
+// call). -DM3T_PROFILE (and -DM3T_PROFILE_CPU) compiles in per-phase timers (PROF, m3t_prof_get).
 //
 // Kernel ABI (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                   const char **dtypes, void *stream, void *extra); inputs then outputs.
@@ -23,6 +29,10 @@
 namespace {
 
 const int64_t kRows = 128;  // rows per work item of the row-parallel passes (and per column-sum partial)
+#ifndef M3T_CHUNK
+#define M3T_CHUNK 1024
+#endif
+const int64_t kChunkRows = M3T_CHUNK;  // at most this many rows per chunk of the fused row-chunk phases
 
 inline int64_t blocks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
 
@@ -33,15 +43,24 @@ inline int64_t blocks_of(int64_t rows) { return (rows + kRows - 1) / kRows; }
 double prof_total[64], prof_last;
 const char *prof_name[64];
 int prof_count;
+#ifdef M3T_PROFILE_CPU  // the master thread's CPU time (with OMP_NUM_THREADS=1: robust to other load)
+inline double prof_now() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+#else
+inline double prof_now() { return omp_get_wtime(); }
+#endif
 inline void prof_mark(const char *name) {
-  const double now = omp_get_wtime();
+  const double now = prof_now();
   int i = 0;
   while (i < prof_count && prof_name[i] != name) ++i;
   if (i == prof_count && prof_count < 64) prof_name[prof_count++] = name;
   if (i < 64) prof_total[i] += now - prof_last;
-  prof_last = omp_get_wtime();
+  prof_last = prof_now();
 }
-#define PROF_START() (prof_last = omp_get_wtime())
+#define PROF_START() (prof_last = prof_now())
 #define PROF(name) _Pragma("omp barrier") _Pragma("omp master") prof_mark(name);
 #else
 #define PROF_START() ((void)0)
@@ -84,31 +103,71 @@ void par_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, co
   }
 }
 
-// Weight gradient C [m, n] = A^T B for A [k, m], B [k, n] (k = tokens), called by every worker: the k rows cut
-// into one contiguous slice per worker, each slice one single-threaded product into part [workers, m, n], then
-// row i of C = the slices' rows added in slice order, written to outs[i / each] + (i % each) * n (the fused
-// query / key / value gradient goes to three tensors). Splitting along k packs each operand once (split along
-// n, every chunk packed all of A again) and the sum does not depend on which worker ran which slice.
-// part: workers * m * n floats. Ends with a barrier.
-void par_gemm_k(int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b, int64_t ldb,
-                float *part, float *const *outs, int64_t each) {
+// A weight gradient C [m, n] = A^T B for A [k, m] (row stride lda), B [k, n] (ldb), k = tokens; row i of C goes
+// to outs[i / each] + (i % each) * n (the fused query / key / value gradient goes to three tensors).
+struct WeightGrad {
+  int64_t m, n;
+  const float *a;
+  int64_t lda;
+  const float *b;
+  int64_t ldb;
+  float *const *outs;
+  int64_t each;
+};
+
+// The weight gradients gs[0 .. count) (k rows each), called by every worker: the k rows cut into one contiguous
+// slice per worker, each worker one single-threaded product of its slice per gradient into part, then each row
+// of each C = its slices' rows added in slice order. Splitting along k packs each operand once (split along n,
+// every chunk packed all of A again), the sum does not depend on which worker ran which slice, and the
+// gradients of a sub-layer share one pass (one barrier). part: workers * sum(m * n) floats. Ends with a barrier.
+void par_weight_grads(const WeightGrad *gs, int count, int64_t k, float *part) {
   const int64_t pieces = omp_get_num_threads(), slice = round_up((k + pieces - 1) / pieces, 16);
+  int64_t size = 0, rows = 0;
+  for (int g = 0; g < count; ++g) size += gs[g].m * gs[g].n, rows += gs[g].m;
 #pragma omp for schedule(static, 1)
   for (int64_t p = 0; p < pieces; ++p) {
     const int64_t k0 = std::min(k, p * slice), len = std::min(slice, k - k0);
-    sgemm(true, false, m, n, len, 1.0f, a + k0 * lda, lda, b + k0 * ldb, ldb, 0.0f, part + p * m * n, n);
+    float *dst = part + p * size;
+    for (int g = 0; g < count; ++g) {
+      const WeightGrad &w = gs[g];
+      float *c = p == 0 && w.each == w.m ? w.outs[0] : dst;  // slice 0 of a one-tensor gradient: in place
+      sgemm(true, false, w.m, w.n, len, 1.0f, w.a + k0 * w.lda, w.lda, w.b + k0 * w.ldb, w.ldb, 0.0f, c, w.n);
+      dst += w.m * w.n;
+    }
   }
 #pragma omp for schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
-    float *o = outs[i / each] + (i % each) * n;
-    const float *src = part + i * n;
-    std::memcpy(o, src, n * sizeof(float));
+  for (int64_t r = 0; r < rows; ++r) {
+    int g = 0;
+    int64_t i = r, at = 0;
+    while (i >= gs[g].m) at += gs[g].m * gs[g].n, i -= gs[g++].m;
+    const int64_t n = gs[g].n;
+    float *o = gs[g].outs[i / gs[g].each] + (i % gs[g].each) * n;
+    const float *src = part + at + i * n;
+    if (gs[g].each != gs[g].m) std::memcpy(o, src, n * sizeof(float));
     for (int64_t p = 1; p < pieces; ++p) {
-      const float *q = src + p * m * n;
+      const float *q = src + p * size;
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) o[j] += q[j];
     }
   }
+}
+
+// Rows [0, rows) in chunks of whole kRows blocks dealt out dynamically, body(r0, n) per chunk (a product of the
+// chunk's rows with a weight and the row passes before / after it, while the chunk is in cache; the workers'
+// compute- and memory-bound phases overlap instead of meeting at a barrier between them). Ends with a barrier.
+// Chunks: a multiple of the workers in number, each at most about kChunkRows rows (smaller ones cost OpenBLAS a
+// packing of the weight per chunk; one chunk per worker leaves no slack for dynamic balancing).
+inline int64_t chunk_rows(int64_t rows) {
+  const int64_t workers = omp_get_num_threads();
+  const int64_t chunks = workers * std::max<int64_t>(1, (rows + workers * kChunkRows - 1) / (workers * kChunkRows));
+  return std::max<int64_t>(kRows, round_up((rows + chunks - 1) / chunks, kRows));
+}
+
+template <class Body>
+void par_chunks(int64_t rows, Body body) {
+  const int64_t chunk = chunk_rows(rows);
+#pragma omp for schedule(dynamic, 1)
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) body(r0, std::min(chunk, rows - r0));
 }
 
 // out[j] = sum over blocks of part[blk * width + j] (block order: deterministic); called by every worker.
@@ -364,6 +423,46 @@ void head_forward_tiled(const HeadTask &t, const float *qkv, int64_t hidden, int
   }
 }
 
+// out rows j0 .. j0+keys-1 (keys <= 8) of scale * S^T V for S [n, n] (row stride lds) and V [n, W*16 columns]
+// (row stride ldv): the 8 x W*16 accumulators in registers over all n rows of S; FULL: keys == 8 (the tail tile
+// reads only the keys that exist).
+template <int W, bool FULL>
+inline void transposed_tile(const float *s, int64_t lds, int64_t n, const float *v, int64_t ldv, int64_t j0,
+                            int64_t keys, float scale, float *out, int64_t ldo) {
+  __m512 acc[kTileRows][W];
+  for (int r = 0; r < kTileRows; ++r)
+    for (int w = 0; w < W; ++w) acc[r][w] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 vi[W];
+    for (int w = 0; w < W; ++w) vi[w] = _mm512_loadu_ps(v + i * ldv + 16 * w);
+    const float *si = s + i * lds + j0;
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512 b = _mm512_set1_ps(FULL || r < keys ? si[r] : 0.0f);
+      for (int w = 0; w < W; ++w) acc[r][w] = _mm512_fmadd_ps(b, vi[w], acc[r][w]);
+    }
+  }
+  const __m512 f = _mm512_set1_ps(scale);
+  for (int r = 0; r < (FULL ? kTileRows : keys); ++r)
+    for (int w = 0; w < W; ++w) _mm512_storeu_ps(out + (j0 + r) * ldo + 16 * w, _mm512_mul_ps(f, acc[r][w]));
+}
+
+// out [n, d] = scale * S^T V (d % 16 == 0) by transposed_tile over tiles of 8 output rows and 32 (or 16) columns:
+// the dK and dV of one head (the BLAS product with a transposed [n, n] operand was slow at these small sizes).
+void transposed_product(const float *s, int64_t n, const float *v, int64_t ldv, int64_t d, float scale, float *out,
+                        int64_t ldo) {
+  for (int64_t j0 = 0; j0 < n; j0 += kTileRows) {
+    const int64_t keys = std::min(kTileRows, n - j0);
+    int64_t c0 = 0;
+    if (keys == kTileRows) {
+      for (; c0 + 32 <= d; c0 += 32) transposed_tile<2, true>(s, n, n, v + c0, ldv, j0, keys, scale, out + c0, ldo);
+      if (c0 < d) transposed_tile<1, true>(s, n, n, v + c0, ldv, j0, keys, scale, out + c0, ldo);
+    } else {
+      for (; c0 + 32 <= d; c0 += 32) transposed_tile<2, false>(s, n, n, v + c0, ldv, j0, keys, scale, out + c0, ldo);
+      if (c0 < d) transposed_tile<1, false>(s, n, n, v + c0, ldv, j0, keys, scale, out + c0, ldo);
+    }
+  }
+}
+
 // head_backward with the same tiles for the two products whose inner size is d or n over 32-row groups:
 // dP = dC V^T (V packed in panels like the keys) and dQ = dS K / sqrt d; dK and dV (sums over the query rows)
 // through BLAS from the stored dS [n, n] (ws) and P. scratch: attention_scratch(d, n, n) floats.
@@ -404,8 +503,8 @@ void head_backward_tiled(const HeadTask &t, const float *qkv, const float *probs
     for (int64_t r = 0; r < m; ++r)
       for (int64_t c = 0; c < d; ++c) dq[(r0 + r) * ld + c] = scale * acc[r * d + c];
   }
-  sgemm(true, false, n, d, n, scale, ws, n, q, ld, 0.0f, dk, ld);
-  sgemm(true, false, n, d, n, 1.0f, p, n, dc, hidden, 0.0f, dv, ld);
+  transposed_product(ws, n, q, ld, d, scale, dk, ld);
+  transposed_product(p, n, dc, hidden, d, 1.0f, dv, ld);
 }
 #endif  // __AVX512F__
 
@@ -492,11 +591,6 @@ struct Projections {
   }
 };
 
-#define FOR_ROW_BLOCKS(rows, r0, n)                                 \
-  _Pragma("omp for schedule(dynamic, 1)")                           \
-  for (int64_t r0 = 0; r0 < (rows); r0 += kRows)                    \
-    for (int64_t n = std::min(kRows, (rows) - r0), once_ = 1; once_; once_ = 0)
-
 // Self-attention sub-layer forward, y = LayerNorm(x + Attention(x W_qkv^T + b_qkv) W_o^T + b_o).
 // inputs:  0 x [T, H], then the projections (2 or 6 tensors, see Projections), then w_o [H, H], b_o [H], gamma [H],
 //          beta [H], eps [1], offsets [B+1] i32, heads [heads] i32, layout [sum_b n_b^2] (of these two only the
@@ -531,13 +625,12 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) head_forward_any(tasks[i], qkv, h, d, scratch.data(), probs, ctx);
     PROF("af.heads")
-    par_gemm(false, true, rows, h, h, 1.0f, ctx, h, wo, h, 0.0f, y, h);
-    PROF("af.out_gemm")
-    FOR_ROW_BLOCKS(rows, r0, n) {
+    par_chunks(rows, [&](int64_t r0, int64_t n) {
+      sgemm(false, true, n, h, h, 1.0f, ctx + r0 * h, h, wo, h, 0.0f, y + r0 * h, h);
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, bo, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
-    }
-    PROF("af.ln")
+    });
+    PROF("af.out_gemm_ln")
   }
   return 0;
 }
@@ -571,32 +664,36 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   int64_t longest = 1;
   if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 4][0], tasks, longest)) return 2;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size(), blocks = blocks_of(rows);
-  Scratch part(std::max<int64_t>(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 3 * h * h));
+  Scratch part(std::max<int64_t>(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 4 * h * h));
   Scratch wcat(parts == 1 ? 0 : 3 * h * h);
   float *const ln_outs[3] = {dgamma, dbeta, dbo}, *const dwo_out[1] = {dwo};
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
-    FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
-    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
-    PROF("ab.ln_bwd")
-    par_gemm(false, false, rows, h, h, 1.0f, dx, h, wo, h, 0.0f, dctx, h);
-    PROF("ab.dctx_gemm")
-    par_gemm_k(h, h, rows, dx, h, ctx, h, part.data(), dwo_out, h);
-    PROF("ab.dwo_gemm")
+    par_chunks(rows, [&](int64_t r0, int64_t n) {                              // dx holds dz from here
+      for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
+        layer_norm_backward_block(dy, xhat, rstd, gamma, h, b0, std::min(kRows, r0 + n - b0), dx,
+                                  part.data() + b0 / kRows * 3 * h);
+      sgemm(false, false, n, h, h, 1.0f, dx + r0 * h, h, wo, h, 0.0f, dctx + r0 * h, h);
+    });
+    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);
+    PROF("ab.ln_bwd_dctx_gemm")
     Scratch ws(longest * longest), scratch(attention_scratch(d, longest, longest));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) head_backward_any(tasks[i], qkv, probs, dctx, h, d, scratch.data(), ws.data(), dqkv);
     PROF("ab.heads")
-    FOR_ROW_BLOCKS(rows, r0, n) colsum_block(dqkv, 3 * h, r0, n, part.data() + r0 / kRows * 3 * h);
-    reduce_blocks(part.data(), blocks, 3 * h, db, h);
-    PROF("ab.dbqkv")
-    par_gemm_k(3 * h, h, rows, dqkv, 3 * h, x, h, part.data(), dw, h);
-    PROF("ab.dwqkv_gemm")
+    const WeightGrad grads[2] = {{3 * h, h, dqkv, 3 * h, x, h, dw, h}, {h, h, dx, h, ctx, h, dwo_out, h}};
+    par_weight_grads(grads, 2, rows, part.data());                             // dx still holds dz
+    PROF("ab.dwqkv_dwo_gemm")
     pr.gather(wcat.data(), nullptr, h);
-    par_gemm(false, false, rows, h, 3 * h, 1.0f, dqkv, 3 * h, pr.wqkv, h, 1.0f, dx, h);  // dx = dz + dqkv W_qkv
-    PROF("ab.dx_gemm")
+    par_chunks(rows, [&](int64_t r0, int64_t n) {                              // dx = dz + dqkv W_qkv
+      for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
+        colsum_block(dqkv, 3 * h, b0, std::min(kRows, r0 + n - b0), part.data() + b0 / kRows * 3 * h);
+      sgemm(false, false, n, h, 3 * h, 1.0f, dqkv + r0 * 3 * h, 3 * h, pr.wqkv, h, 1.0f, dx + r0 * h, h);
+    });
+    reduce_blocks(part.data(), blocks, 3 * h, db, h);
+    PROF("ab.dbqkv_dx_gemm")
   }
   return 0;
 }
@@ -618,17 +715,14 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
   PROF_START();
 #pragma omp parallel
   {
-    par_gemm(false, true, rows, f, h, 1.0f, x, h, w1, h, 0.0f, pre, f);
-    PROF("ff.w1_gemm")
-    FOR_ROW_BLOCKS(rows, r0, n) bias_gelu_rows(pre, b1, act, r0, n, f);
-    PROF("ff.gelu")
-    par_gemm(false, true, rows, h, f, 1.0f, act, f, w2, f, 0.0f, y, h);
-    PROF("ff.w2_gemm")
-    FOR_ROW_BLOCKS(rows, r0, n) {
+    par_chunks(rows, [&](int64_t r0, int64_t n) {
+      sgemm(false, true, n, f, h, 1.0f, x + r0 * h, h, w1, h, 0.0f, pre + r0 * f, f);
+      bias_gelu_rows(pre, b1, act, r0, n, f);
+      sgemm(false, true, n, h, f, 1.0f, act + r0 * f, f, w2, f, 0.0f, y + r0 * h, h);
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, b2, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
-    }
-    PROF("ff.ln")
+    });
+    PROF("ff.all")
   }
   return 0;
 }
@@ -636,37 +730,41 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
 // Feed-forward sub-layer backward.
 // inputs:  0 dy [T, H], 1 x, 2 w1 [F, H], 3 w2 [H, F], 4 gamma, 5 dgelu [T, F], 6 act [T, F], 7 xhat, 8 rstd
 // outputs: 9 dx [T, H], 10 dw1 [F, H], 11 db1 [F], 12 dw2 [H, F], 13 db2 [H], 14 dgamma, 15 dbeta [H],
-//          16 dpre [T, F] (work space)
+//          then work space: 16 dpre [T, F], 17 dz [T, H] (the gradient at the LayerNorm input)
 int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 17 || !blas().sgemm) return 1;
+  if (nparam != 18 || !blas().sgemm) return 1;
   const float *dy = (const float *)params[0], *x = (const float *)params[1], *w1 = (const float *)params[2];
   const float *w2 = (const float *)params[3], *gamma = (const float *)params[4], *dgelu = (const float *)params[5];
   const float *act = (const float *)params[6], *xhat = (const float *)params[7], *rstd = (const float *)params[8];
   float *dx = (float *)params[9], *dw1 = (float *)params[10], *db1 = (float *)params[11];
   float *dw2 = (float *)params[12], *db2 = (float *)params[13], *dgamma = (float *)params[14];
-  float *dbeta = (float *)params[15], *dpre = (float *)params[16];
+  float *dbeta = (float *)params[15], *dpre = (float *)params[16], *dz = (float *)params[17];
   const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[2][0], blocks = blocks_of(rows);
-  Scratch part(std::max(std::max<int64_t>(blocks, 1) * std::max(3 * h, f), omp_get_max_threads() * f * h));
+  Scratch part(std::max(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 2 * f * h));
+  Scratch gpart(std::max<int64_t>(blocks, 1) * f);
   float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1}, *const dw1_out[1] = {dw1};
   float *const dw2_out[1] = {dw2};
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
-    FOR_ROW_BLOCKS(rows, r0, n) layer_norm_backward_block(dy, xhat, rstd, gamma, h, r0, n, dx, part.data() + r0 / kRows * 3 * h);
-    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);                     // dx holds dz from here
-    PROF("fb.ln_bwd")
-    par_gemm(false, false, rows, f, h, 1.0f, dx, h, w2, f, 0.0f, dpre, f);     // d act = dz W2
-    PROF("fb.dact_gemm")
-    FOR_ROW_BLOCKS(rows, r0, n) gelu_backward_block(dgelu, dpre, f, r0, n, part.data() + r0 / kRows * f);
-    reduce_blocks(part.data(), blocks, f, bias_out, f);
-    PROF("fb.gelu_bwd")
-    par_gemm_k(h, f, rows, dx, h, act, f, part.data(), dw2_out, h);
-    PROF("fb.dw2_gemm")
-    par_gemm_k(f, h, rows, dpre, f, x, h, part.data(), dw1_out, f);
-    PROF("fb.dw1_gemm")
-    par_gemm(false, false, rows, h, f, 1.0f, dpre, f, w1, h, 1.0f, dx, h);     // dx = dz + dpre W1
-    PROF("fb.dx_gemm")
+    // Per chunk of rows: dz (LayerNorm backward), d act = dz W2, dpre = d act * GELU', dx = dz + dpre W1.
+    par_chunks(rows, [&](int64_t r0, int64_t n) {
+      for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
+        layer_norm_backward_block(dy, xhat, rstd, gamma, h, b0, std::min(kRows, r0 + n - b0), dz,
+                                  part.data() + b0 / kRows * 3 * h);
+      sgemm(false, false, n, f, h, 1.0f, dz + r0 * h, h, w2, f, 0.0f, dpre + r0 * f, f);
+      for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
+        gelu_backward_block(dgelu, dpre, f, b0, std::min(kRows, r0 + n - b0), gpart.data() + b0 / kRows * f);
+      std::memcpy(dx + r0 * h, dz + r0 * h, n * h * sizeof(float));
+      sgemm(false, false, n, h, f, 1.0f, dpre + r0 * f, f, w1, h, 1.0f, dx + r0 * h, h);
+    });
+    reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);
+    reduce_blocks(gpart.data(), blocks, f, bias_out, f);
+    PROF("fb.ln_dact_gelu_dx")
+    const WeightGrad grads[2] = {{h, f, dz, h, act, f, dw2_out, h}, {f, h, dpre, f, x, h, dw1_out, f}};
+    par_weight_grads(grads, 2, rows, part.data());
+    PROF("fb.dw2_dw1_gemm")
   }
   return 0;
 }
