@@ -123,6 +123,7 @@ def jit_trainable_layers(trainer) -> None:
             return x
 
     stack, plain = Stack(), enc.run_layers
+    trainer.net.use_cpu_kernels = False     # the experiment is MindSpore's own layers, compiled: not the fused kernels
 
     def run_layers(x, bias, start, end):
         return stack(x, bias) if (start, end) == (lo, hi) else plain(x, bias, start, end)
@@ -138,6 +139,9 @@ def jit_trainable_layers(trainer) -> None:
             update = (opt.m[i] / c1) / (ops.sqrt(opt.v[i] / c2) + opt.eps) + p * opt.decay[i]
             ops.assign(p, p - update * (lr * opt.lr_scales[i]))
 
+    opt.m, opt.v = ([ms.Tensor(np.asarray(x.asnumpy() if isinstance(x, ms.Tensor) else x)) for x in xs]
+                    for xs in (opt.m, opt.v))
+    opt.fused = False                 # clip_and_step then calls the step below, on MindSpore tensors
     opt.step = step_in_place
 
 

@@ -38,6 +38,7 @@ use the register tiles of ``kernels_common.h`` (``BGEM3_ATTENTION_BLAS=1``: Open
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 from pathlib import Path
 
@@ -184,3 +185,35 @@ def layers_train_padded(x: Tensor, layers, mask: np.ndarray, heads: int, eps) ->
     for layer in layers:
         y = layer_train(y, layer, p.offsets, heads, eps)
     return p.unpack(y)
+
+
+def adamw_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, gscale: float, b1: float, b2: float,
+               c1: float, c2: float, eps: float, decay: float, lr: float) -> np.ndarray:
+    """One AdamW step on float32 C-contiguous arrays of one shape: returns the new parameter (a new array; ``m``
+    and ``v`` are updated in place), the arithmetic of ``training.optim.AdamW.step`` on the gradient ``g * gscale``,
+    in one pass (OpenMP).
+
+    At step 1 (c1 = 1 - 0.9, c2 = 1 - 0.999) the update is g / |g| = 1 per value, times lr:
+
+    >>> p, g = np.ones(3, np.float32), np.full(3, 0.5, np.float32)
+    >>> m, v = np.zeros(3, np.float32), np.zeros(3, np.float32)
+    >>> new = adamw_step(p, g, m, v, gscale=1.0, b1=0.9, b2=0.999, c1=0.1, c2=1e-3, eps=1e-8, decay=0.0, lr=0.1)
+    >>> new.round(5), m.round(5)
+    (array([0.9, 0.9, 0.9], dtype=float32), array([0.05, 0.05, 0.05], dtype=float32))
+    """
+    arrays = (p, g, m, v)
+    if not all(a.dtype == np.float32 and a.flags.c_contiguous and a.shape == p.shape for a in arrays):
+        raise ValueError("adamw_step needs float32 C-contiguous arrays of one shape")
+    if not (m.flags.writeable and v.flags.writeable):
+        raise ValueError("adamw_step updates m and v in place: they must be writeable")
+    if not available():
+        raise RuntimeError("fused CPU training kernels are not available on this machine")
+    if "adamw" not in _state:
+        fn = ctypes.CDLL(str(_state["lib"])).m3t_adamw
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 10
+        _state["adamw"] = fn
+    out = np.empty_like(p)
+    _state["adamw"](p.ctypes.data, out.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size, gscale,
+                    b1, 1.0 - b1, b2, 1.0 - b2, c1, c2, eps, decay, lr)
+    return out

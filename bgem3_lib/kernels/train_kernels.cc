@@ -24,6 +24,8 @@
 //
 // Kernel ABI (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                   const char **dtypes, void *stream, void *extra); inputs then outputs.
+#include <cmath>
+
 #include "kernels_common.h"
 
 namespace {
@@ -802,6 +804,26 @@ int m3t_scatter_rows(int nparam, void **params, int *, int64_t **shapes, const c
   for (int64_t i = 0; i < n; ++i)
     if (idx[i] >= 0) std::memcpy(dx + (int64_t)idx[i] * h, dy + i * h, h * sizeof(float));
   return 0;
+}
+
+// One AdamW step over a parameter's n values p -> out, m and v in place (not the aot ABI: called through ctypes on
+// NumPy arrays), the arithmetic of training/optim.py's AdamW in the same order, with the gradient first scaled by
+// the clipping factor gscale:
+//   g' = g * gscale;  m = m * b1 + g' * a1;  v = v * b2 + (g' * g') * a2        (a1 = 1 - b1, a2 = 1 - b2)
+//   out = p - ((m / c1) / (sqrt(v / c2) + eps) + p * decay) * lr      (c1 = 1 - b1^t, c2 = 1 - b2^t)
+// (1 - b1) and (1 - b2) arrive computed in double, as Python computes them: 1 - float(0.999) is 1.3e-5 off.
+void m3t_adamw(const float *p, float *out, const float *g, float *m, float *v, int64_t n, float gscale, float b1,
+               float a1, float b2, float a2, float c1, float c2, float eps, float decay, float lr) {
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) {
+    const float gs = gscale == 1.0f ? g[i] : g[i] * gscale;
+    const float mi = m[i] * b1 + gs * a1, vi = v[i] * b2 + (gs * gs) * a2;
+    float update = (mi / c1) / (std::sqrt(vi / c2) + eps);
+    if (decay != 0.0f) update = update + p[i] * decay;
+    m[i] = mi;
+    v[i] = vi;
+    out[i] = p[i] - update * lr;
+  }
 }
 
 }  // extern "C"

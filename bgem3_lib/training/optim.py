@@ -11,6 +11,11 @@ Per parameter ``p`` with gradient ``g`` at step ``t`` (1-based) and learning rat
 
 Weight decay is skipped for biases and LayerNorm parameters (``decay=False``).
 
+On CPU with the fused kernels (``kernels.train.available()``) and float32 parameters, ``clip_and_step`` runs the
+clipping norm (one BLAS dot per gradient) and the whole update (one pass per parameter into a new buffer that
+the parameter takes over, ``m`` and ``v`` kept as NumPy arrays) outside MindSpore's per-op dispatch: with four trainable
+layers (68 tensors) the MindSpore ops took 136 ms of a 1.46 s step. Same arithmetic, same order.
+
 >>> [round(lr_at(s, 1.0, warmup=2, total=6), 3) for s in range(6)]
 [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, ops
 
@@ -65,12 +71,32 @@ class AdamW:
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.decay = [0.0 if no_decay(p.name) else self.weight_decay for p in self.params]
         self.t = 0
-        self.m = [ops.zeros(p.shape, p.dtype) for p in self.params]
-        self.v = [ops.zeros(p.shape, p.dtype) for p in self.params]
+        self.fused = _fused_ready(self.params)
+        zeros = (lambda p: np.zeros(p.shape, np.float32)) if self.fused else (lambda p: ops.zeros(p.shape, p.dtype))
+        self.m = [zeros(p) for p in self.params]
+        self.v = [zeros(p) for p in self.params]
+
+    def clip_and_step(self, grads: tuple, max_norm: float, lr: float) -> float:
+        """:func:`clip_by_global_norm` then :meth:`step`, fused on CPU (see the module docstring); returns the
+        gradient norm before clipping."""
+        if not self.fused:
+            grads, norm = clip_by_global_norm(grads, max_norm)
+            self.step(grads, lr)
+            return norm
+        arrays = [np.ascontiguousarray(g.asnumpy(), np.float32) for g in grads]
+        norm = math.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in arrays))
+        if not math.isfinite(norm):
+            raise FloatingPointError(f"gradient norm is {norm}: the loss produced NaN/inf gradients")
+        scale = 1.0 if max_norm <= 0 or norm <= max_norm else max_norm / (norm + 1e-6)
+        self._fused_step(arrays, lr, scale)
+        return norm
 
     def step(self, grads: tuple, lr: float) -> None:
         if len(grads) != len(self.params):
             raise ValueError(f"{len(grads)} gradients for {len(self.params)} parameters")
+        if self.fused:
+            self._fused_step([np.ascontiguousarray(g.asnumpy(), np.float32) for g in grads], lr, 1.0)
+            return
         self.t += 1
         c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
         div = ops.RealDiv()        # the quotients of ``/``; MindSpore's CPU ``Div`` kernel is several times slower
@@ -84,11 +110,27 @@ class AdamW:
                 update = update + p * self.decay[i]
             p.set_data(p - update * (lr * self.lr_scales[i]))
 
+    def _fused_step(self, grads: list, lr: float, gscale: float) -> None:
+        from ..kernels import train as train_kernels
+        if len(grads) != len(self.params):
+            raise ValueError(f"{len(grads)} gradients for {len(self.params)} parameters")
+        self.t += 1
+        c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            if tuple(g.shape) != tuple(p.shape):
+                raise ValueError(f"gradient of {p.name} has shape {g.shape}, parameter {p.shape}")
+            data = np.ascontiguousarray(p.asnumpy(), np.float32)
+            new = train_kernels.adamw_step(data, g, self.m[i], self.v[i], gscale=gscale, b1=self.b1, b2=self.b2,
+                                           c1=c1, c2=c2, eps=self.eps, decay=self.decay[i], lr=lr * self.lr_scales[i])
+            p.set_data(Tensor.from_numpy(new))     # a new buffer, as set_data(p - update) gave: no view of p changes
+
     def state_dict(self) -> dict:
-        """``{"t": int, "m": {name: array}, "v": {name: array}}``."""
+        """``{"t": int, "m": {name: array}, "v": {name: array}}`` (copies)."""
+        def array(x):
+            return np.array(x) if isinstance(x, np.ndarray) else x.asnumpy()
         return {"t": self.t,
-                "m": {p.name: m.asnumpy() for p, m in zip(self.params, self.m)},
-                "v": {p.name: v.asnumpy() for p, v in zip(self.params, self.v)}}
+                "m": {p.name: array(m) for p, m in zip(self.params, self.m)},
+                "v": {p.name: array(v) for p, v in zip(self.params, self.v)}}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("m", "v"):
@@ -100,5 +142,13 @@ class AdamW:
                 arr = np.asarray(state[key][p.name])
                 if arr.shape != tuple(p.shape):
                     raise ValueError(f"optimizer {key} of {p.name} has shape {arr.shape}, expected {p.shape}")
-                store[i] = Tensor(arr.astype(np.float32), p.dtype)
+                store[i] = np.array(arr, np.float32) if self.fused else Tensor(arr.astype(np.float32), p.dtype)
         self.t = int(state["t"])
+
+
+def _fused_ready(params: list) -> bool:
+    """True when :class:`AdamW` can run its fused CPU step: float32 parameters, the training kernels built."""
+    if not all(p.dtype == ms.float32 for p in params):
+        return False
+    from ..kernels import train as train_kernels
+    return train_kernels.available()

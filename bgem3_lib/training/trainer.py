@@ -53,7 +53,7 @@ from ..paths import atomic_write
 from ..progress import tqdm
 from ..retrieval.modes import TEACHER_WEIGHTS
 from .bucketing import LengthBucketSampler, length_chunks
-from .optim import AdamW, clip_by_global_norm, lr_at
+from .optim import AdamW, lr_at
 from .train_model import PART_NAMES, M3TrainNet, TextStore, as_chunks  # noqa: F401 (TextStore re-exported)
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -200,9 +200,8 @@ class Trainer:
         if self.world > 1:
             reduce = ops.AllReduce()
             grads = tuple(reduce(g) / self.world for g in grads)
-        grads, norm = clip_by_global_norm(grads, self.cfg.clip_norm)
         lr = lr_at(self.step, 1.0, self.cfg.warmup_steps, self.cfg.steps)   # x each parameter's peak
-        self.opt.step(grads, lr)
+        norm = self.opt.clip_and_step(grads, self.cfg.clip_norm, lr)       # clip_by_global_norm, then AdamW
         self.step += 1
         rec = {"step": self.step, "lr_factor": lr, "loss": float(total.asnumpy()), "grad_norm": norm,
                "batch_size": len(examples), "padded_len": padded_len, "tokens": real, "padded_tokens": padded,

@@ -174,3 +174,30 @@ def test_clip_hand_worked_and_non_finite():
     for bad in (np.nan, np.inf):
         with pytest.raises(FloatingPointError, match="NaN/inf"):
             clip_by_global_norm((ms.Tensor(np.array([1.0, bad], np.float32)),), 1.0)
+
+
+def test_fused_cpu_step_equals_the_mindspore_step():
+    """``clip_and_step`` on the fused CPU kernel (the trainer's path on CPU) against the MindSpore ops path
+    (``clip_by_global_norm`` + ``step``, what runs on Ascend/GPU) over 4 steps, clipping active in some: the same
+    parameters, moments and norms to float32 rounding."""
+    sides = []
+    for fused in (True, False):
+        rng, init, params, _, opt = _setup(seed=5)
+        if fused and not opt.fused:
+            pytest.skip("fused CPU training kernels not available here")
+        if not fused:
+            opt.fused = False
+            opt.m = [ms.ops.zeros(p.shape, p.dtype) for p in params]
+            opt.v = [ms.ops.zeros(p.shape, p.dtype) for p in params]
+        norms = [opt.clip_and_step(tuple(ms.Tensor(rng.normal(scale=s, size=v.shape).astype(np.float32))
+                                         for v in init.values()), 1.0, 0.01)
+                 for s in (0.1, 3.0, 0.2, 5.0)]
+        state = opt.state_dict()
+        sides.append((norms, {p.name: p.asnumpy().copy() for p in params}, state["m"], state["v"]))
+    (n_f, p_f, m_f, v_f), (n_m, p_m, m_m, v_m) = sides
+    assert max(n_f) > 1.0 > min(n_f)                       # the clip both applied and not
+    np.testing.assert_allclose(n_f, n_m, rtol=1e-6)
+    for k in p_m:
+        np.testing.assert_allclose(p_f[k], p_m[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        np.testing.assert_allclose(m_f[k], m_m[k], rtol=1e-5, atol=1e-9, err_msg=k)
+        np.testing.assert_allclose(v_f[k], v_m[k], rtol=1e-5, atol=1e-12, err_msg=k)
