@@ -119,6 +119,18 @@ def available() -> bool:
     return _state["lib"] is not None
 
 
+def library_built(state: dict, source: Path, what: str) -> bool:
+    """Build ``source`` once into ``state["lib"]`` (its path, or None after a failed build, with a warning that
+    names ``what``); True when it is there. For the kernel libraries beside ``cpu_kernels.cc``."""
+    if "lib" not in state:
+        try:
+            state["lib"] = build_library(source)
+        except (RuntimeError, OSError) as exc:
+            warnings.warn(f"{what} unavailable: {exc}", stacklevel=3)
+            state["lib"] = None
+    return state["lib"] is not None
+
+
 def custom_op(state: dict, name: str, out_shape, ready, unavailable: str) -> ops.Custom:
     """Kernel ``name`` of the library ``state["lib"]`` as a float32-output aot ``ops.Custom`` with shape rule
     ``out_shape`` (input shapes -> output shape), made once and kept in ``state[name]``. The first call for a name

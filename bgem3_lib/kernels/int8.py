@@ -27,7 +27,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-import warnings
 from pathlib import Path
 
 import mindspore as ms
@@ -142,13 +141,7 @@ def available() -> bool:
     and share the BLAS), and ``int8_kernels.cc`` built. Never raises."""
     if os.environ.get("BGEM3_CPU_KERNELS", "1") == "0" or _device() != "CPU" or not cpu.available():
         return False
-    if "lib" not in _state:
-        try:
-            _state["lib"] = cpu.build_library(SOURCE)
-        except (RuntimeError, OSError) as exc:
-            warnings.warn(f"int8 CPU kernels unavailable: {exc}", stacklevel=2)
-            _state["lib"] = None
-    return _state["lib"] is not None
+    return cpu.library_built(_state, SOURCE, "int8 CPU kernels")
 
 
 def uses_vnni() -> bool:

@@ -90,7 +90,7 @@ inline float fast_exp(float x) {
 // erfc(z) for z >= 0 by the Chebyshev fit t*exp(-z^2 + P(t)), t = 1/(1 + z/2) (Numerical Recipes
 // erfcc, fractional error < 1.2e-7); GELU(x) = x * Phi(x) = x * (1 - erfc(x/sqrt2)/2) for x >= 0
 // and x * erfc(-x/sqrt2)/2 for x < 0, which keeps the relative accuracy in the negative tail.
-inline float gelu_erf(float x) {
+inline float normal_cdf(float x) {  // Phi(x)
   float z = std::fabs(x) * 0.70710678118654752f;
   float t = 1.0f / (1.0f + 0.5f * z);
   float p = 0.17087277f;
@@ -104,8 +104,10 @@ inline float gelu_erf(float x) {
   p = p * t + 1.00002368f;
   p = p * t - 1.26551223f;
   float half_erfc = 0.5f * t * fast_exp(-z * z + p);
-  return x >= 0.0f ? x * (1.0f - half_erfc) : x * half_erfc;
+  return x >= 0.0f ? 1.0f - half_erfc : half_erfc;
 }
+
+inline float gelu_erf(float x) { return x * normal_cdf(x); }
 
 #if defined(__AVX512F__)
 // fast_exp on 16 lanes: same clamp, same reduction and polynomial; 2^n applied by scalef.
@@ -126,8 +128,8 @@ inline __m512 exp16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// gelu_erf on 16 lanes: the same erfc fit and the same two branches, as a blend.
-inline __m512 gelu16(__m512 x) {
+// normal_cdf on 16 lanes: the same erfc fit and the same two branches, as a blend.
+inline __m512 normal_cdf16(__m512 x) {
   const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
   const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
   __m512 p = _mm512_set1_ps(0.17087277f);
@@ -143,9 +145,11 @@ inline __m512 gelu16(__m512 x) {
   const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), t),
                                          exp16(_mm512_fnmadd_ps(z, z, p)));
   const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
-  const __m512 phi = _mm512_mask_sub_ps(half_erfc, positive, _mm512_set1_ps(1.0f), half_erfc);
-  return _mm512_mul_ps(x, phi);
+  return _mm512_mask_sub_ps(half_erfc, positive, _mm512_set1_ps(1.0f), half_erfc);
 }
+
+// gelu_erf on 16 lanes.
+inline __m512 gelu16(__m512 x) { return _mm512_mul_ps(x, normal_cdf16(x)); }
 #endif  // __AVX512F__
 
 // row <- LayerNorm(row + bias + residual) * gamma + beta  (biased variance, eps inside the sqrt).

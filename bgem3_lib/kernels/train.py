@@ -39,7 +39,6 @@ use the register tiles of ``kernels_common.h`` (``BGEM3_ATTENTION_BLAS=1``: Open
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import mindspore as ms
@@ -54,15 +53,7 @@ _state: dict = {}
 
 def available() -> bool:
     """True when the training kernels can run here (CPU device, library built); never raises."""
-    if not cpu.available():
-        return False
-    if "lib" not in _state:
-        try:
-            _state["lib"] = cpu.build_library(SOURCE)
-        except (RuntimeError, OSError) as exc:
-            warnings.warn(f"fused CPU training kernels unavailable: {exc}", stacklevel=2)
-            _state["lib"] = None
-    return _state["lib"] is not None
+    return cpu.available() and cpu.library_built(_state, SOURCE, "fused CPU training kernels")
 
 
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None) -> ops.Custom:

@@ -241,47 +241,17 @@ inline void colsum_block(const float *m, int64_t width, int64_t r0, int64_t n, f
   }
 }
 
-// GELU(x) = x Phi(x) and GELU'(x) = Phi(x) + x phi(x), Phi by the erfc fit of gelu_erf (kernels_common.h),
-// in one pass: the forward keeps GELU' for the backward instead of the GELU input.
-inline float erfc_poly(float t) {
-  float p = 0.17087277f;
-  p = p * t - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  return p;
-}
-
+// GELU(x) = x Phi(x) and GELU'(x) = Phi(x) + x phi(x), Phi by kernels_common.h's erfc fit (normal_cdf), in one
+// pass: the forward keeps GELU' for the backward instead of the GELU input.
 inline void gelu_and_grad(float x, float *g, float *dg) {
-  const float z = std::fabs(x) * 0.70710678118654752f, t = 1.0f / (1.0f + 0.5f * z);
-  const float half_erfc = 0.5f * t * fast_exp(-z * z + erfc_poly(t));
-  const float phi = x >= 0.0f ? 1.0f - half_erfc : half_erfc;
+  const float phi = normal_cdf(x);
   *g = x * phi;
   *dg = phi + x * 0.39894228040143268f * fast_exp(-0.5f * x * x);
 }
 
 #if defined(__AVX512F__)
 inline void gelu_and_grad16(__m512 x, __m512 *g, __m512 *dg) {
-  const __m512 z = _mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(0.70710678118654752f));
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_set1_ps(0.5f), z, _mm512_set1_ps(1.0f)));
-  __m512 p = _mm512_set1_ps(0.17087277f);
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.82215223f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.48851587f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.13520398f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.27886807f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.18628806f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.09678418f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.37409196f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.00002368f));
-  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.26551223f));
-  const __m512 half_erfc = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), t), exp16(_mm512_fnmadd_ps(z, z, p)));
-  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ);
-  const __m512 phi = _mm512_mask_sub_ps(half_erfc, positive, _mm512_set1_ps(1.0f), half_erfc);
+  const __m512 phi = normal_cdf16(x);
   const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(0.39894228040143268f),
                                    exp16(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(x, x))));
   *g = _mm512_mul_ps(x, phi);
