@@ -152,6 +152,18 @@ inline __m512 normal_cdf16(__m512 x) {
 inline __m512 gelu16(__m512 x) { return _mm512_mul_ps(x, normal_cdf16(x)); }
 #endif  // __AVX512F__
 
+// A row's mean and 1 / sqrt(biased variance + eps), as LayerNorm takes them.
+inline void norm_moments(const float *row, int64_t h, float eps, float *mean_out, float *inv_out) {
+  float sum = 0.0f, sq = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < h; ++j) sum += row[j];
+  const float mean = sum / (float)h;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < h; ++j) sq += (row[j] - mean) * (row[j] - mean);
+  *mean_out = mean;
+  *inv_out = 1.0f / std::sqrt(sq / (float)h + eps);
+}
+
 // row <- LayerNorm(row + bias + residual) * gamma + beta  (biased variance, eps inside the sqrt).
 inline void add_layer_norm(float *row, const float *bias, const float *res, const float *gamma,
                            const float *beta, int64_t h, float eps) {
@@ -160,13 +172,8 @@ inline void add_layer_norm(float *row, const float *bias, const float *res, cons
   } else {
     for (int64_t j = 0; j < h; ++j) row[j] += bias[j];
   }
-  float sum = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < h; ++j) sum += row[j];
-  const float mean = sum / (float)h;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < h; ++j) sq += (row[j] - mean) * (row[j] - mean);
-  const float inv = 1.0f / std::sqrt(sq / (float)h + eps);
+  float mean, inv;
+  norm_moments(row, h, eps, &mean, &inv);
   for (int64_t j = 0; j < h; ++j) row[j] = (row[j] - mean) * inv * gamma[j] + beta[j];
 }
 

@@ -186,13 +186,8 @@ void reduce_blocks(const float *part, int64_t blocks, int64_t width, float *cons
 inline void add_layer_norm_save(float *row, const float *bias, const float *res, const float *gamma,
                                 const float *beta, int64_t h, float eps, float *xhat, float *rstd) {
   for (int64_t j = 0; j < h; ++j) row[j] += bias[j] + res[j];
-  float sum = 0.0f, sq = 0.0f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < h; ++j) sum += row[j];
-  const float mean = sum / (float)h;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < h; ++j) sq += (row[j] - mean) * (row[j] - mean);
-  const float inv = 1.0f / std::sqrt(sq / (float)h + eps);
+  float mean, inv;
+  norm_moments(row, h, eps, &mean, &inv);
   for (int64_t j = 0; j < h; ++j) {
     const float xh = (row[j] - mean) * inv;
     xhat[j] = xh;
