@@ -17,14 +17,18 @@ Tokens are packed, ``x [T, H]`` with sequence b in rows ``offsets[b]:offsets[b+1
 * ``layer_train_padded(x [B, L, H], layer, mask, heads, eps) -> [B, L, H]``: pack, ``layer_train``, unpack;
   ``layers_train_padded(x, layers, mask, heads, eps)`` the same for a stack (packed once).
 
-What each forward keeps for its backward (extra outputs, handed back to ``bprop`` as ``out``; only the first
-output may be used, the gradients arriving at the others are ignored), per layer at T tokens, F = 4H:
+What each forward keeps for its backward stays in the library under a token (an input of both kernels; not
+extra op outputs, whose gradients MindSpore would zero-fill), is read by the backward and then reused; per
+layer at T tokens, F = 4H:
 
-* attention: ``y [T, H]``, ``qkv [T, 3H]``, ``ctx [T, H]`` (attention output before W_o), ``probs [heads *
-  sum_b n_b^2]`` (softmax probabilities, per sequence and head a row-major [n_b, n_b]), ``xhat [T, H]``
-  (normalised pre-norm sum), ``rstd [T]`` (1 / sqrt(var + eps));
-* feed-forward: ``y [T, H]``, ``dgelu [T, F]`` (GELU' at the GELU input), ``act [T, F]`` (the GELU output),
-  ``xhat``, ``rstd``.
+* attention: ``qkv [T, 3H]``, ``ctx [T, H]`` (attention output before W_o), ``probs [heads * sum_b n_b^2]``
+  (softmax probabilities, per sequence and head a row-major [n_b, n_b]), ``xhat [T, H]`` (normalised pre-norm
+  sum), ``rstd [T]`` (1 / sqrt(var + eps));
+* feed-forward: ``dgelu [T, F]`` (GELU' at the GELU input), ``act [T, F]`` (the GELU output), ``xhat``, ``rstd``.
+
+``begin_pass()`` gives back what forwards without a backward left (the trainer calls it per step);
+``saved_count()`` counts what waits for a backward. The heads: ``project_normalize_train`` (the ColBERT
+projection and its normalisation) and ``maxsim_train`` (MaxSim over passage spans).
 
 At M3-small size (H 384, 12 heads) and 5,330 tokens in 40 texts of up to 512 that is about 56 MB of
 probabilities and 115 MB of the rest per layer (the outputs y not counted). The GEMMs go to NumPy's OpenBLAS
@@ -56,13 +60,15 @@ def available() -> bool:
     return cpu.available() and cpu.library_built(_state, SOURCE, "fused CPU training kernels")
 
 
-def _op(name: str, out_shape, outputs: int, bprop=None, key=None) -> ops.Custom:
-    """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` float32 outputs, made once per ``key``."""
+def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:
+    """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` outputs (float32 unless ``dtypes`` lists them),
+    made once per ``key``."""
     key = key or name
     if key not in _state:
         if not available():
             raise RuntimeError("fused CPU training kernels are not available on this machine")
-        dtype = (lambda *t: ms.float32) if outputs == 1 else (lambda *t: (ms.float32,) * outputs)
+        kinds = tuple(dtypes or (ms.float32,) * outputs)
+        dtype = (lambda *t: kinds[0]) if outputs == 1 else (lambda *t: kinds)
         _state[key] = ops.Custom(f"{_state['lib']}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot",
                                  bprop=bprop)
     return _state[key]
@@ -72,23 +78,46 @@ def _zeros(*tensors):
     return tuple(ops.zeros_like(t) for t in tensors)
 
 
+def _token() -> Tensor:
+    """A new key for what one forward call saves for its backward (kept in the library, see train_kernels.cc's
+    SavedStore: as extra op outputs, each would get a zero-filled gradient from MindSpore's autograd)."""
+    _state["token"] = _state.get("token", 0) + 1
+    return Tensor(np.array([_state["token"]], np.int64))
+
+
+def begin_pass() -> None:
+    """Give back the saved buffers of forwards whose backward never ran (e.g. a forward without gradients); call
+    before a training pass. Their memory is kept for reuse; a backward of an earlier forward then fails."""
+    if available():
+        ms.runtime.synchronize()           # no queued kernel of an earlier pass still to read its buffer
+        ctypes.CDLL(str(_state["lib"])).m3t_saved_release_all()
+
+
+def saved_count() -> int:
+    """Forwards whose saved buffers wait for their backward (0 after a complete forward + backward)."""
+    if not available():
+        return 0
+    ms.runtime.synchronize()
+    fn = ctypes.CDLL(str(_state["lib"])).m3t_saved_live
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def _attention_bprop(*args):
-    inputs, out, dout = args[:-2], args[-2], args[-1]
-    x, proj, (wo, _, gamma, _, eps, offsets, heads, layout) = inputs[0], inputs[1:-8], inputs[-8:]
-    _, qkv, ctx, probs, xhat, rstd = out
+    inputs, dout = args[:-2], args[-1]
+    x, proj, (wo, _, gamma, _, eps, offsets, heads, token) = inputs[0], inputs[1:-8], inputs[-8:]
     h = lambda xs: [xs[1]]  # noqa: E731
     bwd = _op("m3t_attention_bwd",
-              lambda dy, xs, *s: (dy, *s[:-9], s[-9], h(xs), h(xs), h(xs), dy, [xs[0], 3 * xs[1]]),
+              lambda dy, xs, *s: (dy, *s[:-5], s[-5], h(xs), h(xs), h(xs), dy, [xs[0], 3 * xs[1]]),
               7 + len(proj), key=("m3t_attention_bwd", len(proj)))
-    grads = bwd(dout[0], x, *proj, wo, gamma, qkv, ctx, probs, xhat, rstd, offsets, heads)[:-2]  # less work space
-    return (*grads, *_zeros(eps, offsets, heads, layout))
+    grads = bwd(dout, x, *proj, wo, gamma, token, offsets, heads)[:-2]          # less work space
+    return (*grads, *_zeros(eps, offsets, heads, token))
 
 
-def _ffn_bprop(x, w1, b1, w2, b2, gamma, beta, eps, out, dout):
-    _, dgelu, act, xhat, rstd = out
-    bwd = _op("m3t_ffn_bwd", lambda dy, xs, w1s, w2s, g, act_s, *s: (dy, w1s, [w1s[0]], w2s, [w2s[0]], g, g, act_s,
-                                                                        dy), 9)
-    return (*bwd(dout[0], x, w1, w2, gamma, dgelu, act, xhat, rstd)[:-2], *_zeros(eps))  # less work space
+def _ffn_bprop(x, w1, b1, w2, b2, gamma, beta, eps, token, out, dout):
+    bwd = _op("m3t_ffn_bwd", lambda dy, xs, w1s, w2s, g, t: (dy, w1s, [w1s[0]], w2s, [w2s[0]], g, g, [dy[0], w1s[0]],
+                                                               dy), 9)
+    return (*bwd(dout, x, w1, w2, gamma, token)[:-2], *_zeros(eps, token))  # less work space
 
 
 def _scalar(value) -> Tensor:
@@ -105,23 +134,19 @@ def attention_block_train(x: Tensor, attention, offsets, heads: int, eps) -> Ten
     """``encoder.SelfAttention`` on packed tokens x [T, H] -> [T, H], differentiable in x and the cell's parameters
     (query / key / value or fused qkv, out, norm). ``offsets``: int32 [B+1] (NumPy or Tensor; read on the host)."""
     off = offsets.asnumpy() if isinstance(offsets, Tensor) else np.asarray(offsets)
-    n = np.diff(off.astype(np.int64))
-    # Output shapes must follow from input shapes (MindSpore caches inferred shapes by them): the number of heads
-    # and the size of the probabilities travel as the lengths of two placeholder inputs.
+    # The number of heads travels as the length of a placeholder input (the backward's output shapes must follow
+    # from its input shapes, which MindSpore caches inferred shapes by).
     head_count = Tensor(np.zeros(heads, np.int32))
-    layout = Tensor(np.zeros(int((n * n).sum()), np.int8))
-    fwd = _op("m3t_attention_fwd", lambda xs, *s: (xs, [xs[0], 3 * xs[1]], xs, [s[-2][0] * s[-1][0]], xs, [xs[0]]),
-              6, bprop=_attention_bprop)
+    fwd = _op("m3t_attention_fwd", lambda xs, *s: xs, 1, bprop=_attention_bprop)
     return fwd(x, *_projections(attention), attention.out.weight, attention.out.bias, attention.norm.gamma,
-               attention.norm.beta, _scalar(eps), Tensor(off.astype(np.int32)), head_count, layout)[0]
+               attention.norm.beta, _scalar(eps), Tensor(off.astype(np.int32)), head_count, _token())
 
 
 def ffn_block_train(x: Tensor, ffn, eps) -> Tensor:
     """``encoder.FeedForward`` (erf GELU) on x [T, H] -> [T, H], differentiable in x and the six parameters."""
-    fwd = _op("m3t_ffn_fwd", lambda xs, w1s, *s: (xs, [xs[0], w1s[0]], [xs[0], w1s[0]], xs, [xs[0]]), 5,
-              bprop=_ffn_bprop)
+    fwd = _op("m3t_ffn_fwd", lambda xs, *s: xs, 1, bprop=_ffn_bprop)
     return fwd(x, ffn.inner.weight, ffn.inner.bias, ffn.outer.weight, ffn.outer.bias, ffn.norm.gamma,
-               ffn.norm.beta, _scalar(eps))[0]
+               ffn.norm.beta, _scalar(eps), _token())
 
 
 def layer_train(x: Tensor, layer, offsets, heads: int, eps) -> Tensor:
@@ -165,17 +190,48 @@ class Packing:
 def layer_train_padded(x: Tensor, layer, mask: np.ndarray, heads: int, eps) -> Tensor:
     """``encoder.Layer`` on a padded batch x [B, L, H] with NumPy mask [B, L] -> [B, L, H], zeros at padding
     (where ``encoder.Layer`` returns values no loss should use). For a stack, pack once and unpack once."""
+    begin_pass()
     p = Packing(mask)
     return p.unpack(layer_train(p.pack(x), layer, p.offsets, heads, eps))
 
 
 def layers_train_padded(x: Tensor, layers, mask: np.ndarray, heads: int, eps) -> Tensor:
     """``encoder.Layer``s one after the other on a padded batch x [B, L, H] (packed once, unpacked once)."""
+    begin_pass()
     p, eps = Packing(mask), _scalar(eps)
     y = p.pack(x)
     for layer in layers:
         y = layer_train(y, layer, p.offsets, heads, eps)
     return p.unpack(y)
+
+
+def _project_bprop(x, weight, bias, eps, want, out, dout):
+    bwd = _op("m3t_project_bwd", lambda g, xs, ws, *s: (xs, ws, [ws[0]], g), 4)
+    dx, dw, db, _ = bwd(dout[0], x, weight, out[0], out[1], eps, want)      # less work space
+    return dx, dw, db, *_zeros(eps, want)
+
+
+def project_normalize_train(x: Tensor, weight: Tensor, bias: Tensor, eps: float, input_grad: bool = True):
+    """The ColBERT head on packed tokens: ``z = x weight^T + bias`` (x [T, H], weight [D, H], bias [D]), each row
+    divided by ``max(||z||, eps)`` -> ``(y [T, D], ||z|| [T, 1])``, differentiable in x (zeros unless
+    ``input_grad``), weight and bias (:class:`~bgem3_lib.training.batch_scores.ProjectNormalize`'s numbers)."""
+    fwd = _op("m3t_project_fwd", lambda xs, ws, *s: ([xs[0], ws[0]], [xs[0], 1]), 2, bprop=_project_bprop)
+    return fwd(x, weight, bias, _scalar(eps), Tensor(np.array([int(bool(input_grad))], np.int32)))
+
+
+def _maxsim_bprop(q, p, spans, out, dout):
+    bwd = _op("m3t_maxsim_bwd", lambda db, qs, ps, *s: (qs, ps), 2)
+    dq, dp = bwd(dout[0], q, p, out[1], spans)
+    return dq, dp, ops.zeros_like(spans)
+
+
+def maxsim_train(q: Tensor, p: Tensor, spans: Tensor) -> Tensor:
+    """MaxSim on packed tokens: q [Tq, D], p [T, D], spans int32 [N, 2] (each passage's first packed row and row
+    count; disjoint) -> best [Tq, N], ``best[r, j] = max_k <q_r, p_k>`` over passage j's rows. The gradient reaches
+    q and p at the (first) arg-max rows, as :class:`~bgem3_lib.training.batch_scores.MaxSim`'s does."""
+    fwd = _op("m3t_maxsim_fwd", lambda qs, ps, ss: ([qs[0], ss[0]], [qs[0], ss[0]]), 2, bprop=_maxsim_bprop,
+              dtypes=(ms.float32, ms.int32))
+    return fwd(q, p, spans)[0]
 
 
 def adamw_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, gscale: float, b1: float, b2: float,

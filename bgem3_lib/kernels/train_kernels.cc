@@ -25,6 +25,8 @@
 // Kernel ABI (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                   const char **dtypes, void *stream, void *extra); inputs then outputs.
 #include <cmath>
+#include <map>
+#include <mutex>
 
 #include "kernels_common.h"
 
@@ -288,7 +290,8 @@ void gelu_backward_block(const float *dgelu, float *d, int64_t f, int64_t r0, in
 // One (sequence, head) of packed attention; tasks longest first (dynamic scheduling balances better).
 struct HeadTask { int64_t start, n, head, probs; };
 
-bool head_tasks(const int32_t *offsets, int64_t batch, int64_t heads, int64_t rows, int64_t probs_size,
+// false unless offsets [batch + 1] cut rows into sequences; probs_size: heads * sum_b n_b^2.
+bool head_tasks(const int32_t *offsets, int64_t batch, int64_t heads, int64_t rows, int64_t *probs_size,
                 std::vector<HeadTask> &tasks, int64_t &longest) {
   if (batch < 0 || offsets[0] != 0 || offsets[batch] != rows) return false;
   int64_t at = 0;
@@ -301,7 +304,8 @@ bool head_tasks(const int32_t *offsets, int64_t batch, int64_t heads, int64_t ro
     at += heads * n * n;
   }
   std::stable_sort(tasks.begin(), tasks.end(), [](const HeadTask &l, const HeadTask &r) { return l.n > r.n; });
-  return at == probs_size;
+  *probs_size = at;
+  return true;
 }
 
 // probs block [n, n] = softmax(q k^T / sqrt d); ctx rows of this head = probs @ v.
@@ -507,9 +511,85 @@ void head_backward_any(const HeadTask &t, const float *qkv, const float *probs, 
   head_backward(t, qkv, probs, dctx, hidden, d, ws, dqkv);
 }
 
+
+// Floats a forward saves for its backward: attention qkv, ctx, probs, xhat, rstd; feed-forward dgelu, act, xhat, rstd.
+inline int64_t attention_saved(int64_t rows, int64_t h, int64_t probs) { return rows * (5 * h + 1) + probs; }
+inline int64_t ffn_saved(int64_t rows, int64_t h, int64_t f) { return rows * (2 * f + h + 1); }
+
+// What a forward keeps for its backward, held here between the two instead of as extra op outputs (MindSpore's
+// autograd fills a zero gradient for every output of a differentiated op: ~150 MB of memset per M3-small layer
+// at 5,330 tokens, measured as 13 Zeros ops per step). Each forward call brings a new token (kernels/train.py)
+// and puts its buffer under it; the backward reads it by the same token and gives the buffer back to a spare
+// list, so later calls reuse its pages (a fresh buffer of this size page-faults in on every call). release_all
+// (from Python at the start of each training pass) returns the buffers of forwards whose backward never ran.
+class SavedStore {
+ public:
+  float *put(int64_t token, int64_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Buffer b;
+    auto best = spare_.end();
+    for (auto it = spare_.begin(); it != spare_.end(); ++it)
+      if (it->size >= n && (best == spare_.end() || it->size < best->size)) best = it;
+    if (best != spare_.end()) {
+      b = std::move(*best);
+      spare_.erase(best);
+    } else {
+      b.data.reset(new float[n > 0 ? n : 1]);
+      b.size = n;
+    }
+    float *out = b.data.get();
+    live_[token] = std::move(b);
+    return out;
+  }
+  const float *get(int64_t token, int64_t n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(token);
+    return it == live_.end() || it->second.size < n ? nullptr : it->second.data.get();
+  }
+  void release(int64_t token) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = live_.find(token);
+    if (it == live_.end()) return;
+    spare_.push_back(std::move(it->second));
+    live_.erase(it);
+  }
+  void release_all() {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto &kv : live_) spare_.push_back(std::move(kv.second));
+    live_.clear();
+  }
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    live_.clear();
+    spare_.clear();
+  }
+  int64_t live() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return (int64_t)live_.size();
+  }
+
+ private:
+  struct Buffer {
+    std::unique_ptr<float[]> data;
+    int64_t size = 0;
+  };
+  std::mutex mu_;
+  std::map<int64_t, Buffer> live_;
+  std::vector<Buffer> spare_;
+};
+
+SavedStore &saved() {
+  static SavedStore store;
+  return store;
+}
+
 }  // namespace
 
 extern "C" {
+
+void m3t_saved_release_all() { saved().release_all(); }
+void m3t_saved_clear() { saved().clear(); }
+int64_t m3t_saved_live() { return saved().live(); }
 
 #ifdef M3T_PROFILE
 int m3t_prof_get(int i, double *t, const char **name) {
@@ -560,12 +640,12 @@ struct Projections {
 
 // Self-attention sub-layer forward, y = LayerNorm(x + Attention(x W_qkv^T + b_qkv) W_o^T + b_o).
 // inputs:  0 x [T, H], then the projections (2 or 6 tensors, see Projections), then w_o [H, H], b_o [H], gamma [H],
-//          beta [H], eps [1], offsets [B+1] i32, heads [heads] i32, layout [sum_b n_b^2] (of these two only the
-//          shapes are read: the output shapes must follow from the input shapes, which MindSpore caches them by)
-// outputs: y [T, H], qkv [T, 3H], ctx [T, H], probs [heads * sum_b n_b^2], xhat [T, H], rstd [T]
+//          beta [H], eps [1], offsets [B+1] i32, heads [heads] i32 (only its length is read), token [1] i64
+// output:  y [T, H]; saved under the token: qkv [T, 3H], ctx [T, H] (attention output before W_o),
+//          probs [heads * sum_b n_b^2], xhat [T, H], rstd [T] (attention_saved)
 int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if ((nparam != 17 && nparam != 21) || !blas().sgemm) return 1;
-  const int parts = nparam == 17 ? 1 : 3, at = 2 * parts + 1;
+  if ((nparam != 12 && nparam != 16) || !blas().sgemm) return 1;
+  const int parts = nparam == 12 ? 1 : 3, at = 2 * parts + 1;
   const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 5][0] - 1;
   const float *x = (const float *)params[0];
   Projections pr(params, parts, h);
@@ -574,11 +654,13 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   const float eps = *(const float *)params[at + 4];
   const int32_t *offsets = (const int32_t *)params[at + 5];
   const int64_t heads = shapes[at + 6][0];  // the length of the heads input, not its values
-  float *const *out = (float *const *)params + at + 8;
-  float *y = out[0], *qkv = out[1], *ctx = out[2], *probs = out[3], *xhat = out[4], *rstd = out[5];
+  const int64_t token = *(const int64_t *)params[at + 7];
+  float *y = (float *)params[at + 8];
   std::vector<HeadTask> tasks;
-  int64_t longest = 1;
-  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 11][0], tasks, longest)) return 2;
+  int64_t longest = 1, probs_size;
+  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, &probs_size, tasks, longest)) return 2;
+  float *qkv = saved().put(token, attention_saved(rows, h, probs_size)), *ctx = qkv + rows * 3 * h;
+  float *probs = ctx + rows * h, *xhat = probs + probs_size, *rstd = xhat + rows * h;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size();
   Scratch wcat(parts == 1 ? 0 : 3 * h * h), bcat(parts == 1 ? 0 : 3 * h);
   SingleThreadedBlas one;
@@ -602,24 +684,22 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   return 0;
 }
 
-// Self-attention sub-layer backward.
-// inputs:  0 dy [T, H], 1 x, then the projections (2 or 6 tensors; the biases are not read), then w_o, gamma, qkv,
-//          ctx, probs, xhat, rstd, offsets, heads
+// Self-attention sub-layer backward (the forward's saved buffer is read by its token, then given back).
+// inputs:  0 dy [T, H], 1 x, then the projections (2 or 6 tensors; the biases are not read), then w_o, gamma,
+//          token [1] i64, offsets, heads
 // outputs: dx [T, H], the projections' gradients (2 or 6, same shapes), dw_o [H, H], db_o [H], dgamma, dbeta [H],
 //          then work space: dctx [T, H], dqkv [T, 3H] (outputs so that they come from MindSpore's memory pool)
 int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if ((nparam != 22 && nparam != 30) || !blas().sgemm) return 1;
-  const int parts = nparam == 22 ? 1 : 3, at = 2 * parts + 2;
-  const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 7][0] - 1;
+  if ((nparam != 18 && nparam != 26) || !blas().sgemm) return 1;
+  const int parts = nparam == 18 ? 1 : 3, at = 2 * parts + 2;
+  const int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[at + 3][0] - 1;
   const float *dy = (const float *)params[0], *x = (const float *)params[1];
   Projections pr(params + 1, parts, h);
   const float *wo = (const float *)params[at], *gamma = (const float *)params[at + 1];
-  const float *qkv = (const float *)params[at + 2], *ctx = (const float *)params[at + 3];
-  const float *probs = (const float *)params[at + 4], *xhat = (const float *)params[at + 5];
-  const float *rstd = (const float *)params[at + 6];
-  const int32_t *offsets = (const int32_t *)params[at + 7];
-  const int64_t heads = shapes[at + 8][0];
-  float *const *out = (float *const *)params + at + 9;
+  const int64_t token = *(const int64_t *)params[at + 2];
+  const int32_t *offsets = (const int32_t *)params[at + 3];
+  const int64_t heads = shapes[at + 4][0];
+  float *const *out = (float *const *)params + at + 5;
   float *dx = out[0], *dw[3], *db[3];
   for (int j = 0; j < 3; ++j) {
     dw[j] = parts == 1 ? out[1] + j * h * h : out[1 + 2 * j];
@@ -628,8 +708,12 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   float *dwo = out[2 * parts + 1], *dbo = out[2 * parts + 2], *dgamma = out[2 * parts + 3];
   float *dbeta = out[2 * parts + 4], *dctx = out[2 * parts + 5], *dqkv = out[2 * parts + 6];
   std::vector<HeadTask> tasks;
-  int64_t longest = 1;
-  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, shapes[at + 4][0], tasks, longest)) return 2;
+  int64_t longest = 1, probs_size;
+  if (heads < 1 || h % heads || !head_tasks(offsets, batch, heads, rows, &probs_size, tasks, longest)) return 2;
+  const float *qkv = saved().get(token, attention_saved(rows, h, probs_size));
+  if (!qkv) return 3;  // no forward saved under this token (released, or never run)
+  const float *ctx = qkv + rows * 3 * h, *probs = ctx + rows * h, *xhat = probs + probs_size;
+  const float *rstd = xhat + rows * h;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size(), blocks = blocks_of(rows);
   Scratch part(std::max<int64_t>(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 4 * h * h));
   Scratch wcat(parts == 1 ? 0 : 3 * h * h);
@@ -662,22 +746,23 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
     reduce_blocks(part.data(), blocks, 3 * h, db, h);
     PROF("ab.dbqkv_dx_gemm")
   }
+  saved().release(token);
   return 0;
 }
 
 // Feed-forward sub-layer forward, y = LayerNorm(x + GELU(x W1^T + b1) W2^T + b2).
-// inputs:  0 x [T, H], 1 w1 [F, H], 2 b1 [F], 3 w2 [H, F], 4 b2 [H], 5 gamma, 6 beta [H], 7 eps [1]
-// outputs: 8 y [T, H], 9 dgelu [T, F] (GELU' at the GELU input), 10 act [T, F] (the GELU output), 11 xhat [T, H],
-//          12 rstd [T]
+// inputs:  0 x [T, H], 1 w1 [F, H], 2 b1 [F], 3 w2 [H, F], 4 b2 [H], 5 gamma, 6 beta [H], 7 eps [1], 8 token [1] i64
+// output:  9 y [T, H]; saved under the token: dgelu [T, F] (GELU' at the GELU input), act [T, F] (the GELU output),
+//          xhat [T, H], rstd [T] (ffn_saved)
 int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 13 || !blas().sgemm) return 1;
+  if (nparam != 10 || !blas().sgemm) return 1;
   const float *x = (const float *)params[0], *w1 = (const float *)params[1], *b1 = (const float *)params[2];
   const float *w2 = (const float *)params[3], *b2 = (const float *)params[4];
   const float *gamma = (const float *)params[5], *beta = (const float *)params[6];
   const float eps = *(const float *)params[7];
-  float *y = (float *)params[8], *pre = (float *)params[9], *act = (float *)params[10];  // pre: dgelu at the end
-  float *xhat = (float *)params[11], *rstd = (float *)params[12];
-  const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0];
+  const int64_t token = *(const int64_t *)params[8], rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0];
+  float *y = (float *)params[9], *pre = saved().put(token, ffn_saved(rows, h, f));  // pre: dgelu at the end
+  float *act = pre + rows * f, *xhat = act + rows * f, *rstd = xhat + rows * h;
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
@@ -694,19 +779,22 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
   return 0;
 }
 
-// Feed-forward sub-layer backward.
-// inputs:  0 dy [T, H], 1 x, 2 w1 [F, H], 3 w2 [H, F], 4 gamma, 5 dgelu [T, F], 6 act [T, F], 7 xhat, 8 rstd
-// outputs: 9 dx [T, H], 10 dw1 [F, H], 11 db1 [F], 12 dw2 [H, F], 13 db2 [H], 14 dgamma, 15 dbeta [H],
-//          then work space: 16 dpre [T, F], 17 dz [T, H] (the gradient at the LayerNorm input)
+// Feed-forward sub-layer backward (the forward's saved buffer is read by its token, then given back).
+// inputs:  0 dy [T, H], 1 x, 2 w1 [F, H], 3 w2 [H, F], 4 gamma, 5 token [1] i64
+// outputs: 6 dx [T, H], 7 dw1 [F, H], 8 db1 [F], 9 dw2 [H, F], 10 db2 [H], 11 dgamma, 12 dbeta [H],
+//          then work space: 13 dpre [T, F], 14 dz [T, H] (the gradient at the LayerNorm input)
 int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 18 || !blas().sgemm) return 1;
+  if (nparam != 15 || !blas().sgemm) return 1;
   const float *dy = (const float *)params[0], *x = (const float *)params[1], *w1 = (const float *)params[2];
-  const float *w2 = (const float *)params[3], *gamma = (const float *)params[4], *dgelu = (const float *)params[5];
-  const float *act = (const float *)params[6], *xhat = (const float *)params[7], *rstd = (const float *)params[8];
-  float *dx = (float *)params[9], *dw1 = (float *)params[10], *db1 = (float *)params[11];
-  float *dw2 = (float *)params[12], *db2 = (float *)params[13], *dgamma = (float *)params[14];
-  float *dbeta = (float *)params[15], *dpre = (float *)params[16], *dz = (float *)params[17];
+  const float *w2 = (const float *)params[3], *gamma = (const float *)params[4];
+  const int64_t token = *(const int64_t *)params[5];
+  float *dx = (float *)params[6], *dw1 = (float *)params[7], *db1 = (float *)params[8];
+  float *dw2 = (float *)params[9], *db2 = (float *)params[10], *dgamma = (float *)params[11];
+  float *dbeta = (float *)params[12], *dpre = (float *)params[13], *dz = (float *)params[14];
   const int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[2][0], blocks = blocks_of(rows);
+  const float *dgelu = saved().get(token, ffn_saved(rows, h, f));
+  if (!dgelu) return 3;  // no forward saved under this token (released, or never run)
+  const float *act = dgelu + rows * f, *xhat = act + rows * f, *rstd = xhat + rows * h;
   Scratch part(std::max(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 2 * f * h));
   Scratch gpart(std::max<int64_t>(blocks, 1) * f);
   float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1}, *const dw1_out[1] = {dw1};
@@ -733,6 +821,7 @@ int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char *
     par_weight_grads(grads, 2, rows, part.data());
     PROF("fb.dw2_dw1_gemm")
   }
+  saved().release(token);
   return 0;
 }
 
@@ -768,6 +857,164 @@ int m3t_scatter_rows(int nparam, void **params, int *, int64_t **shapes, const c
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < n; ++i)
     if (idx[i] >= 0) std::memcpy(dx + (int64_t)idx[i] * h, dy + i * h, h * sizeof(float));
+  return 0;
+}
+
+// ColBERT head forward (training/batch_scores.ProjectNormalize): z = x W^T + b, y = z / max(||z||, eps) per row.
+// inputs: 0 x [T, H], 1 w [D, H], 2 b [D], 3 eps [1], 4 want [1] i32 (for the backward, not read here)
+// outputs: 5 y [T, D], 6 norm [T, 1] (||z||)
+int m3t_project_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 7 || !blas().sgemm) return 1;
+  const float *x = (const float *)params[0], *w = (const float *)params[1], *b = (const float *)params[2];
+  const float eps = *(const float *)params[3];
+  float *y = (float *)params[5], *norm = (float *)params[6];
+  const int64_t rows = shapes[0][0], h = shapes[0][1], d = shapes[1][0];
+  if (shapes[1][1] != h || shapes[2][0] != d) return 2;
+  SingleThreadedBlas one;
+#pragma omp parallel
+  par_chunks(rows, [&](int64_t r0, int64_t n) {
+    for (int64_t i = r0; i < r0 + n; ++i) std::memcpy(y + i * d, b, d * sizeof(float));
+    sgemm(false, true, n, d, h, 1.0f, x + r0 * h, h, w, h, 1.0f, y + r0 * d, d);
+    for (int64_t i = r0; i < r0 + n; ++i) {
+      float *row = y + i * d, s = 0.0f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t j = 0; j < d; ++j) s += row[j] * row[j];
+      norm[i] = std::sqrt(s);
+      const float den = std::max(norm[i], eps);
+      for (int64_t j = 0; j < d; ++j) row[j] /= den;
+    }
+  });
+  return 0;
+}
+
+// Its backward: dz = (g - y <g, y>) / max(||z||, eps) (no projection where ||z|| < eps), dw = dz^T x, db = column
+// sums of dz, dx = dz W when want[0] != 0 (else zeros: the states are constants).
+// inputs:  0 g [T, D], 1 x [T, H], 2 w [D, H], 3 y [T, D], 4 norm [T, 1], 5 eps [1], 6 want [1] i32
+// outputs: 7 dx [T, H], 8 dw [D, H], 9 db [D], then work space: 10 dz [T, D]
+int m3t_project_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 11 || !blas().sgemm) return 1;
+  const float *g = (const float *)params[0], *x = (const float *)params[1], *w = (const float *)params[2];
+  const float *y = (const float *)params[3], *norm = (const float *)params[4], eps = *(const float *)params[5];
+  const bool want = *(const int32_t *)params[6] != 0;
+  float *dx = (float *)params[7], *dw = (float *)params[8], *db = (float *)params[9], *dz = (float *)params[10];
+  const int64_t rows = shapes[0][0], d = shapes[0][1], h = shapes[1][1], blocks = blocks_of(rows);
+  Scratch part(std::max<int64_t>(blocks, 1) * d), wpart(omp_get_max_threads() * d * h);
+  float *const db_out[1] = {db}, *const dw_out[1] = {dw};
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    par_chunks(rows, [&](int64_t r0, int64_t n) {
+      for (int64_t i = r0; i < r0 + n; ++i) {
+        const float *gi = g + i * d, *yi = y + i * d;
+        float along = 0.0f;
+#pragma omp simd reduction(+ : along)
+        for (int64_t j = 0; j < d; ++j) along += gi[j] * yi[j];
+        if (!(norm[i] >= eps)) along = 0.0f;
+        const float inv = 1.0f / std::max(norm[i], eps);
+        float *di = dz + i * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) di[j] = (gi[j] - yi[j] * along) * inv;
+      }
+      for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
+        colsum_block(dz, d, b0, std::min(kRows, r0 + n - b0), part.data() + b0 / kRows * d);
+      if (want) sgemm(false, false, n, h, d, 1.0f, dz + r0 * d, d, w, h, 0.0f, dx + r0 * h, h);
+      else std::fill(dx + r0 * h, dx + (r0 + n) * h, 0.0f);
+    });
+    reduce_blocks(part.data(), blocks, d, db_out, d);
+    const WeightGrad grad = {d, h, dz, d, x, h, dw_out, d};
+    par_weight_grads(&grad, 1, rows, wpart.data());
+  }
+  return 0;
+}
+
+// Each passage's span of packed rows [start, start + count): spans [N, 2] i32; false unless inside [0, rows).
+bool read_spans(const int32_t *spans, int64_t n, int64_t rows, int64_t *longest) {
+  *longest = 1;
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t start = spans[2 * j], count = spans[2 * j + 1];
+    if (start < 0 || count < 1 || start + count > rows) return false;
+    *longest = std::max(*longest, count);
+  }
+  return true;
+}
+
+const int64_t kMaxSimColumns = 512;  // passage rows per product of the MaxSim forward (bounds its scratch)
+
+// MaxSim forward (training/batch_scores.MaxSim on spans): best[r, j] = max over the rows k of passage j of
+// <q_r, p_k>, at[r, j] = the packed row of that maximum (the first one, as ArgMaxWithValue).
+// inputs: 0 q [Tq, D], 1 p [T, D], 2 spans [N, 2] i32 (first row, number of rows of each passage's tokens)
+// outputs: 3 best [Tq, N], 4 at [Tq, N] i32
+int m3t_maxsim_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 5 || !blas().sgemm) return 1;
+  const float *q = (const float *)params[0], *p = (const float *)params[1];
+  const int32_t *spans = (const int32_t *)params[2];
+  float *best = (float *)params[3];
+  int32_t *at = (int32_t *)params[4];
+  const int64_t tq = shapes[0][0], d = shapes[0][1], rows = shapes[1][0], n = shapes[2][0];
+  int64_t longest;
+  if (shapes[1][1] != d || !read_spans(spans, n, rows, &longest)) return 2;
+  const int64_t width = std::min(longest, kMaxSimColumns);
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    Scratch s(tq * width);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t start = spans[2 * j], count = spans[2 * j + 1];
+      for (int64_t c0 = 0; c0 < count; c0 += width) {
+        const int64_t c = std::min(width, count - c0);
+        sgemm(false, true, tq, c, d, 1.0f, q, d, p + (start + c0) * d, d, 0.0f, s.data(), c);
+        for (int64_t r = 0; r < tq; ++r) {
+          const float *row = s.data() + r * c;
+          float m = c0 ? best[r * n + j] : row[0];
+          int64_t k = c0 ? at[r * n + j] - start : 0;
+          for (int64_t i = c0 ? 0 : 1; i < c; ++i)
+            if (row[i] > m) m = row[i], k = c0 + i;
+          best[r * n + j] = m;
+          at[r * n + j] = (int32_t)(start + k);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// Its backward: dq[r] = sum_j dbest[r, j] p[at[r, j]]; dp = 0, then dp[at[r, j]] += dbest[r, j] q[r] (passage by
+// passage: their spans are disjoint, so the workers never write one row).
+// inputs: 0 dbest [Tq, N], 1 q [Tq, D], 2 p [T, D], 3 at [Tq, N] i32, 4 spans [N, 2] i32; outputs: 5 dq, 6 dp
+int m3t_maxsim_bwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  if (nparam != 7) return 1;
+  const float *dbest = (const float *)params[0], *q = (const float *)params[1], *p = (const float *)params[2];
+  const int32_t *at = (const int32_t *)params[3], *spans = (const int32_t *)params[4];
+  float *dq = (float *)params[5], *dp = (float *)params[6];
+  const int64_t tq = shapes[0][0], n = shapes[0][1], d = shapes[1][1], rows = shapes[2][0];
+  int64_t longest;
+  if (!read_spans(spans, n, rows, &longest)) return 2;
+  for (int64_t i = 0; i < tq * n; ++i)
+    if (at[i] < spans[2 * (i % n)] || at[i] >= spans[2 * (i % n)] + spans[2 * (i % n) + 1]) return 3;
+#pragma omp parallel
+  {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) std::fill(dp + r * d, dp + (r + 1) * d, 0.0f);
+#pragma omp for schedule(static) nowait
+    for (int64_t r = 0; r < tq; ++r) {
+      float *o = dq + r * d;
+      std::fill(o, o + d, 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const float a = dbest[r * n + j], *src = p + (int64_t)at[r * n + j] * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) o[k] += a * src[k];
+      }
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t r = 0; r < tq; ++r) {
+        const float a = dbest[r * n + j], *src = q + r * d;
+        float *o = dp + (int64_t)at[r * n + j] * d;
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) o[k] += a * src[k];
+      }
+  }
   return 0;
 }
 

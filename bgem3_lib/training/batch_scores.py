@@ -15,7 +15,9 @@ Token ids and masks are inputs, so everything about positions is worked out on t
   chunks and their ``order`` undone), one row each: the heads run once on ``[T, H]`` (:func:`packed_heads`),
   padding never computed; the ColBERT projection and its normalisation are one cell (:class:`ProjectNormalize`)
   whose backward is written out with multiplications and matmuls (MindSpore's CPU ``Div`` and ``BiasAddGrad``
-  kernels are slow; autograd used three big divisions there);
+  kernels are slow; autograd used three big divisions there); where the fused CPU training kernels run,
+  :class:`~bgem3_lib.training.train_model.M3TrainNet` takes ``kernels.train.project_normalize_train`` instead
+  (the same numbers in two kernels, forward and backward);
 * lexical matching (:func:`lexical_scores`): per text and distinct id (a "group"; special tokens left out, and
   only ids found on the other side) the weights of its positions are gathered into a row and max-pooled
   (``ArgMaxWithValue``: the first position of the maximum gets the gradient, as in the padded formula); each
@@ -23,7 +25,9 @@ Token ids and masks are inputs, so everything about positions is worked out on t
 * MaxSim (:class:`MaxSim`): the passages' ColBERT rows gathered into ``[N, Lmax]`` slots (a passage's
   unused slots repeat its first token after CLS, so they never change a maximum nor win its arg-max), one
   matmul against every query token, ``ArgMaxWithValue`` over each passage's slots; the backward is written
-  out: the gradient scattered onto the arg-max tokens, two matmuls.
+  out: the gradient scattered onto the arg-max tokens, two matmuls. With the CPU kernels,
+  ``kernels.train.maxsim_train`` on the passages' row spans (``BatchPlan.spans``) instead: one product per
+  passage, and a backward that touches only the arg-max rows (no ``[Tq, T]`` gradient matrix).
 
 >>> import numpy as np
 >>> plan = batch_plan(np.array([[0, 7, 9, 2]]), np.array([[1, 1, 1, 1]]), [np.array([[0, 9, 3, 7, 7]])],
@@ -58,6 +62,7 @@ class BatchPlan:
     query_tokens: Tensor           # [B, Tq] float32: 1 at each query's tokens after CLS, else 0
     query_counts: Tensor           # [B, 1] float32: their number
     slots: Tensor                  # [N, Lmax] int32: the packed rows of each passage's tokens after CLS
+    spans: Tensor                  # [N, 2] int32: those rows as (first, count) (the CPU kernels' MaxSim)
     groups: Tensor | None          # [S, K] int32: each lexical group's packed rows (padded with T: the sentinel)
     left: Tensor | None            # [P] int32: the query group of each matching pair
     right: Tensor | None           # [P] int32: its passage group
@@ -134,6 +139,7 @@ def batch_plan(q_ids, q_mask, p_ids, p_mask, special_ids=(0, 1, 2, 3), order=Non
     as_i = lambda a: Tensor(np.ascontiguousarray(a, dtype=np.int32))  # noqa: E731
     return BatchPlan((b, n), as_i(rows), as_i(first), as_i(text), Tensor(lengths[:, None].astype(np.float32)),
                      tq, Tensor(query_tokens), Tensor((lengths[:b, None] - 1).astype(np.float32)), as_i(slots),
+                     as_i(np.stack([first[b:] + 1, lengths[b:] - 1], 1)),
                      *lexical, offsets=np.r_[0, np.cumsum(lengths)].astype(np.int32))
 
 
@@ -174,10 +180,12 @@ class MaxSim(nn.Cell):
         return ops.matmul(dsim, p), self.back_p(dsim, q), ops.zeros_like(slots)
 
 
-def maxsim_scores(maxsim: MaxSim, colbert, plan: BatchPlan):
+def maxsim_scores(maxsim, colbert, plan: BatchPlan):
     """ColBERT scores ``[B, N]`` from the packed tokens' normalised ColBERT vectors ``[T, D]``: per query and
-    passage, the mean over the query's tokens after CLS of the best match among the passage's tokens after CLS."""
-    best, _ = maxsim(colbert[: plan.n_query_tokens], colbert, plan.slots)
+    passage, the mean over the query's tokens after CLS of the best match among the passage's tokens after CLS.
+    ``maxsim``: a :class:`MaxSim` cell, or the CPU kernel (``kernels.train.maxsim_train``, on ``plan.spans``)."""
+    q = colbert[: plan.n_query_tokens]
+    best = maxsim(q, colbert, plan.slots)[0] if isinstance(maxsim, MaxSim) else maxsim(q, colbert, plan.spans)
     return ops.matmul(plan.query_tokens, best) / plan.query_counts
 
 
@@ -212,10 +220,11 @@ class ProjectNormalize(nn.Cell):
         return dx, self.back_w(dz, x), dbias
 
 
-def packed_heads(heads, project: ProjectNormalize, packed, plan: BatchPlan, pooling: str):
+def packed_heads(heads, project, packed, plan: BatchPlan, pooling: str):
     """:meth:`~bgem3_lib.model.heads.M3Heads.train_outputs` on the packed tokens ``[T, H]`` (float32) ->
     dense ``[B + N, H]`` (normalised; queries, then passages), sparse ``[T]`` (ReLU weights, special tokens
-    included), colbert ``[T, D]`` (every token, CLS included, normalised)."""
+    included), colbert ``[T, D]`` (every token, CLS included, normalised). ``project``: a
+    :class:`ProjectNormalize` cell or a function of the same arguments and outputs (the CPU kernel)."""
     if pooling == "mean":
         dense = ops.unsorted_segment_sum(packed, plan.text, plan.lengths.shape[0]) / plan.lengths
     else:

@@ -45,6 +45,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from ..model.heads import _EPS
 from ..retrieval.modes import TEACHER_WEIGHTS
 from .batch_scores import MaxSim, ProjectNormalize, batch_plan, lexical_scores, maxsim_scores, packed_heads
 from .losses import dense_scores, in_batch_targets, info_nce, m3_loss
@@ -168,6 +169,19 @@ class M3TrainNet(nn.Cell):
         from ..kernels import train as train_kernels
         return train_kernels.available()
 
+    def head_ops(self) -> tuple:
+        """(project, maxsim) for :func:`~bgem3_lib.training.batch_scores.packed_heads` and ``maxsim_scores``: the
+        fused CPU kernels (``kernels.train.project_normalize_train``, ``maxsim_train``) where they run (CPU,
+        float32 ColBERT head, ``use_cpu_kernels`` on), else the MindSpore cells ``project`` and ``maxsim``."""
+        col = self.block.heads.colbert_linear
+        if self.use_cpu_kernels and col.weight.dtype == ms.float32:
+            from ..kernels import train as train_kernels
+            if train_kernels.available():
+                input_grad = self.project.input_grad
+                return ((lambda x, w, b: train_kernels.project_normalize_train(x, w, b, _EPS, input_grad)),
+                        train_kernels.maxsim_train)
+        return self.project, self.maxsim
+
     def packed_layers(self, hidden: list, plan) -> Tensor:
         """Cached states (queries', then each passage chunk's, ``[R, L, H]``) -> the last layer's states of the
         batch's real tokens ``[T, H]`` in ``plan`` order: packed once, then layers ``start .. n-1`` through the
@@ -175,6 +189,7 @@ class M3TrainNet(nn.Cell):
         from ..kernels import train as train_kernels
         b = self.block
         cfg = b.cfg
+        train_kernels.begin_pass()
         x = ops.gather(_cat([h.reshape(-1, h.shape[-1]).astype(ms.float32) for h in hidden], 0), plan.rows, 0)
         for i in range(b.start, len(b.encoder.layers)):
             x = train_kernels.layer_train(x, b.encoder.layers[i], plan.offsets, cfg.num_attention_heads,
@@ -204,9 +219,10 @@ class M3TrainNet(nn.Cell):
             if self.block.frozen == len(self.block.encoder.layers):     # no layer trains: no gradient to the states
                 flat = ops.stop_gradient(flat)
             packed = ops.gather(flat, plan.rows, 0)
-        dense, weights, colbert = packed_heads(self.block.heads, self.project, packed, plan, self.block.cfg.pooling)
+        project, maxsim = self.head_ops()
+        dense, weights, colbert = packed_heads(self.block.heads, project, packed, plan, self.block.cfg.pooling)
         q_dense, p_dense = dense[:b], dense[b:]
-        s_lex, s_mul = lexical_scores(weights, plan), maxsim_scores(self.maxsim, colbert, plan)
+        s_lex, s_mul = lexical_scores(weights, plan), maxsim_scores(maxsim, colbert, plan)
         target = in_batch_targets(b, n // b)
         s_dense = dense_scores(q_dense, p_dense)
         out = m3_loss(s_dense, s_lex, s_mul, target, weights=self.teacher_weights,

@@ -126,3 +126,30 @@ def test_stack_packs_once_and_matches_two_encoder_layers():
     for p, g, r in zip(params, dp, ref_dp):
         if not p.name.endswith(("key.bias", "qkv.bias")):
             _close(g.asnumpy(), r.asnumpy(), np.abs(r.asnumpy()).max(), p.name)
+
+
+def test_saved_activations_are_given_back_and_a_released_one_is_an_error():
+    """What a forward saves waits in the library for its backward, which gives it back; ``begin_pass`` gives back
+    what forwards without a backward left, and a backward whose saved buffer is gone fails instead of reading it."""
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    layer = _layer()
+    x, mask, _, _ = _batch()
+    pack = tk.Packing(mask)
+    xp = pack.pack(x)
+    params = layer.trainable_params()
+    tk.begin_pass()
+    assert tk.saved_count() == 0
+    tk.layer_train(xp, layer, pack.offsets, HEADS, EPS).asnumpy()            # no backward follows
+    assert tk.saved_count() == 2                                              # attention and feed-forward
+    tk.begin_pass()
+    assert tk.saved_count() == 0
+    ms.value_and_grad(lambda t: tk.layer_train(t, layer, pack.offsets, HEADS, EPS).sum(), 0, params)(xp)
+    assert tk.saved_count() == 0
+
+    def released(t):
+        y = tk.layer_train(t, layer, pack.offsets, HEADS, EPS).sum()
+        tk.begin_pass()                                                       # between the forward and its backward
+        return y
+
+    with pytest.raises(RuntimeError, match="m3t_(ffn|attention)_bwd"):
+        ms.value_and_grad(released, 0, params)(xp)[1][0].asnumpy()
