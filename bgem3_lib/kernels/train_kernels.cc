@@ -938,10 +938,11 @@ bool read_spans(const int32_t *spans, int64_t n, int64_t rows, int64_t *longest)
   return true;
 }
 
-const int64_t kMaxSimColumns = 512;  // passage rows per product of the MaxSim forward (bounds its scratch)
+const int64_t kMaxSimRows = 512;  // passage rows per product of the MaxSim forward (bounds its scratch)
 
 // MaxSim forward (training/batch_scores.MaxSim on spans): best[r, j] = max over the rows k of passage j of
-// <q_r, p_k>, at[r, j] = the packed row of that maximum (the first one, as ArgMaxWithValue).
+// <q_r, p_k>, at[r, j] = the packed row of that maximum (the first one, as ArgMaxWithValue). Per passage (one
+// task each) the products S = p_rows q^T [rows, Tq], then a running maximum down S's rows, vectorised along Tq.
 // inputs: 0 q [Tq, D], 1 p [T, D], 2 spans [N, 2] i32 (first row, number of rows of each passage's tokens)
 // outputs: 3 best [Tq, N], 4 at [Tq, N] i32
 int m3t_maxsim_fwd(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
@@ -953,27 +954,38 @@ int m3t_maxsim_fwd(int nparam, void **params, int *, int64_t **shapes, const cha
   const int64_t tq = shapes[0][0], d = shapes[0][1], rows = shapes[1][0], n = shapes[2][0];
   int64_t longest;
   if (shapes[1][1] != d || !read_spans(spans, n, rows, &longest)) return 2;
-  const int64_t width = std::min(longest, kMaxSimColumns);
+  const int64_t width = std::min(longest, kMaxSimRows);
   SingleThreadedBlas one;
 #pragma omp parallel
   {
-    Scratch s(tq * width);
+    Scratch s(width * tq), m(tq);
+    std::unique_ptr<int32_t[]> k(new int32_t[tq > 0 ? tq : 1]);
+    float *mx = m.data();
+    int32_t *arg = k.get();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < n; ++j) {
       const int64_t start = spans[2 * j], count = spans[2 * j + 1];
       for (int64_t c0 = 0; c0 < count; c0 += width) {
         const int64_t c = std::min(width, count - c0);
-        sgemm(false, true, tq, c, d, 1.0f, q, d, p + (start + c0) * d, d, 0.0f, s.data(), c);
-        for (int64_t r = 0; r < tq; ++r) {
-          const float *row = s.data() + r * c;
-          float m = c0 ? best[r * n + j] : row[0];
-          int64_t k = c0 ? at[r * n + j] - start : 0;
-          for (int64_t i = c0 ? 0 : 1; i < c; ++i)
-            if (row[i] > m) m = row[i], k = c0 + i;
-          best[r * n + j] = m;
-          at[r * n + j] = (int32_t)(start + k);
+        sgemm(false, true, c, tq, d, 1.0f, p + (start + c0) * d, d, q, d, 0.0f, s.data(), tq);
+        int64_t i = 0;
+        if (c0 == 0) {
+          std::memcpy(mx, s.data(), tq * sizeof(float));
+          std::fill(arg, arg + tq, (int32_t)start);
+          i = 1;
+        }
+        for (; i < c; ++i) {
+          const float *row = s.data() + i * tq;
+          const int32_t r = (int32_t)(start + c0 + i);
+#pragma omp simd
+          for (int64_t t = 0; t < tq; ++t) {
+            const bool more = row[t] > mx[t];
+            mx[t] = more ? row[t] : mx[t];
+            arg[t] = more ? r : arg[t];
+          }
         }
       }
+      for (int64_t t = 0; t < tq; ++t) best[t * n + j] = mx[t], at[t * n + j] = arg[t];
     }
   }
   return 0;
