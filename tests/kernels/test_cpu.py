@@ -184,3 +184,12 @@ def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scal
     assert out.shape == ref.shape and np.isfinite(out).all()
     # scores of several hundred carry float32 rounding of ~1e-4 into the weights, on either path
     assert np.abs(out - ref).max() < (2e-5 if scale < 1 else 1e-3)
+
+
+def test_blas_choice_defaults_to_openblas_and_names_a_missing_mkl(monkeypatch):
+    monkeypatch.delenv("BGEM3_BLAS", raising=False)
+    blas = ck.find_blas()
+    assert blas is not None and "openblas" in blas["lib"] and blas["sgemm"].startswith(("cblas_sgemm", "scipy_"))
+    monkeypatch.setenv("BGEM3_BLAS", "/nonexistent/libmkl_rt.so.3")
+    with pytest.raises(RuntimeError, match="BGEM3_BLAS=/nonexistent/libmkl_rt.so.3: no loadable libmkl_rt"):
+        ck.find_blas()
