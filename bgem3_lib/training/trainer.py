@@ -227,6 +227,8 @@ class Trainer:
             if callback is not None:
                 callback(self)
         bar.close()
+        from ..kernels import train as train_kernels
+        train_kernels.free_saved()          # the training kernels' activation buffers, kept for reuse between steps
         return self.log
 
     # ------------------------------------------------------------------ checkpoints

@@ -145,6 +145,10 @@ def test_saved_activations_are_given_back_and_a_released_one_is_an_error():
     assert tk.saved_count() == 0
     ms.value_and_grad(lambda t: tk.layer_train(t, layer, pack.offsets, HEADS, EPS).sum(), 0, params)(xp)
     assert tk.saved_count() == 0
+    tk.layer_train(xp, layer, pack.offsets, HEADS, EPS).asnumpy()
+    tk.free_saved()                                                           # everything, spare buffers too
+    assert tk.saved_count() == 0
+    ms.value_and_grad(lambda t: tk.layer_train(t, layer, pack.offsets, HEADS, EPS).sum(), 0, params)(xp)
 
     def released(t):
         y = tk.layer_train(t, layer, pack.offsets, HEADS, EPS).sum()
