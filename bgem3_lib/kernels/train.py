@@ -86,12 +86,24 @@ def _token() -> Tensor:
     return Tensor(np.array([_state["token"]], np.int64))
 
 
+def _c_function(name: str, restype=None, argtypes=None):
+    """Plain C function ``name`` of the built library (ctypes, not the aot ABI), looked up once."""
+    key = ("c", name)
+    if key not in _state:
+        fn = getattr(ctypes.CDLL(str(_state["lib"])), name)
+        fn.restype = restype
+        if argtypes is not None:
+            fn.argtypes = argtypes
+        _state[key] = fn
+    return _state[key]
+
+
 def begin_pass() -> None:
     """Give back the saved buffers of forwards whose backward never ran (e.g. a forward without gradients); call
     before a training pass. Their memory is kept for reuse; a backward of an earlier forward then fails."""
     if available():
         ms.runtime.synchronize()           # no queued kernel of an earlier pass still to read its buffer
-        ctypes.CDLL(str(_state["lib"])).m3t_saved_release_all()
+        _c_function("m3t_saved_release_all")()
 
 
 def free_saved() -> None:
@@ -100,7 +112,7 @@ def free_saved() -> None:
     a no-op when the library was never loaded."""
     if _state.get("lib"):
         ms.runtime.synchronize()
-        ctypes.CDLL(str(_state["lib"])).m3t_saved_clear()
+        _c_function("m3t_saved_clear")()
 
 
 def saved_count() -> int:
@@ -108,9 +120,7 @@ def saved_count() -> int:
     if not available():
         return 0
     ms.runtime.synchronize()
-    fn = ctypes.CDLL(str(_state["lib"])).m3t_saved_live
-    fn.restype = ctypes.c_int64
-    return int(fn())
+    return int(_c_function("m3t_saved_live", ctypes.c_int64)())
 
 
 def _attention_bprop(*args):
@@ -265,12 +275,8 @@ def adamw_step(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray, *, gs
         raise ValueError("adamw_step updates m and v in place: they must be writeable")
     if not available():
         raise RuntimeError("fused CPU training kernels are not available on this machine")
-    if "adamw" not in _state:
-        fn = ctypes.CDLL(str(_state["lib"])).m3t_adamw
-        fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 10
-        _state["adamw"] = fn
+    adamw = _c_function("m3t_adamw", None, [ctypes.c_void_p] * 5 + [ctypes.c_int64] + [ctypes.c_float] * 10)
     out = np.empty_like(p)
-    _state["adamw"](p.ctypes.data, out.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size, gscale,
+    adamw(p.ctypes.data, out.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size, gscale,
                     b1, 1.0 - b1, b2, 1.0 - b2, c1, c2, eps, decay, lr)
     return out

@@ -47,12 +47,22 @@ def clip_by_global_norm(grads: tuple, max_norm: float) -> tuple[tuple, float]:
     """Scale all gradients by ``min(1, max_norm / ||g||)``; returns (grads, norm before clipping)."""
     # ops.square, not ``** 2``: MindSpore's CPU Pow kernel is ~8x slower and off by an ulp on ~0.1% of values
     norm = float(ops.sqrt(sum(ops.square(g.astype(np.float32)).sum() for g in grads)).asnumpy())
+    scale = clip_scale(norm, max_norm)
+    if scale == 1.0:
+        return tuple(grads), norm
+    return tuple(g * scale for g in grads), norm
+
+
+def clip_scale(norm: float, max_norm: float) -> float:
+    """The factor :func:`clip_by_global_norm` applies to every gradient: ``max_norm / (norm + 1e-6)`` when the
+    global norm exceeds ``max_norm > 0``, else 1; raises ``FloatingPointError`` for a NaN/inf norm.
+
+    >>> clip_scale(0.5, 1.0), round(clip_scale(4.0, 1.0), 6)
+    (1.0, 0.25)
+    """
     if not math.isfinite(norm):
         raise FloatingPointError(f"gradient norm is {norm}: the loss produced NaN/inf gradients")
-    if max_norm <= 0 or norm <= max_norm:
-        return tuple(grads), norm
-    scale = max_norm / (norm + 1e-6)
-    return tuple(g * scale for g in grads), norm
+    return 1.0 if max_norm <= 0 or norm <= max_norm else max_norm / (norm + 1e-6)
 
 
 class AdamW:
@@ -85,18 +95,15 @@ class AdamW:
             return norm
         arrays = [np.ascontiguousarray(g.asnumpy(), np.float32) for g in grads]
         norm = math.sqrt(sum(float(np.dot(a.ravel(), a.ravel())) for a in arrays))
-        if not math.isfinite(norm):
-            raise FloatingPointError(f"gradient norm is {norm}: the loss produced NaN/inf gradients")
-        scale = 1.0 if max_norm <= 0 or norm <= max_norm else max_norm / (norm + 1e-6)
-        self._fused_step(arrays, lr, scale)
+        self._fused_step(arrays, lr, clip_scale(norm, max_norm))
         return norm
 
     def step(self, grads: tuple, lr: float) -> None:
-        if len(grads) != len(self.params):
-            raise ValueError(f"{len(grads)} gradients for {len(self.params)} parameters")
         if self.fused:
             self._fused_step([np.ascontiguousarray(g.asnumpy(), np.float32) for g in grads], lr, 1.0)
             return
+        if len(grads) != len(self.params):
+            raise ValueError(f"{len(grads)} gradients for {len(self.params)} parameters")
         self.t += 1
         c1, c2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
         div = ops.RealDiv()        # the quotients of ``/``; MindSpore's CPU ``Div`` kernel is several times slower
