@@ -10,8 +10,9 @@ Activations are quantised inside the kernel, per row (token), to uint8 with the 
 ``attention_block`` / ``ffn_block`` are ``kernels.cpu``'s fused sub-layers with their four linear maps in int8;
 attention scores, softmax, GELU, residuals and layer norms stay float32. A :class:`QuantLinear` holds one
 layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
-compiled on first use by ``cpu.build_library`` (a scalar loop replaces the VNNI micro-kernel on CPUs without
-AVX512-VNNI: same integers, slowly). A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
+compiled on first use by ``cpu.build_library``. The products run on AMX tiles where the CPU has them and the OS
+grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in a scalar loop: the same integers
+each time, so the same outputs. A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
 ``RuntimeError: Return value ... is 3``); 2 means shapes that disagree with the packed weights.
 
 >>> layer = QuantLinear(np.eye(3, 5, dtype=np.float32), np.zeros(3, np.float32))
@@ -147,6 +148,18 @@ def available() -> bool:
 def uses_vnni() -> bool:
     """True when the built library runs the AVX-512 VNNI micro-kernel (False: the scalar fallback)."""
     return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_vnni() == 1
+
+
+def set_amx(on: bool) -> bool:
+    """Run products whose K is a multiple of 64 on the AMX tile unit (``on``, the default) or on AVX-512 VNNI;
+    returns True when AMX now runs them (compiled in by ``-march=native`` and granted by the OS). Both compute
+    the same integers, so outputs are bit-identical; the switch exists for tests and benchmarks."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_amx(int(bool(on))) == 1
+
+
+def uses_amx() -> bool:
+    """True when the int8 products (K a multiple of 64) run on AMX here."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_amx(-1) == 1
 
 
 def _op(name: str, out_shape) -> ops.Custom:

@@ -214,6 +214,45 @@ def test_scalar_fallback_build_computes_the_same():
     assert qk.call_kernel("m3_int8_linear", [x[:, :66].copy(), *weights], y, path) == 2   # K disagrees with packing
 
 
+# ---------------------------------------------------------------- AMX and VNNI: the same integers
+def test_amx_and_vnni_micro_kernels_give_identical_outputs():
+    has_amx = "amx_int8" in Path("/proc/cpuinfo").read_text()
+    assert qk.uses_amx() == (has_amx and qk.uses_vnni())     # -march=native builds it; the OS grants the tiles
+    if not qk.uses_amx():
+        pytest.skip("no AMX here")
+    rng = np.random.default_rng(11)
+
+    def both(run):
+        outs = []
+        for on in (True, False):
+            assert qk.set_amx(on) == on
+            outs.append(run())
+        return outs
+
+    try:
+        for t, k, n in [(1, 64, 64), (31, 384, 130), (33, 1024, 200), (97, 128, 1536)]:
+            x, w, b = _rand(rng, t, k), _rand(rng, n, k, scale=0.2), _rand(rng, n)
+            layer = qk.QuantLinear(w, b)
+            amx, vnni = both(lambda: layer(Tensor(x)).asnumpy())
+            np.testing.assert_array_equal(amx, vnni)
+            np.testing.assert_allclose(amx, qlinear_ref(x, w, b), rtol=1e-5, atol=1e-5 * np.abs(amx).max())
+        h, heads, f = 128, 4, 256
+        offsets = Tensor(np.array([0, 37, 137, 138], np.int32))
+        x = layer_norm(_rand(rng, 138, h), 1.0, 0.0).astype(np.float32)
+        qkv, out = qk.QuantLinear(_rand(rng, 3 * h, h, scale=0.1), _rand(rng, 3 * h)), qk.QuantLinear(
+            _rand(rng, h, h, scale=0.1), _rand(rng, h))
+        inner, outer = qk.QuantLinear(_rand(rng, f, h, scale=0.1), _rand(rng, f)), qk.QuantLinear(
+            _rand(rng, h, f, scale=0.1), _rand(rng, h))
+        norm, eps, nh = Norm(np.ones(h, np.float32), np.zeros(h, np.float32)), ck.scalar(1e-5), Tensor(
+            np.array([heads], np.int32))
+        for run in (lambda: qk.attention_block(Tensor(x), qkv, out, norm, offsets, nh, eps).asnumpy(),
+                    lambda: qk.ffn_block(Tensor(x), inner, outer, norm, eps).asnumpy()):
+            amx, vnni = both(run)
+            np.testing.assert_array_equal(amx, vnni)
+    finally:
+        qk.set_amx(True)
+
+
 # ---------------------------------------------------------------- the model
 def test_bgem3_int8_encodes_close_to_float32():
     texts = ["BGE M3 is an embedding model", "Wer schrieb Faust?", "x", "東京は日本の首都です。" * 5]
