@@ -233,7 +233,7 @@ def test_amx_and_vnni_micro_kernels_give_identical_outputs():
         for t, k, n in [(1, 64, 64), (31, 384, 130), (33, 1024, 200), (97, 128, 1536)]:
             x, w, b = _rand(rng, t, k), _rand(rng, n, k, scale=0.2), _rand(rng, n)
             layer = qk.QuantLinear(w, b)
-            amx, vnni = both(lambda: layer(Tensor(x)).asnumpy())
+            amx, vnni = both(lambda layer=layer, x=x: layer(Tensor(x)).asnumpy())
             np.testing.assert_array_equal(amx, vnni)
             np.testing.assert_allclose(amx, qlinear_ref(x, w, b), rtol=1e-5, atol=1e-5 * np.abs(amx).max())
         h, heads, f = 128, 4, 256
