@@ -162,6 +162,18 @@ def uses_amx() -> bool:
     return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_amx(-1) == 1
 
 
+def set_bf16_attention(on: bool) -> bool:
+    """Compute the int8 path's attention (scores and context) in bfloat16 on AMX tiles, float32 accumulation
+    (``on``, the default where AMX-BF16 runs), or in float32 as the float32 path does; returns True when bfloat16
+    attention now runs (head size a multiple of 32 up to 64)."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_bf16_attention(int(bool(on))) == 1
+
+
+def uses_bf16_attention() -> bool:
+    """True when the int8 path's attention runs in bfloat16 on AMX here (head size 64)."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_bf16_attention(-1) == 1
+
+
 def _op(name: str, out_shape) -> ops.Custom:
     if _device() != "CPU":
         raise RuntimeError(f"the int8 kernels run on CPU only; MindSpore's device is {_device()}")

@@ -31,9 +31,8 @@
 // AMX (Sapphire Rapids and later): one TDPBUSD multiplies a 16 x 64 uint8 tile by a 64 x 16 int8 tile into
 // 16 x 16 int32, the same integers as vpdpbusd. The packed panel's rows (one per k-group, 64 columns x 4 k) are
 // already AMX's B layout: 16 columns of 16 k-groups form one tile at row stride 256 bytes.
-#if BGEM3_VNNI && defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#include "attention_bf16.h"
+#if BGEM3_VNNI && BGEM3_AMX_TILE && defined(__AMX_INT8__)
 #define BGEM3_AMX 1
 #else
 #define BGEM3_AMX 0
@@ -47,17 +46,16 @@ const int64_t kAmxRows = 32;    // rows per AMX step (two 16-row tiles)
 const int64_t kMaxBlock = 96;   // rows per work item (a multiple of kTile)
 const int64_t kAmxMaxBlock = 256;  // with AMX: more rows share each weight panel read from L3
 
-// AMX in use: compiled in, the kernel granted this process the tile state (arch_prctl), and not switched off
-// (m3_int8_set_amx, for tests and benchmarks).
-std::atomic<int> amx_wanted{1};
-bool amx_on() {
-#if BGEM3_AMX
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                      18 /* XFEATURE_XTILEDATA */) == 0;
-  return granted && amx_wanted.load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+// AMX in use for the int8 products: compiled in, the OS granted this process the tile state, and not switched
+// off (m3_int8_amx, for tests and benchmarks).
+std::atomic<int> amx_wanted{1}, bf16_attention_wanted{1};
+bool amx_on() { return BGEM3_AMX && amx_granted() && amx_wanted.load(std::memory_order_relaxed); }
+
+// Attention in bfloat16 on AMX (attention_bf16.h) for head size d: compiled in, granted, switched on
+// (m3_int8_bf16_attention), d a multiple of 32 up to 64.
+bool bf16_attention_on(int64_t d) {
+  return BGEM3_AMX_BF16 && amx_granted() && bf16_attention_wanted.load(std::memory_order_relaxed) && d % 32 == 0 &&
+         d <= 64;
 }
 
 // Quantised rows: u [rows, kp] (kp = K rounded up to 4, the tail zero), scale and zero point per row.
@@ -190,25 +188,6 @@ void dequantise(const int32_t *acc, int64_t rows, const float *sa, const int32_t
 }
 
 #if BGEM3_AMX
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
-// Tiles 0-3: int32 accumulators (rows 0-15 / 16-31 x columns c..c+15 / c+16..c+31); 4, 5: uint8 rows; 6, 7:
-// int8 weights. Every tile is 16 rows x 64 bytes.
-void amx_configure() {
-  alignas(64) TileConfig c;
-  std::memset(&c, 0, sizeof(c));
-  c.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
-
 // acc [32, 64] = int32 products of 32 quantised rows a (stride lda; kq a multiple of 16) with one packed panel.
 void amx_tile(const uint8_t *a, int64_t lda, const int8_t *b, int64_t kq, int32_t *acc) {
   for (int64_t half = 0; half < 2; ++half) {        // columns 32 * half .. 32 * half + 31
@@ -249,7 +228,7 @@ void qgemm(const QRows &a, int64_t row0, int64_t rows, const QWeight &w, int64_t
 #if BGEM3_AMX
   if (a.kp % 64 == 0 && amx_on()) {
     alignas(64) int32_t acc[kAmxRows * kPanel];
-    amx_configure();
+    tile_configure();
     for (int64_t p = p0; p < p1; ++p) {
       const int8_t *b = w.packed + p * w.kq * 4 * kPanel;
       for (int64_t r = 0; r < rows; r += kAmxRows) {
@@ -344,6 +323,13 @@ int m3_int8_amx(int on) {
   return amx_on() ? 1 : 0;
 }
 
+// Attention in bfloat16 on AMX tiles on (1) or off (0: float32), or only ask (-1); returns 1 if it runs for head
+// size 64 (compiled in, granted by the OS, switched on).
+int m3_int8_bf16_attention(int on) {
+  if (on >= 0) bf16_attention_wanted.store(on ? 1 : 0);
+  return bf16_attention_on(64) ? 1 : 0;
+}
+
 // y [..., N] = x [..., K] @ W^T + b.  inputs: x, packed, scale [N], wsum [N] i32, bias [N].
 // Returns 2 on inconsistent shapes, 3 if x holds NaN or inf.
 int m3_int8_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
@@ -396,6 +382,11 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
   const Tiling tl(rows, wqkv.panels);
   int bad = 0;
   SingleThreadedBlas one;
+#if BGEM3_AMX_BF16
+  const bool bf16 = bf16_attention_on(d);
+  Bf16Attention att{h, d, heads, {}, {}, {}, {}};
+  if (bf16) att.prepare(offsets, batch, rows);
+#endif
 #pragma omp parallel
   {
 #pragma omp for schedule(static) reduction(| : bad)
@@ -404,9 +395,24 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
     if (!bad) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tl.items(); ++t) run_item(tl, t, a, rows, wqkv, qkv.data(), false);
-      Scratch scores(attention_scratch(d, longest, qblock));
+#if BGEM3_AMX_BF16
+      if (bf16) {
+        att.pack(qkv.data(), offsets, batch, rows);
+        Scratch scratch(Bf16Attention::scratch_floats(d, longest));
+        tile_configure();
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
+        for (int64_t i = 0; i < ntasks; ++i) {
+          const AttentionTask &t = tasks[i];
+          att.attend(t.seq, t.start, t.n, t.head, t.row0, t.rows, scratch.data(), ctx.data());
+        }
+        _tile_release();
+      } else
+#endif
+      {
+        Scratch scores(attention_scratch(d, longest, qblock));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
+      }
       QRows c;                                      // this worker's block of quantised context rows
       c.resize(block, h);
 #pragma omp for schedule(dynamic, 1)

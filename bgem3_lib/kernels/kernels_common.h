@@ -228,7 +228,7 @@ void linear_rows(const float *x, const float *w, const float *b, float *y, int64
 // OpenBLAS's sgemm is slow on these skinny products (k = d = 32): the attention core of M3-small at
 // 16 x 512 tokens ran at about 60-95 GFLOP/s through it on 2 cores and about twice that tiled
 // (/tmp harness, ctypes; benchmarks/encode.py measures the whole model). Elsewhere: OpenBLAS.
-struct AttentionTask { int64_t start, n, head, row0, rows; };
+struct AttentionTask { int64_t start, n, head, row0, rows, seq; };
 
 const int64_t kTileRows = 8;
 // Query rows that share each pass over the keys and values: 4 tiles of 8. One tile per pass read the head's
@@ -417,7 +417,7 @@ bool attention_tasks(const int32_t *offsets, int64_t batch, int64_t heads, int64
     if (n < 0) return false;
     longest = std::max(longest, n);
     for (int64_t a = 0; a < heads; ++a)
-      for (int64_t r = 0; r < n; r += qblock) tasks.push_back({start, n, a, r, std::min(qblock, n - r)});
+      for (int64_t r = 0; r < n; r += qblock) tasks.push_back({start, n, a, r, std::min(qblock, n - r), b});
   }
   return true;
 }

@@ -48,14 +48,24 @@ def layer_norm(x, g, b, eps=1e-5):
     return (x - m) / np.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + eps) * g + b
 
 
-def attention_ref(x, wqkv, bqkv, wo, bo, g, beta, offsets, heads, linear=qlinear_ref):
+def bf16(x):
+    """Round float32 to bfloat16 (nearest even), returned as float64."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return (((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16).astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def attention_ref(x, wqkv, bqkv, wo, bo, g, beta, offsets, heads, linear=qlinear_ref, bfloat16=False):
+    """The sub-layer in float64; ``bfloat16``: q / sqrt(d), k, v and the softmax's exp weights rounded to bfloat16
+    as the AMX attention rounds them (the sum and 1 / sum unrounded)."""
     H = x.shape[1]
     D, ctx = H // heads, np.zeros(x.shape)
     qkv = linear(x, wqkv, bqkv)
+    r = bf16 if bfloat16 else (lambda a: a)
     for s0, s1 in zip(offsets[:-1], offsets[1:]):
         q, k, v = (qkv[s0:s1, j * H:(j + 1) * H].reshape(s1 - s0, heads, D).transpose(1, 0, 2) for j in range(3))
-        p = np.exp(q @ k.transpose(0, 2, 1) / np.sqrt(D))
-        ctx[s0:s1] = ((p / p.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(s1 - s0, H)
+        s = r(q / np.sqrt(D)) @ r(k).transpose(0, 2, 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        ctx[s0:s1] = (r(p) @ r(v) / p.sum(-1, keepdims=True)).transpose(1, 0, 2).reshape(s1 - s0, H)
     return layer_norm(x + linear(ctx.astype(np.float32), wo, bo), g, beta)
 
 
@@ -162,8 +172,10 @@ def test_fused_blocks_match_numpy(h, heads, f, lengths):
     w1, b1, w2, b2 = _rand(rng, f, h, scale=h ** -0.5), _rand(rng, f), _rand(rng, h, f, scale=f ** -0.5), _rand(rng, h)
     g, beta = 1 + _rand(rng, h, scale=0.1), _rand(rng, h, scale=0.1)
     eps = ck.scalar(1e-5)
+    qk.set_bf16_attention(False)                   # attention in float32, as the float32 path (see below for bf16)
     att = qk.attention_block(Tensor(x), qk.QuantLinear(wqkv, bqkv), qk.QuantLinear(wo, bo), Norm(g, beta),
                              Tensor(offsets), Tensor(np.array([heads], np.int32)), eps).asnumpy()
+    qk.set_bf16_attention(True)
     ffn = qk.ffn_block(Tensor(x), qk.QuantLinear(w1, b1), qk.QuantLinear(w2, b2), Norm(g, beta), eps).asnumpy()
     ref_att = attention_ref(x, wqkv, bqkv, wo, bo, g, beta, offsets, heads)
     ref_ffn = ffn_ref(x, w1, b1, w2, b2, g, beta)
@@ -212,6 +224,43 @@ def test_scalar_fallback_build_computes_the_same():
     x[3, 3] = np.nan
     assert qk.call_kernel("m3_int8_linear", [x, *weights], y, path) == 3
     assert qk.call_kernel("m3_int8_linear", [x[:, :66].copy(), *weights], y, path) == 2   # K disagrees with packing
+
+
+# ---------------------------------------------------------------- attention in bfloat16 on AMX
+@pytest.mark.parametrize("h,heads,lengths", [(64, 2, [37, 1, 300, 5, 2]), (384, 12, [50, 27, 130]),
+                                             (256, 4, [700, 33])])
+def test_bf16_attention_matches_a_bfloat16_reference(h, heads, lengths):
+    has = "amx_bf16" in Path("/proc/cpuinfo").read_text() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    assert qk.uses_bf16_attention() == has                     # on by default wherever it can run
+    if not has:
+        pytest.skip("no AMX-BF16 here")
+    rng = np.random.default_rng(h + len(lengths))
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    x = layer_norm(_rand(rng, int(offsets[-1]), h), 1.0, 0.0).astype(np.float32)
+    wqkv, bqkv, wo, bo = _rand(rng, 3 * h, h, scale=h ** -0.5), _rand(rng, 3 * h), _rand(rng, h, h, scale=0.1), \
+        _rand(rng, h)
+    g, beta = 1 + _rand(rng, h, scale=0.1), _rand(rng, h, scale=0.1)
+    qkv, out = qk.QuantLinear(wqkv, bqkv), qk.QuantLinear(wo, bo)
+
+    def run():
+        return qk.attention_block(Tensor(x), qkv, out, Norm(g, beta), Tensor(offsets),
+                                  Tensor(np.array([heads], np.int32)), ck.scalar(1e-5)).asnumpy()
+
+    try:
+        assert qk.set_bf16_attention(False) is False
+        f32 = run()
+        assert qk.set_bf16_attention(True) is True
+        b16 = run()
+    finally:
+        qk.set_bf16_attention(True)
+    ref16 = attention_ref(x, wqkv, bqkv, wo, bo, g, beta, offsets, heads, bfloat16=True)
+    # the same roundings: only float32 accumulation order (and a uint8 step it may move) differ
+    assert np.median(np.abs(b16 - ref16)) < 1e-6 and np.abs(b16 - ref16).max() < 1e-2
+    # and what bfloat16 costs against float32 attention: small, not zero
+    diff = np.abs(b16 - f32)
+    assert 1e-4 < np.median(diff) < 1e-2
+    cos = (b16 * f32).sum(1) / np.linalg.norm(b16, axis=1) / np.linalg.norm(f32, axis=1)
+    assert cos.min() > 0.999
 
 
 # ---------------------------------------------------------------- AMX and VNNI: the same integers
