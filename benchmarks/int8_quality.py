@@ -34,7 +34,8 @@ def page(res: dict) -> str:
              f"{', '.join(res['langs'])}: {res['queries']} questions against {res['passages']} English paragraphs "
              "(`en`: the English questions, a monolingual control); batch size "
              f"{res['batch_size']}, the model's max_length (512) and prefixes for every engine.",
-             f"* {m['date']}, {m['cpus']} CPUs ({m['cpu']}, AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}), "
+             f"* {m['date']}, {m['cpus']} CPUs ({m['cpu']}, AVX-512 VNNI: {'yes' if m['avx512_vnni'] else 'no'}, "
+             f"AMX: {'yes' if m.get('amx') else 'no'}), "
              f"load average {m['load_avg_start'][0]:.1f} at the start, {m['load_avg_end'][0]:.1f} at the end; "
              f"the whole run took {res['seconds'] / 60:.1f} min.",
              "* Each engine encodes in its own fresh process after a warm-up, one after the other, so the speed "

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..kernels.cpu import sources_digest
 from .subprocess_jobs import _run, cached_job
 
 ENGINES = ("bgem3_lib-float32", "bgem3_lib-int8", "ort-float32", "ort-int8")
@@ -116,7 +117,8 @@ def encode_all(engine: str, queries: list[str], passages: list[str], model: str 
                timeout: float = 7200) -> Encodings:
     """Dense, lexical and ColBERT outputs of ``queries`` then ``passages`` (raw texts: each engine adds the model's
     prefixes) by ``engine``, in its own process; ``max_length`` None: the model's. Cached unless ``cache=False``
-    (key: the weights, engine, texts, settings, MindSpore and ONNX Runtime versions, the ONNX file's time)."""
+    (key: the weights, engine, texts, settings, MindSpore and ONNX Runtime versions, the ONNX file's time,
+    our kernels' sources and the CPU's flags)."""
     from ..model.loading import resolve
     from ..model.tokenization import check_texts
     from ..paths import cache_dir
@@ -133,7 +135,7 @@ def encode_all(engine: str, queries: list[str], passages: list[str], model: str 
         job["onnx"] = str(onnx_models(m3_layout(model))[engine == "ort-int8"])
     versions = {p: metadata.version(p) for p in ("mindspore", "onnxruntime")}
     ident = [CACHE_VERSION, _digest(lm), versions, {k: v for k, v in job.items() if k not in ("onnx", "tokenizer")},
-             job.get("onnx") and os.stat(job["onnx"]).st_mtime]
+             job.get("onnx") and os.stat(job["onnx"]).st_mtime, engine.startswith("bgem3_lib") and sources_digest()]
     data, info = cached_job(cache_dir() / "reference" / "int8-quality", engine, ident, job, [_MODULE, "encode"],
                             f"the {engine} run", timeout, cache)
     colbert = np.split(data["colbert"], np.cumsum(data["colbert_len"])[:-1])

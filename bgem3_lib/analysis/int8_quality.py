@@ -218,11 +218,13 @@ def acceptance(rows: Mapping[str, dict], min_cosine: float = 0.99, max_points: f
 
 
 def machine(load_start) -> dict:
-    """Where and under what load a run happened: date, CPUs, CPU model, AVX-512 VNNI, load average at start and end."""
+    """Where and under what load a run happened: date, CPUs, CPU model, AVX-512 VNNI, AMX (int8 and bf16: the int8
+    path then runs its products and its attention on tiles), load average at start and end."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
     cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(), "cpu": cpu,
-            "avx512_vnni": "avx512_vnni" in info, "load_avg_start": [round(x, 2) for x in load_start],
+            "avx512_vnni": "avx512_vnni" in info, "amx": "amx_int8" in info and "amx_bf16" in info,
+            "load_avg_start": [round(x, 2) for x in load_start],
             "load_avg_end": [round(x, 2) for x in os.getloadavg()]}
 
 

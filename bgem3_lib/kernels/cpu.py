@@ -97,6 +97,16 @@ def _cpu_signature() -> str:
         return "unknown"
 
 
+def sources_digest() -> str:
+    """A short digest of every kernel source and header in this package and of this CPU's flags: what the
+    kernels' outputs depend on beyond their inputs (a key for caches of kernel results)."""
+    files = sorted([*SOURCE.parent.glob("*.cc"), *SOURCE.parent.glob("*.h")])
+    h = hashlib.sha256(_cpu_signature().encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def build_library(source: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile ``source`` (default ``cpu_kernels.cc``; once per source, the ``*.h`` beside it, flags, BLAS and
     CPU) with ``FLAGS`` and ``extra_flags`` and return the shared library's path."""
