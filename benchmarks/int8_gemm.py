@@ -4,7 +4,7 @@
 
 * GEMM: x [T, K] @ W^T + b for the XLM-R large shapes [2048, 1024] x [4096, 1024] (FFN in),
   [2048, 4096] x [1024, 4096] (FFN out) and [2048, 1024] x [3072, 1024] (fused qkv). Without the framework:
-  NumPy's sgemm into a preallocated output vs the int8 kernel (row quantisation, VNNI GEMM, dequantisation +
+  NumPy's sgemm into a preallocated output vs the int8 kernel (row quantisation, AMX or VNNI GEMM, dequantisation +
   bias) called on NumPy arrays (``int8.call_kernel``). Through MindSpore (``ops.Custom``, a new output tensor
   and its ``asnumpy`` copy each call): ``kernels.cpu.linear`` (sgemm + bias) vs ``kernels.int8.linear``.
   GFLOP/s counts 2 T K N for every system (int8 "GFLOP-equivalents").
