@@ -6,7 +6,8 @@ answers JSON commands read from stdin (one per line) with one ``@@ {json}`` line
 Systems (identical weights from MODEL_DIR, identical texts, all three outputs, float32, CPU):
 * ``bgem3_lib``      — this library (``BGEM3.encode``); ``kernels: false`` forces the plain-op path.
 * ``bgem3_lib-int8`` — the same with ``dtype="int8"``: the encoder's linear layers in int8 (per-channel
-  weight scales, per-token activation quantisation, int32 accumulation; ``bgem3_lib.kernels.int8``).
+  weight scales, per-token activation quantisation, int32 accumulation; ``bgem3_lib.kernels.int8``); on a CPU
+  with AMX the products run on AMX tiles and attention in bfloat16 there (float32 accumulation).
 * ``flagembedding``  — ``BGEM3FlagModel.encode`` on PyTorch. Its ``encode`` first runs the longest
   batch an extra time to probe the batch size and throws the result away; that probe forward is
   skipped here (``skip_probe``, its output is unused) and its cost reported as ``probe_seconds``
