@@ -164,16 +164,21 @@ def library_built(state: dict, source: Path, what: str) -> bool:
     return state["lib"] is not None
 
 
-def custom_op(state: dict, name: str, out_shape, ready, unavailable: str) -> ops.Custom:
-    """Kernel ``name`` of the library ``state["lib"]`` as a float32-output aot ``ops.Custom`` with shape rule
-    ``out_shape`` (input shapes -> output shape), made once and kept in ``state[name]``. The first call for a name
-    calls ``ready()`` (which builds ``state["lib"]``) and raises RuntimeError(``unavailable``) when it is False."""
-    if name not in state:
+def custom_op(state: dict, name: str, out_shape, ready, unavailable: str, *, outputs: int = 1, dtypes=None,
+              bprop=None, key=None) -> ops.Custom:
+    """Kernel ``name`` of the library ``state["lib"]`` as an aot ``ops.Custom`` with shape rule ``out_shape`` (input
+    shapes -> output shape(s)) and ``outputs`` outputs, float32 unless ``dtypes`` lists them, with backward
+    ``bprop`` (or none); made once and kept in ``state[key or name]``. The first call for a key calls ``ready()``
+    (which builds ``state["lib"]``) and raises RuntimeError(``unavailable``) when it is False."""
+    key = key or name
+    if key not in state:
         if not ready():
             raise RuntimeError(unavailable)
-        state[name] = ops.Custom(f"{state['lib']}:{name}", out_shape=out_shape,
-                                 out_dtype=lambda *types: ms.float32, func_type="aot")
-    return state[name]
+        kinds = tuple(dtypes or (ms.float32,) * outputs)
+        dtype = (lambda *types: kinds[0]) if outputs == 1 else (lambda *types: kinds)
+        state[key] = ops.Custom(f"{state['lib']}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot",
+                                bprop=bprop)
+    return state[key]
 
 
 def _op(name: str, out_shape) -> ops.Custom:

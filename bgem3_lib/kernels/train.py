@@ -63,16 +63,10 @@ def available() -> bool:
 
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:
     """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` outputs (float32 unless ``dtypes`` lists them),
-    made once per ``key``."""
-    key = key or name
-    if key not in _state:
-        if not available():
-            raise RuntimeError("fused CPU training kernels are not available on this machine")
-        kinds = tuple(dtypes or (ms.float32,) * outputs)
-        dtype = (lambda *t: kinds[0]) if outputs == 1 else (lambda *t: kinds)
-        _state[key] = ops.Custom(f"{_state['lib']}:{name}", out_shape=out_shape, out_dtype=dtype, func_type="aot",
-                                 bprop=bprop)
-    return _state[key]
+    made once per ``key`` (``cpu.custom_op``)."""
+    return cpu.custom_op(_state, name, out_shape, available,
+                         "fused CPU training kernels are not available on this machine", outputs=outputs,
+                         dtypes=dtypes, bprop=bprop, key=key)
 
 
 def _zeros(*tensors):
