@@ -8,8 +8,9 @@ Activations are quantised inside the kernel, per row (token), to uint8 with the 
     y[i, j] = s[i] * scale[j] * (sum_k u[i, k] q[j, k] - z[i] * sum_k q[j, k]) + b[j]
 
 ``attention_block`` / ``ffn_block`` are ``kernels.cpu``'s fused sub-layers with their four linear maps in int8;
-attention scores, softmax, GELU, residuals and layer norms stay float32. A :class:`QuantLinear` holds one
-layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
+softmax, GELU, residuals and layer norms stay float32, and so do attention's two products except on AMX-BF16
+CPUs, where they run in bfloat16 with float32 accumulation (:func:`set_bf16_attention`). A :class:`QuantLinear`
+holds one layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
 compiled on first use by ``cpu.build_library``. The products run on AMX tiles where the CPU has them and the OS
 grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in a scalar loop: the same integers
 each time, so the same outputs. A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
@@ -145,6 +146,11 @@ def available() -> bool:
     return cpu.library_built(_state, SOURCE, "int8 CPU kernels")
 
 
+def _ask(function: str, arg: int) -> bool:
+    """The built library's plain C switch ``function(arg)`` == 1 (False when the kernels are not available)."""
+    return available() and getattr(ctypes.CDLL(str(_state["lib"])), function)(arg) == 1
+
+
 def uses_vnni() -> bool:
     """True when the built library runs the AVX-512 VNNI micro-kernel (False: the scalar fallback)."""
     return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_vnni() == 1
@@ -154,24 +160,24 @@ def set_amx(on: bool) -> bool:
     """Run products whose K is a multiple of 64 on the AMX tile unit (``on``, the default) or on AVX-512 VNNI;
     returns True when AMX now runs them (compiled in by ``-march=native`` and granted by the OS). Both compute
     the same integers, so outputs are bit-identical; the switch exists for tests and benchmarks."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_amx(int(bool(on))) == 1
+    return _ask("m3_int8_amx", int(bool(on)))
 
 
 def uses_amx() -> bool:
     """True when the int8 products (K a multiple of 64) run on AMX here."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_amx(-1) == 1
+    return _ask("m3_int8_amx", -1)
 
 
 def set_bf16_attention(on: bool) -> bool:
     """Compute the int8 path's attention (scores and context) in bfloat16 on AMX tiles, float32 accumulation
     (``on``, the default where AMX-BF16 runs), or in float32 as the float32 path does; returns True when bfloat16
     attention now runs (head size a multiple of 32 up to 64)."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_bf16_attention(int(bool(on))) == 1
+    return _ask("m3_int8_bf16_attention", int(bool(on)))
 
 
 def uses_bf16_attention() -> bool:
     """True when the int8 path's attention runs in bfloat16 on AMX here (head size 64)."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_int8_bf16_attention(-1) == 1
+    return _ask("m3_int8_bf16_attention", -1)
 
 
 def _op(name: str, out_shape) -> ops.Custom:

@@ -15,8 +15,8 @@
 // loop computes the same integers (correct, slow). All three give bit-identical outputs.
 //
 // The fused sub-layers keep everything but the four linear maps in float32, exactly as cpu_kernels.cc
-// (attention scores / softmax / context through OpenBLAS, GELU, bias, residual, layer norm), sharing its
-// helpers through kernels_common.h.
+// (attention scores / softmax / context, GELU, bias, residual, layer norm), sharing its helpers through
+// kernels_common.h; on AMX-BF16 CPUs attention's two products run in bfloat16 instead (attention_bf16.h).
 #include "kernels_common.h"
 
 #include <atomic>
