@@ -1,11 +1,12 @@
 """The kernels wing: optional fast backends that the model selects at load time.
 
 What lives here: ``cpu`` (fused float32 inference kernels on packed tokens, C++ in ``cpu_kernels.cc``
-compiled on first use, calling the BLAS NumPy ships) and ``int8`` (the same sub-layers with int8 linear
-maps for ``BGEM3(dtype="int8")``: per-channel int8 weights, per-token uint8 activations, an AVX-512 VNNI
-GEMM in ``int8_kernels.cc``; helpers shared by both sources in ``kernels_common.h``), and ``train`` (one
-encoder layer's forward *and* backward on packed tokens as differentiable ops, C++ in ``train_kernels.cc``,
-which the trainer uses for the layers above its hidden cache).
+compiled on first use; linear products on AMX tiles as bfloat16 triples at float32 accuracy in
+``gemm_bf16x3.h`` where the CPU has AMX-BF16, else the BLAS NumPy ships) and ``int8`` (the same
+sub-layers with int8 linear maps for ``BGEM3(dtype="int8")``: per-channel int8 weights, per-token uint8
+activations, an AVX-512 VNNI GEMM in ``int8_kernels.cc``; helpers shared by both sources in
+``kernels_common.h``), and ``train`` (one encoder layer's forward *and* backward on packed tokens as
+differentiable ops, C++ in ``train_kernels.cc``, which the trainer uses for the layers above its hidden cache).
 ``cpu.available()`` says whether they can run here; when they cannot (not CPU, no compiler or BLAS,
 ``BGEM3_CPU_KERNELS=0``, fp16/bf16) the model and the trainer run their plain MindSpore cells, which is
 the path Ascend and GPU always take.

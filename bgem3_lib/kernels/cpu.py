@@ -4,8 +4,9 @@ Why: on CPU, MindSpore 2.7's own kernels are several times slower than PyTorch's
 (measured on a 2-core EPYC: matmul ~2x, exact GELU ~20x, batched attention matmul ~3x, softmax ~2x;
 ``benchmarks/encode.py`` re-measures the matmul), and NumPy's OpenBLAS matmul is the fastest here.
 These kernels run one transformer sub-layer per call on *packed* tokens ``x [T, H]`` (padding
-removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), call NumPy's OpenBLAS for the linear
-layers, run attention in an AVX-512 register-tiled kernel where the CPU has it and the head size is a
+removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), compute the linear layers on AMX tiles at
+float32 accuracy where the CPU has AMX-BF16 (``gemm_bf16x3.h``, ``set_bf16x3``) and with NumPy's OpenBLAS
+elsewhere, run attention in an AVX-512 register-tiled kernel where the CPU has it and the head size is a
 multiple of 16 (OpenBLAS otherwise, or with ``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU, softmax,
 residual and layer norm into single passes.
 
@@ -150,6 +151,39 @@ def available() -> bool:
             warnings.warn(f"fast CPU kernels unavailable, using plain MindSpore ops: {exc}", stacklevel=2)
             _state["lib"] = None
     return _state["lib"] is not None
+
+
+def set_bf16x3(on: bool) -> bool:
+    """Compute the linear layers' float32 products on the AMX tile unit, each operand split into three bfloat16
+    parts (``on``, the default; ``gemm_bf16x3.h``), or on the BLAS; returns True when calls of 64 rows or more
+    now run on AMX (this build and CPU have AMX-BF16 and the OS granted the tiles)."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_bf16x3(int(bool(on))) == 1
+
+
+def uses_bf16x3() -> bool:
+    """True when the linear layers' products run on AMX as bfloat16 triples (see ``set_bf16x3``)."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3_bf16x3(-1) == 1
+
+
+def product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x [M, K] @ w [N, K]^T`` (float32, C order) as the linear layers compute it (AMX or the BLAS), for tests
+    and benchmarks. Raises ValueError on other shapes or dtypes.
+
+    >>> import numpy as np                                           # doctest: +SKIP
+    >>> product(np.ones((2, 3), np.float32), np.eye(3, dtype=np.float32)).shape   # doctest: +SKIP
+    (2, 3)
+    """
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != np.float32 or w.dtype != np.float32:
+        raise ValueError(f"product wants float32 x [M, K] and w [N, K], got {x.dtype} {x.shape} and "
+                         f"{w.dtype} {w.shape}")
+    if not available():
+        raise RuntimeError("fast CPU kernels are not available on this machine")
+    x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
+    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    fn = ctypes.CDLL(str(_state["lib"])).m3_product
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    fn(x.ctypes.data, w.ctypes.data, y.ctypes.data, x.shape[0], w.shape[0], x.shape[1])
+    return y
 
 
 def library_built(state: dict, source: Path, what: str) -> bool:

@@ -4,7 +4,8 @@
 // x [T, H], with sequence b occupying rows offsets[b] .. offsets[b+1]-1. Attention runs per
 // sequence on exactly its own tokens, so no FLOP is spent on padding and no mask is needed.
 //
-// The linear layers' products go to the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
+// The linear layers' products run on AMX tiles as bfloat16 triples where the CPU has AMX-BF16 (gemm_bf16x3.h:
+// float32 accuracy), else on the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
 // (attention: kernels_common.h's tile kernel, or OpenBLAS where it does not apply); the
 // library path, symbol names and integer width are fixed at compile time by cpu_kernels.py:
 //   BGEM3_BLAS_LIB, BGEM3_SGEMM, BGEM3_SET_THREADS, BGEM3_GET_THREADS, BGEM3_BLAS_INT.
@@ -15,11 +16,34 @@
 //
 // The helpers (BLAS handle, GELU, layer norm, attention) live in kernels_common.h, shared with int8_kernels.cc.
 #include "kernels_common.h"
+#include "gemm_bf16x3.h"
 
 extern "C" {
 
 // 0 if the BLAS symbols resolved (called from Python through ctypes before any op is built).
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
+
+// The linear layers' products on AMX as bfloat16 triples (gemm_bf16x3.h) on (1) or off (0: the BLAS), or only
+// ask (-1); returns 1 if they run there for calls of 64 rows or more (compiled in, granted, switched on).
+int m3_bf16x3(int on) {
+  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
+  return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
+}
+
+// y [m, n] = x [m, k] @ w [n, k]^T on the current path (tests: compared with float64 and with the BLAS).
+void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
+  Products products(m, {{w, n, k}});
+  const int64_t block = row_block(m);
+  SingleThreadedBlas one;
+#pragma omp parallel
+  {
+    products.pack();
+    auto scratch = products.scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r0 = 0; r0 < m; r0 += block)
+      products.run(0, x + r0 * k, k, std::min(block, m - r0), y + r0 * n, n, scratch.get());
+  }
+}
 
 // y [T, N] = x [T, K] @ w[N, K]^T + b.
 int m3_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
@@ -28,9 +52,19 @@ int m3_linear(int nparam, void **params, int *ndims, int64_t **shapes, const cha
   float *y = (float *)params[3];
   int64_t k = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
   int64_t block = row_block(rows);
+  Products products(rows, {{w, n, k}});
   SingleThreadedBlas one;
-#pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t r0 = 0; r0 < rows; r0 += block) linear_rows(x, w, b, y, r0, std::min(block, rows - r0), k, n, false);
+#pragma omp parallel
+  {
+    products.pack();
+    auto scratch = products.scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+      const int64_t m = std::min(block, rows - r0);
+      products.run(0, x + r0 * k, k, m, y + r0 * n, n, scratch.get());
+      for (int64_t i = r0; i < r0 + m; ++i) add_bias(y + i * n, b, n, false);
+    }
+  }
   return 0;
 }
 
@@ -78,15 +112,18 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   const int64_t d = h / heads;  // after the check: heads < 1 must not reach the division
   Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
+  Products products(rows, {{w3[0], h, h}, {w3[1], h, h}, {w3[2], h, h}, {wo, h, h}});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
+    products.pack();
+    auto packed = products.scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t n = std::min(block, rows - r0);
       for (int j = 0; j < 3; ++j) {
         float *out = qkv.data() + r0 * 3 * h + j * h;
-        gemm(true, n, h, h, 1.0f, x + r0 * h, h, w3[j], h, 0.0f, out, 3 * h);
+        products.run(j, x + r0 * h, h, n, out, 3 * h, packed.get());
         for (int64_t i = 0; i < n; ++i) add_bias(out + i * 3 * h, b3[j], h, false);
       }
     }
@@ -96,7 +133,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       int64_t n = std::min(block, rows - r0);
-      gemm(true, n, h, h, 1.0f, ctx.data() + r0 * h, h, wo, h, 0.0f, y + r0 * h, h);
+      products.run(3, ctx.data() + r0 * h, h, n, y + r0 * h, h, packed.get());
       for (int64_t i = r0; i < r0 + n; ++i) add_layer_norm(y + i * h, bo, x + i * h, gamma, beta, h, eps);
     }
   }
@@ -113,15 +150,19 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   const float *gamma = (const float *)params[5], *beta = (const float *)params[6];
   float eps = *(const float *)params[7], *y = (float *)params[8];
   int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0], block = row_block(rows);
+  Products products(rows, {{w1, f, h}, {w2, h, f}});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
+    products.pack();
+    auto packed = products.scratch();
     Scratch inner(block * f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       int64_t n = std::min(block, rows - r0);
-      linear_rows(x + r0 * h, w1, b1, inner.data(), 0, n, h, f, true);
-      gemm(true, n, h, f, 1.0f, inner.data(), f, w2, f, 0.0f, y + r0 * h, h);
+      products.run(0, x + r0 * h, h, n, inner.data(), f, packed.get());
+      for (int64_t i = 0; i < n; ++i) add_bias(inner.data() + i * f, b1, f, true);
+      products.run(1, inner.data(), f, n, y + r0 * h, h, packed.get());
       for (int64_t i = r0; i < r0 + n; ++i) add_layer_norm(y + i * h, b2, x + i * h, gamma, beta, h, eps);
     }
   }

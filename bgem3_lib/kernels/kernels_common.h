@@ -209,13 +209,6 @@ void add_bias(float *r, const float *bias, int64_t n, bool gelu) {
   }
 }
 
-// y[r0:r0+n] = x[r0:r0+n] @ w^T + b (GELU optional): one worker's share of a linear layer.
-void linear_rows(const float *x, const float *w, const float *b, float *y, int64_t r0, int64_t n, int64_t k,
-                 int64_t out, bool gelu) {
-  gemm(true, n, out, k, 1.0f, x + r0 * k, k, w, k, 0.0f, y + r0 * out, out);
-  for (int64_t i = r0; i < r0 + n; ++i) add_bias(y + i * out, b, out, gelu);
-}
-
 // Scaled dot-product attention of one (sequence, head, block of query rows) on the sequence's own
 // tokens. qkv [T, 3H] (query | key | value, heads side by side), ctx [T, H], scratch of
 // attention_scratch(d, longest, qblock) floats.

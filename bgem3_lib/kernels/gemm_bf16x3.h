@@ -1,0 +1,251 @@
+// Float32 products on AMX tiles: y [m, n] = x [m, k] @ W^T (W [n, k]) to float32 accuracy, for the float32 path's
+// linear layers on CPUs with AMX-BF16 (cpu_kernels.cc; elsewhere they stay on the BLAS).
+//
+// Every float32 value splits exactly into three bfloat16 parts, x = hi + mid + lo: hi and mid are truncations to
+// 8 significant bits (hi of x, mid of x - hi) and lo = x - hi - mid has at most 8 left, so it is a bfloat16 too.
+// Then
+//   x w = hi hi' + (hi mid' + mid hi') + (hi lo' + lo hi' + mid mid') + [mid lo' + lo mid' + lo lo'],
+// where the bracketed terms are below 3 * 2^-24 |x w| and are left out: six bfloat16 products per float32
+// product, each exact in float32, accumulated in float32 by TDPBF16PS. The error is that of a float32 dot
+// product (a few units in the last place; tests/kernels/test_gemm_bf16x3.py bounds it against float64 and
+// against the BLAS). Infinite inputs give NaN (inf - inf in the split); finite ones never overflow.
+// Numbers below 2^-126 count as zero (the tile unit flushes denormals).
+//
+// One TDPBF16PS does 16 x 16 x 32 multiply-adds; six per float32 tile product ran at 1.0-1.3 bfloat16 TFLOP/s
+// per core here, about 1.2-1.6x the BLAS's float32 sgemm (benchmarks/encode.py measures the whole model).
+//
+// Layouts (bf16 as uint16_t, one tile = 16 rows x 32 = 512 values, kb = k / 32 rounded up, the padding zero):
+//   packed W [nb][kb][3 parts][16 k-pairs][16 columns][2]: nb = n / 16 rounded up to a multiple of 4;
+//   packed x [row groups of 16][kb][3 parts][16 rows][32].
+// Blocking: 16 rows x 64 columns of y (4 accumulator tiles) per step; the three parts of x's tile stay in
+// tiles 0-2 while each of W's tiles passes through tile 3. Rows in chunks of 128 and k in chunks of 1024 keep
+// a chunk of x (768 KiB) in L2 while W's 64-column panels (384 KiB per k chunk) stream past it.
+#ifndef BGEM3_GEMM_BF16X3_H_
+#define BGEM3_GEMM_BF16X3_H_
+
+#include "amx.h"
+
+#include <atomic>
+#include <initializer_list>
+
+namespace {
+
+#if BGEM3_AMX_BF16
+const int64_t kTile = 512, kChunkRows = 128, kChunkK = 32;   // kChunkK in k-tiles of 32
+
+// The three parts of 16 floats, as 16 bfloat16 each.
+inline void split3(__m512 x, __m256i &hi, __m256i &mid, __m256i &lo) {
+  const __m512i top = _mm512_set1_epi32((int)0xFFFF0000u);
+  const __m512i h = _mm512_and_si512(_mm512_castps_si512(x), top);
+  const __m512 r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(h));
+  const __m512i m = _mm512_and_si512(_mm512_castps_si512(r1), top);
+  hi = _mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16));
+  mid = _mm512_cvtepi32_epi16(_mm512_srli_epi32(m, 16));
+  lo = (__m256i)_mm512_cvtneps_pbh(_mm512_sub_ps(r1, _mm512_castsi512_ps(m)));
+}
+
+// 32 floats from p (the first `count` of them; the rest read as zero) as 3 x 32 bfloat16 parts.
+inline void split32(const float *p, int64_t count, __m512i part[3]) {
+  const __mmask16 m0 = lanes_below(count), m1 = lanes_below(count - 16 > 0 ? count - 16 : 0);
+  __m256i a[3], b[3];
+  split3(_mm512_maskz_loadu_ps(m0, p), a[0], a[1], a[2]);
+  split3(_mm512_maskz_loadu_ps(m1, p + 16), b[0], b[1], b[2]);
+  for (int i = 0; i < 3; ++i) part[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a[i]), b[i], 1);
+}
+
+struct Bf16x3Weight {
+  int64_t n = 0, k = 0, kb = 0, nb = 0;
+  std::unique_ptr<uint16_t[]> t;
+
+  // Size for W [n, k]; call from one thread, before pack().
+  void allocate(int64_t rows, int64_t cols) {
+    n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
+    t.reset(new uint16_t[nb * kb * 3 * kTile]);
+  }
+
+  // Split and pack W [n, k] (row stride ldw); every thread of a parallel region calls it and shares the tiles.
+  // No barrier at the end: the caller adds one before any product reads the tiles.
+  void pack(const float *w, int64_t ldw) {
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t i = 0; i < nb * kb; ++i) {
+      const int64_t cb = i / kb, b = i % kb, k0 = b * 32;
+      uint16_t *tile = t.get() + i * 3 * kTile;
+      for (int64_t j = 0; j < 16; ++j) {     // column j of the tile: row cb * 16 + j of W
+        const int64_t col = cb * 16 + j;
+        __m512i part[3];
+        split32(w + col * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, part);
+        // dword i of a part holds the pair (k0 + 2i, k0 + 2i + 1): it goes to tile row i, column j
+        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kTile) + j, rows16, part[p], 4);
+      }
+    }
+  }
+};
+
+// Split and pack rows [0, m) of x (row stride ldx, k columns) into a: [ceil(m / 16)][kb][3][16][32].
+inline void pack_rows(const float *x, int64_t ldx, int64_t m, int64_t k, uint16_t *a) {
+  const int64_t kb = (k + 31) / 32, groups = (m + 15) / 16;
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t b = 0; b < kb; ++b) {
+      uint16_t *tile = a + (g * kb + b) * 3 * kTile;
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t row = g * 16 + r;
+        __m512i part[3];
+        split32(x + row * ldx + b * 32, row < m ? std::min<int64_t>(32, k - b * 32) : 0, part);
+        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kTile + r * 32, part[p]);
+      }
+    }
+}
+
+// uint16 scratch per worker for gemm_bf16x3 with k columns.
+inline int64_t bf16x3_scratch(int64_t k) { return kChunkRows * ((k + 31) / 32) * 3 * kTile / 16; }
+
+// Accumulator tiles 4-7 <- 16 rows x 64 columns of y (zero when `first`), or back; partial blocks go through s.
+inline void load_block(bool first, const float *y, int64_t ldy, int64_t rows, int64_t cols, float *s) {
+  if (first) {
+    _tile_zero(4);
+    _tile_zero(5);
+    _tile_zero(6);
+    _tile_zero(7);
+    return;
+  }
+  const float *src = y;
+  int64_t ld = ldy;
+  if (rows < 16 || cols < 64) {
+    for (int64_t r = 0; r < 16; ++r)
+      for (int64_t c = 0; c < 64; ++c) s[r * 64 + c] = r < rows && c < cols ? y[r * ldy + c] : 0.0f;
+    src = s, ld = 64;
+  }
+  _tile_loadd(4, src, 4 * ld);
+  _tile_loadd(5, src + 16, 4 * ld);
+  _tile_loadd(6, src + 32, 4 * ld);
+  _tile_loadd(7, src + 48, 4 * ld);
+}
+
+inline void store_block(float *y, int64_t ldy, int64_t rows, int64_t cols, float *s) {
+  const bool full = rows == 16 && cols == 64;
+  float *dst = full ? y : s;
+  const int64_t ld = full ? ldy : 64;
+  _tile_stored(4, dst, 4 * ld);
+  _tile_stored(5, dst + 16, 4 * ld);
+  _tile_stored(6, dst + 32, 4 * ld);
+  _tile_stored(7, dst + 48, 4 * ld);
+  if (!full)
+    for (int64_t r = 0; r < rows; ++r) std::memcpy(y + r * ldy, s + r * 64, cols * sizeof(float));
+}
+
+// One part of W against the parts of x it meets (hi: all three, mid: hi and mid, lo: hi), for the four
+// accumulators in turn, so that consecutive products go to different tiles.
+#define BGEM3_BF16X3_DP(C, parts)                \
+  _tile_dpbf16ps(C, 0, 3);                       \
+  if ((parts) > 1) _tile_dpbf16ps(C, 1, 3);      \
+  if ((parts) > 2) _tile_dpbf16ps(C, 2, 3);
+#define BGEM3_BF16X3_PART(wt, step, p)                                              \
+  _tile_loadd(3, (wt) + (p) * kTile, 64);                                           \
+  BGEM3_BF16X3_DP(4, 3 - (p))                                                       \
+  _tile_loadd(3, (wt) + (step) + (p) * kTile, 64);                                  \
+  BGEM3_BF16X3_DP(5, 3 - (p))                                                       \
+  _tile_loadd(3, (wt) + 2 * (step) + (p) * kTile, 64);                              \
+  BGEM3_BF16X3_DP(6, 3 - (p))                                                       \
+  _tile_loadd(3, (wt) + 3 * (step) + (p) * kTile, 64);                              \
+  BGEM3_BF16X3_DP(7, 3 - (p))
+
+// y [m, n] (row stride ldy) = x [m, k] (row stride ldx) @ W^T, W packed; a: bf16x3_scratch(k) uint16s. One
+// worker's share: call from inside a parallel region after W is packed, or from one thread.
+void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, float *y, int64_t ldy,
+                 uint16_t *a) {
+  tile_configure();
+  alignas(64) float s[16 * 64];
+  const int64_t kb = w.kb;
+  for (int64_t r0 = 0; r0 < m; r0 += kChunkRows) {
+    const int64_t mr = std::min(kChunkRows, m - r0), groups = (mr + 15) / 16;
+    pack_rows(x + r0 * ldx, ldx, mr, w.k, a);
+    for (int64_t b0 = 0; b0 < kb; b0 += kChunkK) {
+      const int64_t b1 = std::min(kb, b0 + kChunkK);
+      for (int64_t c0 = 0; c0 < w.n; c0 += 64) {
+        const int64_t cols = std::min<int64_t>(64, w.n - c0);
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t rows = std::min<int64_t>(16, mr - 16 * g);
+          float *out = y + (r0 + 16 * g) * ldy + c0;
+          load_block(b0 == 0, out, ldy, rows, cols, s);
+          for (int64_t b = b0; b < b1; ++b) {
+            const uint16_t *at = a + (g * kb + b) * 3 * kTile;
+            _tile_loadd(0, at, 64);
+            _tile_loadd(1, at + kTile, 64);
+            _tile_loadd(2, at + 2 * kTile, 64);
+            const uint16_t *wt = w.t.get() + ((c0 / 16) * kb + b) * 3 * kTile;
+            const int64_t step = kb * 3 * kTile;    // to the next 16 columns
+            BGEM3_BF16X3_PART(wt, step, 0)
+            BGEM3_BF16X3_PART(wt, step, 1)
+            BGEM3_BF16X3_PART(wt, step, 2)
+          }
+          store_block(out, ldy, rows, cols, s);
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#undef BGEM3_BF16X3_PART
+#undef BGEM3_BF16X3_DP
+#else
+struct Bf16x3Weight {   // without AMX-BF16 nothing is packed and the BLAS computes every product
+  void allocate(int64_t, int64_t) {}
+  void pack(const float *, int64_t) {}
+};
+inline int64_t bf16x3_scratch(int64_t) { return 0; }
+inline void gemm_bf16x3(const float *, int64_t, int64_t, const Bf16x3Weight &, float *, int64_t, uint16_t *) {}
+#endif  // BGEM3_AMX_BF16
+
+// Switched on (1, the default) or off (0: the BLAS) by m3_bf16x3 (tests and benchmarks).
+std::atomic<int> bf16x3_wanted{1};
+// Below this many rows per call the BLAS computes: packing W costs about as much as 64 rows of products.
+const int64_t kBf16x3MinRows = 64;
+
+inline bool bf16x3_on(int64_t rows) {
+  return BGEM3_AMX_BF16 && amx_granted() && bf16x3_wanted.load(std::memory_order_relaxed) && rows >= kBf16x3MinRows;
+}
+
+// The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where
+// bf16x3_on(rows), with each W_j split and packed once per call and shared by the workers; else the BLAS.
+class Products {
+ public:
+  struct Weight {
+    const float *w;
+    int64_t n, k;
+  };
+  Products(int64_t rows, std::initializer_list<Weight> weights) : w_(weights), amx_(bf16x3_on(rows)) {
+    if (!amx_) return;
+    packed_.resize(w_.size());
+    for (size_t j = 0; j < w_.size(); ++j) {
+      packed_[j].allocate(w_[j].n, w_[j].k);
+      kmax_ = std::max(kmax_, w_[j].k);
+    }
+  }
+  // Every thread of the parallel region calls it (the packing is shared; it ends with a barrier).
+  void pack() {
+    if (!amx_) return;
+    for (size_t j = 0; j < w_.size(); ++j) packed_[j].pack(w_[j].w, w_[j].k);
+#pragma omp barrier
+  }
+  // A worker's scratch for run().
+  std::unique_ptr<uint16_t[]> scratch() const {
+    return std::unique_ptr<uint16_t[]>(amx_ ? new uint16_t[bf16x3_scratch(kmax_)] : nullptr);
+  }
+  // y [m, n_j] (row stride ldy) = x [m, k_j] (row stride ldx) @ W_j^T.
+  void run(size_t j, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, uint16_t *scratch) const {
+    if (amx_) return gemm_bf16x3(x, ldx, m, packed_[j], y, ldy, scratch);
+    gemm(true, m, w_[j].n, w_[j].k, 1.0f, x, ldx, w_[j].w, w_[j].k, 0.0f, y, ldy);
+  }
+
+ private:
+  std::vector<Weight> w_;
+  bool amx_;
+  int64_t kmax_ = 0;
+  std::vector<Bf16x3Weight> packed_;
+};
+
+}  // namespace
+
+#endif  // BGEM3_GEMM_BF16X3_H_
