@@ -165,24 +165,35 @@ def uses_bf16x3() -> bool:
     return available() and ctypes.CDLL(str(_state["lib"])).m3_bf16x3(-1) == 1
 
 
-def product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x [M, K] @ w [N, K]^T`` (float32, C order) as the linear layers compute it (AMX or the BLAS), for tests
-    and benchmarks. Raises ValueError on other shapes or dtypes.
+def product(x: np.ndarray, w: np.ndarray, layout: str = "nk", add_to: np.ndarray | None = None) -> np.ndarray:
+    """``x [M, K] @ w^T`` for ``w [N, K]`` (``layout="nk"``, a linear layer's weight) or ``x @ w`` for ``w [K, N]``
+    (``"kn"``, as a backward pass multiplies), float32, as the kernels compute it (AMX or the BLAS); with
+    ``add_to`` [M, N] the product is added to it in place and returned. For tests and benchmarks. Raises
+    ValueError on other shapes, dtypes or layouts.
 
     >>> import numpy as np                                           # doctest: +SKIP
     >>> product(np.ones((2, 3), np.float32), np.eye(3, dtype=np.float32)).shape   # doctest: +SKIP
     (2, 3)
     """
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1] or x.dtype != np.float32 or w.dtype != np.float32:
-        raise ValueError(f"product wants float32 x [M, K] and w [N, K], got {x.dtype} {x.shape} and "
-                         f"{w.dtype} {w.shape}")
+    if layout not in ("nk", "kn"):
+        raise ValueError(f"layout must be 'nk' or 'kn', got {layout!r}")
+    k_at = 1 if layout == "nk" else 0
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[k_at] or x.dtype != np.float32 or w.dtype != np.float32:
+        raise ValueError(f"product wants float32 x [M, K] and w [{'N, K' if k_at else 'K, N'}], got {x.dtype} "
+                         f"{x.shape} and {w.dtype} {w.shape}")
+    n = w.shape[1 - k_at]
+    if add_to is not None and (add_to.shape != (x.shape[0], n) or add_to.dtype != np.float32
+                               or not add_to.flags.c_contiguous):
+        raise ValueError(f"add_to must be a C-ordered float32 [{x.shape[0]}, {n}] array, got {add_to.dtype} "
+                         f"{add_to.shape}")
     if not available():
         raise RuntimeError("fast CPU kernels are not available on this machine")
     x, w = np.ascontiguousarray(x), np.ascontiguousarray(w)
-    y = np.empty((x.shape[0], w.shape[0]), np.float32)
+    y = add_to if add_to is not None else np.empty((x.shape[0], n), np.float32)
     fn = ctypes.CDLL(str(_state["lib"])).m3_product
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    fn(x.ctypes.data, w.ctypes.data, y.ctypes.data, x.shape[0], w.shape[0], x.shape[1])
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
+    fn(x.ctypes.data, w.ctypes.data, y.ctypes.data, x.shape[0], n, x.shape[1], int(layout == "kn"),
+       int(add_to is not None))
     return y
 
 

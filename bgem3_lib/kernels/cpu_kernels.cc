@@ -30,9 +30,10 @@ int m3_bf16x3(int on) {
   return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
 }
 
-// y [m, n] = x [m, k] @ w [n, k]^T on the current path (tests: compared with float64 and with the BLAS).
-void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k) {
-  Products products(m, {{w, n, k}});
+// y [m, n] = (or +=, accumulate) x [m, k] @ w^T for w [n, k], or x @ w for w [k, n] (kn), on the current path
+// (tests: compared with float64 and with the BLAS).
+void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k, int kn, int accumulate) {
+  Products products(m, {{w, n, k, !kn}});
   const int64_t block = row_block(m);
   SingleThreadedBlas one;
 #pragma omp parallel
@@ -41,7 +42,7 @@ void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, 
     auto scratch = products.scratch();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < m; r0 += block)
-      products.run(0, x + r0 * k, k, std::min(block, m - r0), y + r0 * n, n, scratch.get());
+      products.run(0, x + r0 * k, k, std::min(block, m - r0), y + r0 * n, n, scratch.get(), accumulate);
   }
 }
 

@@ -2,14 +2,14 @@
 // linear layers on CPUs with AMX-BF16 (cpu_kernels.cc; elsewhere they stay on the BLAS).
 //
 // Every float32 value splits exactly into three bfloat16 parts, x = hi + mid + lo: hi and mid are truncations to
-// 8 significant bits (hi of x, mid of x - hi) and lo = x - hi - mid has at most 8 left, so it is a bfloat16 too.
-// Then
+// 8 significant bits (hi of x, mid of x - hi) and lo = x - hi - mid has at most 8 left, so it is a bfloat16 too;
+// |mid| < 2^-7 |x| and |lo| < 2^-15 |x|. Then
 //   x w = hi hi' + (hi mid' + mid hi') + (hi lo' + lo hi' + mid mid') + [mid lo' + lo mid' + lo lo'],
-// where the bracketed terms are below 3 * 2^-24 |x w| and are left out: six bfloat16 products per float32
-// product, each exact in float32, accumulated in float32 by TDPBF16PS. The error is that of a float32 dot
-// product (a few units in the last place; tests/kernels/test_gemm_bf16x3.py bounds it against float64 and
-// against the BLAS). Infinite inputs give NaN (inf - inf in the split); finite ones never overflow.
-// Numbers below 2^-126 count as zero (the tile unit flushes denormals).
+// where the bracketed terms add up to less than 2^-21 |x w| (float32 rounds one product to 2^-24) and are left
+// out: six bfloat16 products per float32 product, each exact in float32, accumulated in float32 by TDPBF16PS.
+// Over a dot product the summation's rounding dominates: against float64 the error measures 1-2 units of
+// float32 roundoff of sum |x w|, the BLAS's 0.8-4 (tests/kernels/test_gemm_bf16x3.py). Infinite inputs give NaN
+// (inf - inf in the split); numbers below 2^-126 count as zero (the tile unit flushes denormals).
 //
 // One TDPBF16PS does 16 x 16 x 32 multiply-adds; six per float32 tile product ran at 1.0-1.3 bfloat16 TFLOP/s
 // per core here, about 1.2-1.6x the BLAS's float32 sgemm (benchmarks/encode.py measures the whole model).
@@ -31,7 +31,7 @@
 namespace {
 
 #if BGEM3_AMX_BF16
-const int64_t kTile = 512, kChunkRows = 128, kChunkK = 32;   // kChunkK in k-tiles of 32
+const int64_t kPartTile = 512, kPanelRows = 128, kPanelK = 32;   // kPanelK in k-tiles of 32
 
 // The three parts of 16 floats, as 16 bfloat16 each.
 inline void split3(__m512 x, __m256i &hi, __m256i &mid, __m256i &lo) {
@@ -60,24 +60,49 @@ struct Bf16x3Weight {
   // Size for W [n, k]; call from one thread, before pack().
   void allocate(int64_t rows, int64_t cols) {
     n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
-    t.reset(new uint16_t[nb * kb * 3 * kTile]);
+    t.reset(new uint16_t[nb * kb * 3 * kPartTile]);
   }
 
-  // Split and pack W [n, k] (row stride ldw); every thread of a parallel region calls it and shares the tiles.
-  // No barrier at the end: the caller adds one before any product reads the tiles.
+  // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
+  // shares the tiles. No barrier at the end: the caller adds one before any product reads the tiles.
   void pack(const float *w, int64_t ldw) {
     const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                               _mm512_set1_epi32(16));
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t i = 0; i < nb * kb; ++i) {
       const int64_t cb = i / kb, b = i % kb, k0 = b * 32;
-      uint16_t *tile = t.get() + i * 3 * kTile;
+      uint16_t *tile = t.get() + i * 3 * kPartTile;
       for (int64_t j = 0; j < 16; ++j) {     // column j of the tile: row cb * 16 + j of W
         const int64_t col = cb * 16 + j;
         __m512i part[3];
         split32(w + col * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, part);
         // dword i of a part holds the pair (k0 + 2i, k0 + 2i + 1): it goes to tile row i, column j
-        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kTile) + j, rows16, part[p], 4);
+        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kPartTile) + j, rows16, part[p], 4);
+      }
+    }
+  }
+
+  // The same for W stored [k, n] (row stride ldw; y = x @ W, as in a backward pass): tile row r pairs rows
+  // k0 + 2r and k0 + 2r + 1 of W, 16 columns each.
+  void pack_kn(const float *w, int64_t ldw) {
+#pragma omp for schedule(dynamic, 4) nowait
+    for (int64_t i = 0; i < nb * kb; ++i) {
+      const int64_t cb = i / kb, k0 = (i % kb) * 32, c0 = cb * 16;
+      const __mmask16 cols = lanes_below(std::max<int64_t>(0, std::min<int64_t>(16, n - c0)));
+      uint16_t *tile = t.get() + i * 3 * kPartTile;
+      for (int64_t r = 0; r < 16; ++r) {
+        __m512i pair[3];
+        for (int e = 0; e < 2; ++e) {
+          const int64_t kk = k0 + 2 * r + e;
+          __m256i part[3];
+          split3(_mm512_maskz_loadu_ps(kk < k ? cols : 0, w + std::min(kk, k - 1) * ldw + c0), part[0], part[1],
+                 part[2]);
+          for (int p = 0; p < 3; ++p) {
+            const __m512i wide = _mm512_cvtepu16_epi32(part[p]);   // element k0 + 2r in the low half of each dword
+            pair[p] = e == 0 ? wide : _mm512_or_si512(pair[p], _mm512_slli_epi32(wide, 16));
+          }
+        }
+        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, pair[p]);
       }
     }
   }
@@ -88,18 +113,18 @@ inline void pack_rows(const float *x, int64_t ldx, int64_t m, int64_t k, uint16_
   const int64_t kb = (k + 31) / 32, groups = (m + 15) / 16;
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t b = 0; b < kb; ++b) {
-      uint16_t *tile = a + (g * kb + b) * 3 * kTile;
+      uint16_t *tile = a + (g * kb + b) * 3 * kPartTile;
       for (int64_t r = 0; r < 16; ++r) {
         const int64_t row = g * 16 + r;
         __m512i part[3];
         split32(x + row * ldx + b * 32, row < m ? std::min<int64_t>(32, k - b * 32) : 0, part);
-        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kTile + r * 32, part[p]);
+        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, part[p]);
       }
     }
 }
 
 // uint16 scratch per worker for gemm_bf16x3 with k columns.
-inline int64_t bf16x3_scratch(int64_t k) { return kChunkRows * ((k + 31) / 32) * 3 * kTile / 16; }
+inline int64_t bf16x3_scratch(int64_t k) { return kPanelRows * ((k + 31) / 32) * 3 * kPartTile / 16; }
 
 // Accumulator tiles 4-7 <- 16 rows x 64 columns of y (zero when `first`), or back; partial blocks go through s.
 inline void load_block(bool first, const float *y, int64_t ldy, int64_t rows, int64_t cols, float *s) {
@@ -142,40 +167,41 @@ inline void store_block(float *y, int64_t ldy, int64_t rows, int64_t cols, float
   if ((parts) > 1) _tile_dpbf16ps(C, 1, 3);      \
   if ((parts) > 2) _tile_dpbf16ps(C, 2, 3);
 #define BGEM3_BF16X3_PART(wt, step, p)                                              \
-  _tile_loadd(3, (wt) + (p) * kTile, 64);                                           \
+  _tile_loadd(3, (wt) + (p) * kPartTile, 64);                                           \
   BGEM3_BF16X3_DP(4, 3 - (p))                                                       \
-  _tile_loadd(3, (wt) + (step) + (p) * kTile, 64);                                  \
+  _tile_loadd(3, (wt) + (step) + (p) * kPartTile, 64);                                  \
   BGEM3_BF16X3_DP(5, 3 - (p))                                                       \
-  _tile_loadd(3, (wt) + 2 * (step) + (p) * kTile, 64);                              \
+  _tile_loadd(3, (wt) + 2 * (step) + (p) * kPartTile, 64);                              \
   BGEM3_BF16X3_DP(6, 3 - (p))                                                       \
-  _tile_loadd(3, (wt) + 3 * (step) + (p) * kTile, 64);                              \
+  _tile_loadd(3, (wt) + 3 * (step) + (p) * kPartTile, 64);                              \
   BGEM3_BF16X3_DP(7, 3 - (p))
 
-// y [m, n] (row stride ldy) = x [m, k] (row stride ldx) @ W^T, W packed; a: bf16x3_scratch(k) uint16s. One
+// y [m, n] (row stride ldy) = (or +=, accumulate) x [m, k] (row stride ldx) @ W^T, W packed; a: bf16x3_scratch(k)
+// uint16s. One
 // worker's share: call from inside a parallel region after W is packed, or from one thread.
 void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, float *y, int64_t ldy,
-                 uint16_t *a) {
+                 uint16_t *a, bool accumulate = false) {
   tile_configure();
   alignas(64) float s[16 * 64];
   const int64_t kb = w.kb;
-  for (int64_t r0 = 0; r0 < m; r0 += kChunkRows) {
-    const int64_t mr = std::min(kChunkRows, m - r0), groups = (mr + 15) / 16;
+  for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) {
+    const int64_t mr = std::min(kPanelRows, m - r0), groups = (mr + 15) / 16;
     pack_rows(x + r0 * ldx, ldx, mr, w.k, a);
-    for (int64_t b0 = 0; b0 < kb; b0 += kChunkK) {
-      const int64_t b1 = std::min(kb, b0 + kChunkK);
+    for (int64_t b0 = 0; b0 < kb; b0 += kPanelK) {
+      const int64_t b1 = std::min(kb, b0 + kPanelK);
       for (int64_t c0 = 0; c0 < w.n; c0 += 64) {
         const int64_t cols = std::min<int64_t>(64, w.n - c0);
         for (int64_t g = 0; g < groups; ++g) {
           const int64_t rows = std::min<int64_t>(16, mr - 16 * g);
           float *out = y + (r0 + 16 * g) * ldy + c0;
-          load_block(b0 == 0, out, ldy, rows, cols, s);
+          load_block(b0 == 0 && !accumulate, out, ldy, rows, cols, s);
           for (int64_t b = b0; b < b1; ++b) {
-            const uint16_t *at = a + (g * kb + b) * 3 * kTile;
+            const uint16_t *at = a + (g * kb + b) * 3 * kPartTile;
             _tile_loadd(0, at, 64);
-            _tile_loadd(1, at + kTile, 64);
-            _tile_loadd(2, at + 2 * kTile, 64);
-            const uint16_t *wt = w.t.get() + ((c0 / 16) * kb + b) * 3 * kTile;
-            const int64_t step = kb * 3 * kTile;    // to the next 16 columns
+            _tile_loadd(1, at + kPartTile, 64);
+            _tile_loadd(2, at + 2 * kPartTile, 64);
+            const uint16_t *wt = w.t.get() + ((c0 / 16) * kb + b) * 3 * kPartTile;
+            const int64_t step = kb * 3 * kPartTile;    // to the next 16 columns
             BGEM3_BF16X3_PART(wt, step, 0)
             BGEM3_BF16X3_PART(wt, step, 1)
             BGEM3_BF16X3_PART(wt, step, 2)
@@ -193,13 +219,19 @@ void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, 
 struct Bf16x3Weight {   // without AMX-BF16 nothing is packed and the BLAS computes every product
   void allocate(int64_t, int64_t) {}
   void pack(const float *, int64_t) {}
+  void pack_kn(const float *, int64_t) {}
 };
 inline int64_t bf16x3_scratch(int64_t) { return 0; }
-inline void gemm_bf16x3(const float *, int64_t, int64_t, const Bf16x3Weight &, float *, int64_t, uint16_t *) {}
+inline void gemm_bf16x3(const float *, int64_t, int64_t, const Bf16x3Weight &, float *, int64_t, uint16_t *,
+                        bool = false) {}
 #endif  // BGEM3_AMX_BF16
 
-// Switched on (1, the default) or off (0: the BLAS) by m3_bf16x3 (tests and benchmarks).
-std::atomic<int> bf16x3_wanted{1};
+// Switched on (1, the default; BGEM3_BF16X3=0 in the environment: off) or off (0: the BLAS) by m3_bf16x3 /
+// m3t_bf16x3 (tests and benchmarks).
+std::atomic<int> bf16x3_wanted{[] {
+  const char *e = std::getenv("BGEM3_BF16X3");
+  return e && e[0] == '0' ? 0 : 1;
+}()};
 // Below this many rows per call the BLAS computes: packing W costs about as much as 64 rows of products.
 const int64_t kBf16x3MinRows = 64;
 
@@ -211,9 +243,10 @@ inline bool bf16x3_on(int64_t rows) {
 // bf16x3_on(rows), with each W_j split and packed once per call and shared by the workers; else the BLAS.
 class Products {
  public:
-  struct Weight {
+  struct Weight {   // y = x @ W^T for W stored [n, k] (nk, the default), y = x @ W for W stored [k, n]
     const float *w;
     int64_t n, k;
+    bool nk = true;
   };
   Products(int64_t rows, std::initializer_list<Weight> weights) : w_(weights), amx_(bf16x3_on(rows)) {
     if (!amx_) return;
@@ -223,21 +256,31 @@ class Products {
       kmax_ = std::max(kmax_, w_[j].k);
     }
   }
-  // Every thread of the parallel region calls it (the packing is shared; it ends with a barrier).
-  void pack() {
+  // Every thread of the parallel region calls it (the packing is shared; it ends with a barrier). only >= 0:
+  // pack just that weight (one whose values are written inside the region, once they are).
+  void pack(int only = -1) {
     if (!amx_) return;
-    for (size_t j = 0; j < w_.size(); ++j) packed_[j].pack(w_[j].w, w_[j].k);
+    for (size_t j = 0; j < w_.size(); ++j) {
+      if (only >= 0 && (size_t)only != j) continue;
+      if (w_[j].nk)
+        packed_[j].pack(w_[j].w, w_[j].k);
+      else
+        packed_[j].pack_kn(w_[j].w, w_[j].n);
+    }
 #pragma omp barrier
   }
   // A worker's scratch for run().
   std::unique_ptr<uint16_t[]> scratch() const {
     return std::unique_ptr<uint16_t[]>(amx_ ? new uint16_t[bf16x3_scratch(kmax_)] : nullptr);
   }
-  // y [m, n_j] (row stride ldy) = x [m, k_j] (row stride ldx) @ W_j^T.
-  void run(size_t j, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, uint16_t *scratch) const {
-    if (amx_) return gemm_bf16x3(x, ldx, m, packed_[j], y, ldy, scratch);
-    gemm(true, m, w_[j].n, w_[j].k, 1.0f, x, ldx, w_[j].w, w_[j].k, 0.0f, y, ldy);
+  // y [m, n_j] (row stride ldy) = (or +=, accumulate) x [m, k_j] (row stride ldx) @ op(W_j).
+  void run(size_t j, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, uint16_t *scratch,
+           bool accumulate = false) const {
+    if (amx_) return gemm_bf16x3(x, ldx, m, packed_[j], y, ldy, scratch, accumulate);
+    const Weight &w = w_[j];
+    gemm(w.nk, m, w.n, w.k, 1.0f, x, ldx, w.w, w.nk ? w.k : w.n, accumulate ? 1.0f : 0.0f, y, ldy);
   }
+  bool amx() const { return amx_; }
 
  private:
   std::vector<Weight> w_;

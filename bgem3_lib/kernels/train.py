@@ -32,11 +32,13 @@ The heads: ``project_normalize_train`` (the ColBERT projection and its normalisa
 (MaxSim over passage spans).
 
 At M3-small size (H 384, 12 heads) and 5,330 tokens in 40 texts of up to 512 that is about 56 MB of
-probabilities and 115 MB of the rest per layer (the outputs y not counted). The GEMMs go to NumPy's OpenBLAS
-(single-threaded per OpenMP worker, the products split between the workers), bias / LayerNorm / GELU / softmax
-gradients are fused row passes, and with AVX-512 and a head size that is a multiple of 16 the per-head products
-use the register tiles of ``kernels_common.h`` (``BGEM3_ATTENTION_BLAS=1``: OpenBLAS). ``available()`` is False
-(use the plain cells) where ``cpu.available()`` is, or when the build fails.
+probabilities and 115 MB of the rest per layer (the outputs y not counted). The products of tokens with a
+weight (forward, and the backward's x gradients) run on AMX tiles as bfloat16 triples at float32 accuracy where
+the CPU has AMX-BF16 (``gemm_bf16x3.h``, ``set_bf16x3``); the weight gradients and every product elsewhere go to
+NumPy's OpenBLAS (single-threaded per OpenMP worker, the products split between the workers), bias / LayerNorm /
+GELU / softmax gradients are fused row passes, and with AVX-512 and a head size that is a multiple of 16 the
+per-head products use the register tiles of ``kernels_common.h`` (``BGEM3_ATTENTION_BLAS=1``: OpenBLAS).
+``available()`` is False (use the plain cells) where ``cpu.available()`` is, or when the build fails.
 
 >>> pack = Packing(mask)                                                           # doctest: +SKIP
 >>> y = pack.unpack(layer_train(pack.pack(x), layer, pack.offsets, heads=12, eps=1e-5))  # doctest: +SKIP
@@ -59,6 +61,17 @@ _state: dict = {}
 def available() -> bool:
     """True when the training kernels can run here (CPU device, library built); never raises."""
     return cpu.available() and cpu.library_built(_state, SOURCE, "fused CPU training kernels")
+
+
+def set_bf16x3(on: bool) -> bool:
+    """The training kernels' token-by-weight products on AMX as bfloat16 triples (``on``, the default) or on the
+    BLAS, like ``cpu.set_bf16x3`` for inference; returns True when calls of 64 rows or more now run on AMX."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3t_bf16x3(int(bool(on))) == 1
+
+
+def uses_bf16x3() -> bool:
+    """True when the training kernels' token-by-weight products run on AMX (see ``set_bf16x3``)."""
+    return available() and ctypes.CDLL(str(_state["lib"])).m3t_bf16x3(-1) == 1
 
 
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:

@@ -29,6 +29,7 @@
 #include <mutex>
 
 #include "kernels_common.h"
+#include "gemm_bf16x3.h"
 
 namespace {
 
@@ -607,6 +608,13 @@ void m3t_prof_reset() {
 // 0 if the BLAS symbols resolved (cpu.build_library checks it through ctypes).
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
+// The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h) on (1) or off (0: the BLAS), or only
+// ask (-1); returns 1 if they run there for calls of 64 rows or more. The weight gradients stay on the BLAS.
+int m3t_bf16x3(int on) {
+  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
+  return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
+}
+
 // The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
 // (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.
 // wqkv [3H, H] and bqkv [3H] are the fused weight and bias: the inputs themselves (parts = 1) or, after gather()
@@ -663,19 +671,29 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   float *probs = ctx + rows * h, *xhat = probs + probs_size, *rstd = xhat + rows * h;
   const int64_t d = h / heads, ntasks = (int64_t)tasks.size();
   Scratch wcat(parts == 1 ? 0 : 3 * h * h), bcat(parts == 1 ? 0 : 3 * h);
+  Products products(rows, {{parts == 1 ? pr.wqkv : wcat.data(), 3 * h, h}, {wo, h, h}});
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
     pr.gather(wcat.data(), bcat.data(), h);
-    par_gemm(false, true, rows, 3 * h, h, 1.0f, x, h, pr.wqkv, h, 0.0f, qkv, 3 * h, pr.bqkv);  // bias added
+    products.pack();
+    auto packed = products.scratch();
+    if (products.amx()) {
+      par_chunks(rows, [&](int64_t r0, int64_t n) {                          // bias first, the product added
+        for (int64_t i = r0; i < r0 + n; ++i) std::memcpy(qkv + i * 3 * h, pr.bqkv, 3 * h * sizeof(float));
+        products.run(0, x + r0 * h, h, n, qkv + r0 * 3 * h, 3 * h, packed.get(), true);
+      });
+    } else {
+      par_gemm(false, true, rows, 3 * h, h, 1.0f, x, h, pr.wqkv, h, 0.0f, qkv, 3 * h, pr.bqkv);  // bias added
+    }
     PROF("af.qkv_gemm")
     Scratch scratch(attention_scratch(d, longest, longest));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < ntasks; ++i) head_forward_any(tasks[i], qkv, h, d, scratch.data(), probs, ctx);
     PROF("af.heads")
     par_chunks(rows, [&](int64_t r0, int64_t n) {
-      sgemm(false, true, n, h, h, 1.0f, ctx + r0 * h, h, wo, h, 0.0f, y + r0 * h, h);
+      products.run(1, ctx + r0 * h, h, n, y + r0 * h, h, packed.get());
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, bo, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
     });
@@ -718,15 +736,18 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   Scratch part(std::max<int64_t>(std::max<int64_t>(blocks, 1) * 3 * h, omp_get_max_threads() * 4 * h * h));
   Scratch wcat(parts == 1 ? 0 : 3 * h * h);
   float *const ln_outs[3] = {dgamma, dbeta, dbo}, *const dwo_out[1] = {dwo};
+  Products products(rows, {{wo, h, h, false}, {parts == 1 ? pr.wqkv : wcat.data(), h, 3 * h, false}});
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
+    products.pack(0);
+    auto packed = products.scratch();
     par_chunks(rows, [&](int64_t r0, int64_t n) {                              // dx holds dz from here
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
         layer_norm_backward_block(dy, xhat, rstd, gamma, h, b0, std::min(kRows, r0 + n - b0), dx,
                                   part.data() + b0 / kRows * 3 * h);
-      sgemm(false, false, n, h, h, 1.0f, dx + r0 * h, h, wo, h, 0.0f, dctx + r0 * h, h);
+      products.run(0, dx + r0 * h, h, n, dctx + r0 * h, h, packed.get());   // dctx = dz W_o
     });
     reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);
     PROF("ab.ln_bwd_dctx_gemm")
@@ -738,10 +759,11 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
     par_weight_grads(grads, 2, rows, part.data());                             // dx still holds dz
     PROF("ab.dwqkv_dwo_gemm")
     pr.gather(wcat.data(), nullptr, h);
+    products.pack(1);
     par_chunks(rows, [&](int64_t r0, int64_t n) {                              // dx = dz + dqkv W_qkv
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
         colsum_block(dqkv, 3 * h, b0, std::min(kRows, r0 + n - b0), part.data() + b0 / kRows * 3 * h);
-      sgemm(false, false, n, h, 3 * h, 1.0f, dqkv + r0 * 3 * h, 3 * h, pr.wqkv, h, 1.0f, dx + r0 * h, h);
+      products.run(1, dqkv + r0 * 3 * h, 3 * h, n, dx + r0 * h, h, packed.get(), true);
     });
     reduce_blocks(part.data(), blocks, 3 * h, db, h);
     PROF("ab.dbqkv_dx_gemm")
@@ -763,14 +785,17 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
   const int64_t token = *(const int64_t *)params[8], rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0];
   float *y = (float *)params[9], *pre = saved().put(token, ffn_saved(rows, h, f));  // pre: dgelu at the end
   float *act = pre + rows * f, *xhat = act + rows * f, *rstd = xhat + rows * h;
+  Products products(rows, {{w1, f, h}, {w2, h, f}});
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
+    products.pack();
+    auto packed = products.scratch();
     par_chunks(rows, [&](int64_t r0, int64_t n) {
-      sgemm(false, true, n, f, h, 1.0f, x + r0 * h, h, w1, h, 0.0f, pre + r0 * f, f);
+      products.run(0, x + r0 * h, h, n, pre + r0 * f, f, packed.get());
       bias_gelu_rows(pre, b1, act, r0, n, f);
-      sgemm(false, true, n, h, f, 1.0f, act + r0 * f, f, w2, f, 0.0f, y + r0 * h, h);
+      products.run(1, act + r0 * f, f, n, y + r0 * h, h, packed.get());
       for (int64_t i = r0; i < r0 + n; ++i)
         add_layer_norm_save(y + i * h, b2, x + i * h, gamma, beta, h, eps, xhat + i * h, rstd + i);
     });
@@ -799,20 +824,23 @@ int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char *
   Scratch gpart(std::max<int64_t>(blocks, 1) * f);
   float *const ln_outs[3] = {dgamma, dbeta, db2}, *const bias_out[1] = {db1}, *const dw1_out[1] = {dw1};
   float *const dw2_out[1] = {dw2};
+  Products products(rows, {{w2, f, h, false}, {w1, h, f, false}});
   SingleThreadedBlas one;
   PROF_START();
 #pragma omp parallel
   {
+    products.pack();
+    auto packed = products.scratch();
     // Per chunk of rows: dz (LayerNorm backward), d act = dz W2, dpre = d act * GELU', dx = dz + dpre W1.
     par_chunks(rows, [&](int64_t r0, int64_t n) {
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
         layer_norm_backward_block(dy, xhat, rstd, gamma, h, b0, std::min(kRows, r0 + n - b0), dz,
                                   part.data() + b0 / kRows * 3 * h);
-      sgemm(false, false, n, f, h, 1.0f, dz + r0 * h, h, w2, f, 0.0f, dpre + r0 * f, f);
+      products.run(0, dz + r0 * h, h, n, dpre + r0 * f, f, packed.get());     // d act = dz W2
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
         gelu_backward_block(dgelu, dpre, f, b0, std::min(kRows, r0 + n - b0), gpart.data() + b0 / kRows * f);
       std::memcpy(dx + r0 * h, dz + r0 * h, n * h * sizeof(float));
-      sgemm(false, false, n, h, f, 1.0f, dpre + r0 * f, f, w1, h, 1.0f, dx + r0 * h, h);
+      products.run(1, dpre + r0 * f, f, n, dx + r0 * h, h, packed.get(), true);
     });
     reduce_blocks(part.data(), blocks, 3 * h, ln_outs, h);
     reduce_blocks(gpart.data(), blocks, f, bias_out, f);

@@ -46,6 +46,14 @@ def test_matches_float64_to_float32_accuracy(amx, m, n, k):
     assert (np.abs(y - exact) / size).max() < 8 * U      # measured 1.0-2.2 U here; the BLAS: 0.8-4.2 U
 
 
+@pytest.mark.parametrize("m, n, k", [(64, 64, 32), (97, 130, 45), (129, 384, 2100)])
+def test_weight_stored_k_by_n_and_accumulation(amx, m, n, k):
+    x, w, exact, size = _case(np.random.default_rng(m * n), m, n, k)
+    base = np.random.default_rng(1).standard_normal((m, n)).astype(np.float32)
+    y = ck.product(x, np.ascontiguousarray(w.T), "kn", add_to=base.copy())     # base + x @ (w^T), as a backward
+    assert (np.abs(y - (base + exact)) / (size + np.abs(base))).max() < 8 * U   # measured 2.1-4.1 U here
+
+
 def test_matches_the_blas(amx):
     x, w, exact, size = _case(np.random.default_rng(5), 150, 200, 300)
     on = ck.product(x, w)
@@ -67,3 +75,7 @@ def test_rejects_wrong_shapes_and_dtypes():
         ck.product(np.ones((2, 3), np.float32), np.ones((4, 5), np.float32))
     with pytest.raises(ValueError, match="float64"):
         ck.product(np.ones((2, 3)), np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="layout"):
+        ck.product(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), "tn")
+    with pytest.raises(ValueError, match="add_to"):
+        ck.product(np.ones((2, 3), np.float32), np.ones((4, 3), np.float32), add_to=np.ones((2, 3), np.float32))

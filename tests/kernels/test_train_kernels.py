@@ -1,7 +1,7 @@
 """The fused training kernels (``kernels/train.py``) against ``encoder.Layer`` on the padded batch: forward, and
 ``mindspore.value_and_grad`` w.r.t. the input and every parameter of the layer (ragged lengths incl. 1 and
 ones not a multiple of 8, several 128-row blocks; head size 16, which takes the AVX-512 tiles where the CPU has
-them, and 8, which always takes OpenBLAS)."""
+them, and 8, which always takes OpenBLAS; the products with the weights on AMX and on OpenBLAS)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -48,8 +48,17 @@ def _close(ours: np.ndarray, ref: np.ndarray, scale: float, name: str, rel=1e-4)
     assert err <= rel, f"{name}: max error {err:.2e} of the gradient's max abs"
 
 
+@pytest.fixture(params=[True, False], ids=["amx", "blas"])
+def products_on(request):
+    """Token-by-weight products on AMX as bfloat16 triples where the CPU has it (else skipped), and on the BLAS."""
+    if tk.set_bf16x3(request.param) != request.param:
+        pytest.skip("no AMX-BF16 here")
+    yield request.param
+    tk.set_bf16x3(True)
+
+
 @pytest.mark.parametrize("heads", [HEADS, 2 * HEADS])
-def test_layer_forward_and_gradients_match_encoder_layer(heads):
+def test_layer_forward_and_gradients_match_encoder_layer(heads, products_on):
     ms.set_context(mode=ms.PYNATIVE_MODE)
     layer = _layer(heads=heads)
     x, mask, weights, bias = _batch()
