@@ -54,79 +54,58 @@ inline void split32(const float *p, int64_t count, __m512i part[3]) {
 }
 
 struct Bf16x3Weight {
-  int64_t n = 0, k = 0, kb = 0, nb = 0, capacity = 0;
+  int64_t n = 0, k = 0, kb = 0, nb = 0;
   std::unique_ptr<uint16_t[]> t;
 
-  // Size for W with n output columns and k inner (kept when it fits: a reused object allocates once); call from one
-  // thread, before packing.
-  void allocate(int64_t cols, int64_t inner) {
-    n = cols, k = inner, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
-    if (nb * kb * 3 * kPartTile > capacity) {
-      capacity = nb * kb * 3 * kPartTile;
-      t.reset(new uint16_t[capacity]);
-    }
+  // Size for W [n, k]; call from one thread, before pack().
+  void allocate(int64_t rows, int64_t cols) {
+    n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
+    t.reset(new uint16_t[nb * kb * 3 * kPartTile]);
   }
 
   // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
   // shares the tiles. No barrier at the end: the caller adds one before any product reads the tiles.
   void pack(const float *w, int64_t ldw) {
+    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                              _mm512_set1_epi32(16));
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t i = 0; i < nb * kb; ++i) {
-      const int64_t cb = i / kb, k0 = (i % kb) * 32;
+      const int64_t cb = i / kb, b = i % kb, k0 = b * 32;
       uint16_t *tile = t.get() + i * 3 * kPartTile;
       for (int64_t j = 0; j < 16; ++j) {     // column j of the tile: row cb * 16 + j of W
         const int64_t col = cb * 16 + j;
         __m512i part[3];
         split32(w + col * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, part);
         // dword i of a part holds the pair (k0 + 2i, k0 + 2i + 1): it goes to tile row i, column j
-        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kPartTile) + j, dword_rows(), part[p], 4);
+        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kPartTile) + j, rows16, part[p], 4);
       }
     }
   }
 
   // The same for W stored [k, n] (row stride ldw; y = x @ W, as in a backward pass): tile row r pairs rows
-  // k0 + 2r and k0 + 2r + 1 of W, 16 columns each. shared: as pack(); else the calling thread packs it all.
-  void pack_kn(const float *w, int64_t ldw, bool shared = true) {
-    if (shared) {
+  // k0 + 2r and k0 + 2r + 1 of W, 16 columns each.
+  void pack_kn(const float *w, int64_t ldw) {
 #pragma omp for schedule(dynamic, 4) nowait
-      for (int64_t i = 0; i < nb * kb; ++i) pack_tile_kn(i, w, ldw);
-    } else {
-      for (int64_t i = 0; i < nb * kb; ++i) pack_tile_kn(i, w, ldw);
-    }
-  }
-
- private:
-  static __m512i dword_rows() {   // dword offsets of tile rows 0..15 (16 dwords per row)
-    return _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                              _mm512_set1_epi32(16));
-  }
-
-  void pack_tile_kn(int64_t i, const float *w, int64_t ldw) {
-    const int64_t cb = i / kb, k0 = (i % kb) * 32, c0 = cb * 16;
-    const __mmask16 cols = lanes_below(std::max<int64_t>(0, std::min<int64_t>(16, n - c0)));
-    uint16_t *tile = t.get() + i * 3 * kPartTile;
-    for (int64_t r = 0; r < 16; ++r) {
-      __m512i pair[3];
-      pack_pair(w + c0, ldw, k0 + 2 * r, k, cols, pair);
-      for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, pair[p]);
-    }
-  }
-
- public:
-  // The three parts of rows kk and kk + 1 of a [k, .] matrix at p (16 columns under mask cols; rows past k read as
-  // zero), as 16 dwords each: element kk in the low half, kk + 1 in the high half (AMX's pair layout).
-  static void pack_pair(const float *p, int64_t ld, int64_t kk, int64_t k, __mmask16 cols, __m512i pair[3]) {
-    for (int e = 0; e < 2; ++e) {
-      const int64_t row = kk + e;
-      __m256i part[3];
-      split3(_mm512_maskz_loadu_ps(row < k ? cols : 0, p + std::min(row, k - 1) * ld), part[0], part[1], part[2]);
-      for (int q = 0; q < 3; ++q) {
-        const __m512i wide = _mm512_cvtepu16_epi32(part[q]);
-        pair[q] = e == 0 ? wide : _mm512_or_si512(pair[q], _mm512_slli_epi32(wide, 16));
+    for (int64_t i = 0; i < nb * kb; ++i) {
+      const int64_t cb = i / kb, k0 = (i % kb) * 32, c0 = cb * 16;
+      const __mmask16 cols = lanes_below(std::max<int64_t>(0, std::min<int64_t>(16, n - c0)));
+      uint16_t *tile = t.get() + i * 3 * kPartTile;
+      for (int64_t r = 0; r < 16; ++r) {
+        __m512i pair[3];
+        for (int e = 0; e < 2; ++e) {
+          const int64_t kk = k0 + 2 * r + e;
+          __m256i part[3];
+          split3(_mm512_maskz_loadu_ps(kk < k ? cols : 0, w + std::min(kk, k - 1) * ldw + c0), part[0], part[1],
+                 part[2]);
+          for (int p = 0; p < 3; ++p) {
+            const __m512i wide = _mm512_cvtepu16_epi32(part[p]);   // element k0 + 2r in the low half of each dword
+            pair[p] = e == 0 ? wide : _mm512_or_si512(pair[p], _mm512_slli_epi32(wide, 16));
+          }
+        }
+        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, pair[p]);
       }
     }
   }
-  static __m512i rows_index() { return dword_rows(); }
 };
 
 // Split and pack rows [0, m) of x (row stride ldx, k columns) into a: [ceil(m / 16)][kb][3][16][32].
@@ -142,23 +121,6 @@ inline void pack_rows(const float *x, int64_t ldx, int64_t m, int64_t k, uint16_
         for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, part[p]);
       }
     }
-}
-
-// The same for x stored transposed, [k, m] (row stride ldx): each pair of its rows gives one dword column of a tile.
-inline void pack_rows_t(const float *x, int64_t ldx, int64_t m, int64_t k, uint16_t *a) {
-  const int64_t kb = (k + 31) / 32, groups = (m + 15) / 16;
-  for (int64_t g = 0; g < groups; ++g) {
-    const __mmask16 rows = lanes_below(std::min<int64_t>(16, m - g * 16));
-    for (int64_t b = 0; b < kb; ++b) {
-      uint16_t *tile = a + (g * kb + b) * 3 * kPartTile;
-      for (int64_t j = 0; j < 16; ++j) {      // k pair (b * 32 + 2j, + 1): dword column j of rows 0..15
-        __m512i pair[3];
-        Bf16x3Weight::pack_pair(x + g * 16, ldx, b * 32 + 2 * j, k, rows, pair);
-        for (int p = 0; p < 3; ++p)
-          _mm512_i32scatter_epi32((int *)(tile + p * kPartTile) + j, Bf16x3Weight::rows_index(), pair[p], 4);
-      }
-    }
-  }
 }
 
 // uint16 scratch per worker for gemm_bf16x3 with k columns.
@@ -214,20 +176,17 @@ inline void store_block(float *y, int64_t ldy, int64_t rows, int64_t cols, float
   _tile_loadd(3, (wt) + 3 * (step) + (p) * kPartTile, 64);                              \
   BGEM3_BF16X3_DP(7, 3 - (p))
 
-// y [m, n] (row stride ldy) = (or +=, accumulate) x [m, k] (row stride ldx; x_transposed: x stored [k, m]) @ W^T,
-// W packed; a: bf16x3_scratch(k) uint16s. One
+// y [m, n] (row stride ldy) = (or +=, accumulate) x [m, k] (row stride ldx) @ W^T, W packed; a: bf16x3_scratch(k)
+// uint16s. One
 // worker's share: call from inside a parallel region after W is packed, or from one thread.
 void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, float *y, int64_t ldy,
-                 uint16_t *a, bool accumulate = false, bool x_transposed = false) {
+                 uint16_t *a, bool accumulate = false) {
   tile_configure();
   alignas(64) float s[16 * 64];
   const int64_t kb = w.kb;
   for (int64_t r0 = 0; r0 < m; r0 += kPanelRows) {
     const int64_t mr = std::min(kPanelRows, m - r0), groups = (mr + 15) / 16;
-    if (x_transposed)
-      pack_rows_t(x + r0, ldx, mr, w.k, a);
-    else
-      pack_rows(x + r0 * ldx, ldx, mr, w.k, a);
+    pack_rows(x + r0 * ldx, ldx, mr, w.k, a);
     for (int64_t b0 = 0; b0 < kb; b0 += kPanelK) {
       const int64_t b1 = std::min(kb, b0 + kPanelK);
       for (int64_t c0 = 0; c0 < w.n; c0 += 64) {
@@ -260,11 +219,11 @@ void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, 
 struct Bf16x3Weight {   // without AMX-BF16 nothing is packed and the BLAS computes every product
   void allocate(int64_t, int64_t) {}
   void pack(const float *, int64_t) {}
-  void pack_kn(const float *, int64_t, bool = true) {}
+  void pack_kn(const float *, int64_t) {}
 };
 inline int64_t bf16x3_scratch(int64_t) { return 0; }
 inline void gemm_bf16x3(const float *, int64_t, int64_t, const Bf16x3Weight &, float *, int64_t, uint16_t *,
-                        bool = false, bool = false) {}
+                        bool = false) {}
 #endif  // BGEM3_AMX_BF16
 
 // Switched on (1, the default; BGEM3_BF16X3=0 in the environment: off) or off (0: the BLAS) by m3_bf16x3 /

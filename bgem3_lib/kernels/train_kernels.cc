@@ -129,9 +129,6 @@ void par_weight_grads(const WeightGrad *gs, int count, int64_t k, float *part) {
   const int64_t pieces = omp_get_num_threads(), slice = round_up((k + pieces - 1) / pieces, 16);
   int64_t size = 0, rows = 0;
   for (int g = 0; g < count; ++g) size += gs[g].m * gs[g].n, rows += gs[g].m;
-  // On AMX each worker splits and packs its own slices of both operands (the buffers kept per thread, reused).
-  static thread_local Bf16x3Weight packed;
-  static thread_local std::vector<uint16_t> scratch;
 #pragma omp for schedule(static, 1)
   for (int64_t p = 0; p < pieces; ++p) {
     const int64_t k0 = std::min(k, p * slice), len = std::min(slice, k - k0);
@@ -139,14 +136,7 @@ void par_weight_grads(const WeightGrad *gs, int count, int64_t k, float *part) {
     for (int g = 0; g < count; ++g) {
       const WeightGrad &w = gs[g];
       float *c = p == 0 && w.each == w.m ? w.outs[0] : dst;  // slice 0 of a one-tensor gradient: in place
-      if (len > 0 && bf16x3_on(std::min(w.m, len))) {
-        packed.allocate(w.n, len);
-        packed.pack_kn(w.b + k0 * w.ldb, w.ldb, false);
-        if ((int64_t)scratch.size() < bf16x3_scratch(len)) scratch.resize(bf16x3_scratch(len));
-        gemm_bf16x3(w.a + k0 * w.lda, w.lda, w.m, packed, c, w.n, scratch.data(), false, true);
-      } else {
-        sgemm(true, false, w.m, w.n, len, 1.0f, w.a + k0 * w.lda, w.lda, w.b + k0 * w.ldb, w.ldb, 0.0f, c, w.n);
-      }
+      sgemm(true, false, w.m, w.n, len, 1.0f, w.a + k0 * w.lda, w.lda, w.b + k0 * w.ldb, w.ldb, 0.0f, c, w.n);
       dst += w.m * w.n;
     }
   }
@@ -619,7 +609,7 @@ void m3t_prof_reset() {
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
 // The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h) on (1) or off (0: the BLAS), or only
-// ask (-1); returns 1 if they run there for calls of 64 rows or more (and the weight gradients, per slice of tokens).
+// ask (-1); returns 1 if they run there for calls of 64 rows or more. The weight gradients stay on the BLAS.
 int m3t_bf16x3(int on) {
   if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
   return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
