@@ -30,42 +30,43 @@ int m3_bf16x3(int on) {
   return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
 }
 
-// y [m, n] = (or +=, accumulate) x [m, k] @ w^T for w [n, k], or x @ w for w [k, n] (kn), on the current path
-// (tests: compared with float64 and with the BLAS).
-void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k, int kn, int accumulate) {
+}  // extern "C"
+
+namespace {
+// y [m, n] = (or +=, accumulate) x [m, k] @ w^T (+ b) for w [n, k], or x @ w (+ b) for w [k, n] (kn); b may be null.
+void linear_product(const float *x, const float *w, const float *b, float *y, int64_t m, int64_t n, int64_t k,
+                    bool kn, bool accumulate) {
   Products products(m, {{w, n, k, !kn}});
   const int64_t block = row_block(m);
   SingleThreadedBlas one;
 #pragma omp parallel
   {
-    products.pack();
-    auto scratch = products.scratch();
+    auto scratch = products.start();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t r0 = 0; r0 < m; r0 += block)
-      products.run(0, x + r0 * k, k, std::min(block, m - r0), y + r0 * n, n, scratch.get(), accumulate);
+    for (int64_t r0 = 0; r0 < m; r0 += block) {
+      const int64_t rows = std::min(block, m - r0);
+      products.run(0, x + r0 * k, k, rows, y + r0 * n, n, scratch.get(), accumulate);
+      if (b)
+        for (int64_t i = r0; i < r0 + rows; ++i) add_bias(y + i * n, b, n, false);
+    }
   }
+}
+}  // namespace
+
+extern "C" {
+
+// y [m, n] = (or +=, accumulate) x [m, k] @ w^T for w [n, k], or x @ w for w [k, n] (kn), on the current path
+// (tests: compared with float64 and with the BLAS).
+void m3_product(const float *x, const float *w, float *y, int64_t m, int64_t n, int64_t k, int kn, int accumulate) {
+  linear_product(x, w, nullptr, y, m, n, k, kn != 0, accumulate != 0);
 }
 
 // y [T, N] = x [T, K] @ w[N, K]^T + b.
 int m3_linear(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam != 4 || !blas().sgemm) return 1;
   const float *x = (const float *)params[0], *w = (const float *)params[1], *b = (const float *)params[2];
-  float *y = (float *)params[3];
-  int64_t k = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
-  int64_t block = row_block(rows);
-  Products products(rows, {{w, n, k}});
-  SingleThreadedBlas one;
-#pragma omp parallel
-  {
-    products.pack();
-    auto scratch = products.scratch();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t r0 = 0; r0 < rows; r0 += block) {
-      const int64_t m = std::min(block, rows - r0);
-      products.run(0, x + r0 * k, k, m, y + r0 * n, n, scratch.get());
-      for (int64_t i = r0; i < r0 + m; ++i) add_bias(y + i * n, b, n, false);
-    }
-  }
+  const int64_t k = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / k, n = shapes[1][0];
+  linear_product(x, w, b, (float *)params[3], rows, n, k, false, false);
   return 0;
 }
 
@@ -117,8 +118,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   SingleThreadedBlas one;
 #pragma omp parallel
   {
-    products.pack();
-    auto packed = products.scratch();
+    auto packed = products.start();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       const int64_t n = std::min(block, rows - r0);
@@ -155,8 +155,7 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   SingleThreadedBlas one;
 #pragma omp parallel
   {
-    products.pack();
-    auto packed = products.scratch();
+    auto packed = products.start();
     Scratch inner(block * f);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {

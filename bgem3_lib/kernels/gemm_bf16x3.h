@@ -273,6 +273,11 @@ class Products {
   std::unique_ptr<uint16_t[]> scratch() const {
     return std::unique_ptr<uint16_t[]>(amx_ ? new uint16_t[bf16x3_scratch(kmax_)] : nullptr);
   }
+  // What every thread of the region does first: pack (all weights, or just `only`), then take its scratch.
+  std::unique_ptr<uint16_t[]> start(int only = -1) {
+    pack(only);
+    return scratch();
+  }
   // y [m, n_j] (row stride ldy) = (or +=, accumulate) x [m, k_j] (row stride ldx) @ op(W_j).
   void run(size_t j, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, uint16_t *scratch,
            bool accumulate = false) const {

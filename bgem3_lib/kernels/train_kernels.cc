@@ -677,8 +677,7 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
 #pragma omp parallel
   {
     pr.gather(wcat.data(), bcat.data(), h);
-    products.pack();
-    auto packed = products.scratch();
+    auto packed = products.start();
     if (products.amx()) {
       par_chunks(rows, [&](int64_t r0, int64_t n) {                          // bias first, the product added
         for (int64_t i = r0; i < r0 + n; ++i) std::memcpy(qkv + i * 3 * h, pr.bqkv, 3 * h * sizeof(float));
@@ -741,8 +740,7 @@ int m3t_attention_bwd(int nparam, void **params, int *, int64_t **shapes, const 
   PROF_START();
 #pragma omp parallel
   {
-    products.pack(0);
-    auto packed = products.scratch();
+    auto packed = products.start(0);
     par_chunks(rows, [&](int64_t r0, int64_t n) {                              // dx holds dz from here
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
         layer_norm_backward_block(dy, xhat, rstd, gamma, h, b0, std::min(kRows, r0 + n - b0), dx,
@@ -790,8 +788,7 @@ int m3t_ffn_fwd(int nparam, void **params, int *, int64_t **shapes, const char *
   PROF_START();
 #pragma omp parallel
   {
-    products.pack();
-    auto packed = products.scratch();
+    auto packed = products.start();
     par_chunks(rows, [&](int64_t r0, int64_t n) {
       products.run(0, x + r0 * h, h, n, pre + r0 * f, f, packed.get());
       bias_gelu_rows(pre, b1, act, r0, n, f);
@@ -829,8 +826,7 @@ int m3t_ffn_bwd(int nparam, void **params, int *, int64_t **shapes, const char *
   PROF_START();
 #pragma omp parallel
   {
-    products.pack();
-    auto packed = products.scratch();
+    auto packed = products.start();
     // Per chunk of rows: dz (LayerNorm backward), d act = dz W2, dpre = d act * GELU', dx = dz + dpre W1.
     par_chunks(rows, [&](int64_t r0, int64_t n) {
       for (int64_t b0 = r0; b0 < r0 + n; b0 += kRows)
