@@ -153,16 +153,27 @@ def available() -> bool:
     return _state["lib"] is not None
 
 
-def set_bf16x3(on: bool) -> bool:
+def bf16x3_switch(lib: Path | None, function: str, on: int, min_rows: int | None) -> bool:
+    """Call the library's AMX float32 switch ``function(on, min_rows)`` (``on`` -1: ask; ``min_rows`` None: keep);
+    False when the library is missing. Shared by ``set_bf16x3`` here and in ``train``."""
+    if lib is None:
+        return False
+    fn = getattr(ctypes.CDLL(str(lib)), function)
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return fn(on, -1 if min_rows is None else int(min_rows)) == 1
+
+
+def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
     """Compute the linear layers' float32 products on the AMX tile unit, each operand split into three bfloat16
-    parts (``on``, the default; ``gemm_bf16x3.h``), or on the BLAS; returns True when calls of 64 rows or more
-    now run on AMX (this build and CPU have AMX-BF16 and the OS granted the tiles)."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_bf16x3(int(bool(on))) == 1
+    parts (``on``, the default; ``gemm_bf16x3.h``), or on the BLAS, for calls of at least ``min_rows`` token rows
+    (default 512: below that, splitting the weights per call costs what the tiles save); returns True when such
+    calls now run on AMX (this build and CPU have AMX-BF16 and the OS granted the tiles)."""
+    return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", int(bool(on)), min_rows)
 
 
 def uses_bf16x3() -> bool:
     """True when the linear layers' products run on AMX as bfloat16 triples (see ``set_bf16x3``)."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3_bf16x3(-1) == 1
+    return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", -1, None)
 
 
 def product(x: np.ndarray, w: np.ndarray, layout: str = "nk", add_to: np.ndarray | None = None) -> np.ndarray:

@@ -24,11 +24,9 @@ extern "C" {
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
 // The linear layers' products on AMX as bfloat16 triples (gemm_bf16x3.h) on (1) or off (0: the BLAS), or only
-// ask (-1); returns 1 if they run there for calls of 64 rows or more (compiled in, granted, switched on).
-int m3_bf16x3(int on) {
-  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
-  return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
-}
+// ask (-1), for calls of at least min_rows rows (>= 1; else unchanged); returns 1 if they run there (compiled in,
+// granted, switched on).
+int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 
 }  // extern "C"
 

@@ -232,11 +232,22 @@ std::atomic<int> bf16x3_wanted{[] {
   const char *e = std::getenv("BGEM3_BF16X3");
   return e && e[0] == '0' ? 0 : 1;
 }()};
-// Below this many rows per call the BLAS computes: packing W costs about as much as 64 rows of products.
-const int64_t kBf16x3MinRows = 64;
+// Below this many rows per call the BLAS computes: the weights are split and packed once per call, which cost
+// about as much as the tiles saved below 512 rows (1024 x 4096 weights: 0.75x the BLAS at 64 rows, 1.02x at 512,
+// 1.16x from 1024). Settable (m3_bf16x3 / m3t_bf16x3) so that tests reach every edge with small inputs.
+std::atomic<int64_t> bf16x3_min_rows{512};
 
 inline bool bf16x3_on(int64_t rows) {
-  return BGEM3_AMX_BF16 && amx_granted() && bf16x3_wanted.load(std::memory_order_relaxed) && rows >= kBf16x3MinRows;
+  return BGEM3_AMX_BF16 && amx_granted() && bf16x3_wanted.load(std::memory_order_relaxed) &&
+         rows >= bf16x3_min_rows.load(std::memory_order_relaxed);
+}
+
+// The switch behind m3_bf16x3 / m3t_bf16x3: on (1) or off (0) or unchanged (-1), the row threshold set when
+// min_rows >= 1; returns 1 if calls at the threshold now run on AMX.
+inline int bf16x3_switch(int on, int64_t min_rows) {
+  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
+  if (min_rows >= 1) bf16x3_min_rows.store(min_rows);
+  return bf16x3_on(bf16x3_min_rows.load()) ? 1 : 0;
 }
 
 // The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where

@@ -63,15 +63,16 @@ def available() -> bool:
     return cpu.available() and cpu.library_built(_state, SOURCE, "fused CPU training kernels")
 
 
-def set_bf16x3(on: bool) -> bool:
+def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
     """The training kernels' token-by-weight products on AMX as bfloat16 triples (``on``, the default) or on the
-    BLAS, like ``cpu.set_bf16x3`` for inference; returns True when calls of 64 rows or more now run on AMX."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3t_bf16x3(int(bool(on))) == 1
+    BLAS, for calls of at least ``min_rows`` tokens, like ``cpu.set_bf16x3`` for inference; returns True when
+    such calls now run on AMX."""
+    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_bf16x3", int(bool(on)), min_rows)
 
 
 def uses_bf16x3() -> bool:
     """True when the training kernels' token-by-weight products run on AMX (see ``set_bf16x3``)."""
-    return available() and ctypes.CDLL(str(_state["lib"])).m3t_bf16x3(-1) == 1
+    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_bf16x3", -1, None)
 
 
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:

@@ -608,12 +608,9 @@ void m3t_prof_reset() {
 // 0 if the BLAS symbols resolved (cpu.build_library checks it through ctypes).
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
-// The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h) on (1) or off (0: the BLAS), or only
-// ask (-1); returns 1 if they run there for calls of 64 rows or more. The weight gradients stay on the BLAS.
-int m3t_bf16x3(int on) {
-  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
-  return bf16x3_on(kBf16x3MinRows) ? 1 : 0;
-}
+// The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h), switched as m3_bf16x3 does for
+// inference; the weight gradients stay on the BLAS.
+int m3t_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 
 // The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
 // (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.

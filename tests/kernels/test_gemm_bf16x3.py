@@ -24,17 +24,18 @@ def _case(rng, m, n, k):
 
 @pytest.fixture
 def amx():
-    if not ck.set_bf16x3(True):
+    """AMX on for calls of 64 rows or more (the default threshold, 512, would leave the small cases on the BLAS)."""
+    if not ck.set_bf16x3(True, min_rows=64):
         pytest.skip("no AMX-BF16 here")
     yield
-    ck.set_bf16x3(True)
+    ck.set_bf16x3(True, min_rows=512)
 
 
 def test_runs_on_amx_exactly_where_the_cpu_has_it():
     flags = Path("/proc/cpuinfo").read_text()
     assert ck.uses_bf16x3() == ("amx_bf16" in flags and "avx512_bf16" in flags)
     assert not ck.set_bf16x3(False) and not ck.uses_bf16x3()
-    ck.set_bf16x3(True)
+    assert ck.set_bf16x3(True) == ck.uses_bf16x3()
 
 
 @pytest.mark.parametrize("m, n, k", [(64, 64, 32), (97, 130, 45), (200, 1000, 1030), (129, 384, 2100),
@@ -67,7 +68,12 @@ def test_short_calls_stay_on_the_blas(amx):
     x, w, _, _ = _case(np.random.default_rng(6), 63, 40, 50)
     on = ck.product(x, w)
     ck.set_bf16x3(False)
-    np.testing.assert_array_equal(on, ck.product(x, w))   # under 64 rows packing W would not pay
+    np.testing.assert_array_equal(on, ck.product(x, w))   # under the threshold (here 64 rows): the BLAS
+    assert ck.set_bf16x3(True, min_rows=512)
+    x, w, _, _ = _case(np.random.default_rng(7), 511, 40, 50)
+    on = ck.product(x, w)
+    ck.set_bf16x3(False)
+    np.testing.assert_array_equal(on, ck.product(x, w))   # the default threshold: 512 rows
 
 
 def test_rejects_wrong_shapes_and_dtypes():
