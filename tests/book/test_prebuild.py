@@ -21,10 +21,12 @@ def _fake_execute(path):
 
 
 def _fake_train(checkpoint):
+    # Long beside the chapters' 0.3 s: the two base-only chapters run one after the other in the second slot, and
+    # at 0.6 s (exactly their sum) a loaded machine's process start-up made the second one start after it ended.
     (LOG / f"start-{checkpoint}").write_text(str(time.time()))
-    time.sleep(0.6)
+    time.sleep(2.0)
     (LOG / f"end-{checkpoint}").write_text(str(time.time()))
-    return checkpoint, None, 0.6, "boom" if checkpoint == FAIL else None, ""
+    return checkpoint, None, 2.0, "boom" if checkpoint == FAIL else None, ""
 
 
 FAIL = None
