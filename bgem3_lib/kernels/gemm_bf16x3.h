@@ -296,7 +296,6 @@ class Products {
     const Weight &w = w_[j];
     gemm(w.nk, m, w.n, w.k, 1.0f, x, ldx, w.w, w.nk ? w.k : w.n, accumulate ? 1.0f : 0.0f, y, ldy);
   }
-  bool amx() const { return amx_; }
 
  private:
   std::vector<Weight> w_;

@@ -85,29 +85,6 @@ inline void sgemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha
                ldc);
 }
 
-// sgemm called by every worker of a parallel region: C dealt out in about two chunks per worker along its
-// longer side (rows of C, or columns), so that each piece is still a large product. With ``bias`` (a row of n,
-// row split only) each chunk of C is first filled with it and the product added (beta = 1): no separate
-// bias pass, and OpenBLAS skips its own zero-fill pass of C (beta = 0). Ends with a barrier.
-void par_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float *a, int64_t lda,
-              const float *b, int64_t ldb, float beta, float *c, int64_t ldc, const float *bias = nullptr) {
-  const int64_t workers = omp_get_num_threads(), along = std::max(m, n);
-  const int64_t chunk = std::max<int64_t>(16, round_up((along + 2 * workers - 1) / (2 * workers), 16));
-  const bool rows = m >= n || bias;
-#pragma omp for schedule(dynamic, 1)
-  for (int64_t i0 = 0; i0 < (rows ? m : n); i0 += chunk) {
-    const int64_t len = std::min(chunk, (rows ? m : n) - i0);
-    if (bias) {
-      for (int64_t i = i0; i < i0 + len; ++i) std::memcpy(c + i * ldc, bias, n * sizeof(float));
-      sgemm(ta, tb, len, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, 1.0f, c + i0 * ldc, ldc);
-    } else if (rows) {
-      sgemm(ta, tb, len, n, k, alpha, ta ? a + i0 : a + i0 * lda, lda, b, ldb, beta, c + i0 * ldc, ldc);
-    } else {
-      sgemm(ta, tb, m, len, k, alpha, a, lda, tb ? b + i0 * ldb : b + i0, ldb, beta, c + i0, ldc);
-    }
-  }
-}
-
 // A weight gradient C [m, n] = A^T B for A [k, m] (row stride lda), B [k, n] (ldb), k = tokens; row i of C goes
 // to outs[i / each] + (i % each) * n (the fused query / key / value gradient goes to three tensors).
 struct WeightGrad {
@@ -675,14 +652,10 @@ int m3t_attention_fwd(int nparam, void **params, int *, int64_t **shapes, const 
   {
     pr.gather(wcat.data(), bcat.data(), h);
     auto packed = products.start();
-    if (products.amx()) {
-      par_chunks(rows, [&](int64_t r0, int64_t n) {                          // bias first, the product added
-        for (int64_t i = r0; i < r0 + n; ++i) std::memcpy(qkv + i * 3 * h, pr.bqkv, 3 * h * sizeof(float));
-        products.run(0, x + r0 * h, h, n, qkv + r0 * 3 * h, 3 * h, packed.get(), true);
-      });
-    } else {
-      par_gemm(false, true, rows, 3 * h, h, 1.0f, x, h, pr.wqkv, h, 0.0f, qkv, 3 * h, pr.bqkv);  // bias added
-    }
+    par_chunks(rows, [&](int64_t r0, int64_t n) {                            // bias first, the product added
+      for (int64_t i = r0; i < r0 + n; ++i) std::memcpy(qkv + i * 3 * h, pr.bqkv, 3 * h * sizeof(float));
+      products.run(0, x + r0 * h, h, n, qkv + r0 * 3 * h, 3 * h, packed.get(), true);
+    });
     PROF("af.qkv_gemm")
     Scratch scratch(attention_scratch(d, longest, longest));
 #pragma omp for schedule(dynamic, 1)
