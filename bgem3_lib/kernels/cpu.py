@@ -166,7 +166,7 @@ def bf16x3_switch(lib: Path | None, function: str, on: int, min_rows: int | None
 def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
     """Compute the linear layers' float32 products on the AMX tile unit, each operand split into three bfloat16
     parts (``on``, the default; ``gemm_bf16x3.h``), or on the BLAS, for calls of at least ``min_rows`` token rows
-    (default 512: below that, splitting the weights per call costs what the tiles save); returns True when such
+    (default 64: below that, splitting the weights per call costs what the tiles save); returns True when such
     calls now run on AMX (this build and CPU have AMX-BF16 and the OS granted the tiles)."""
     return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", int(bool(on)), min_rows)
 

@@ -53,6 +53,31 @@ inline void split32(const float *p, int64_t count, __m512i part[3]) {
   for (int i = 0; i < 3; ++i) part[i] = _mm512_inserti64x4(_mm512_castsi256_si512(a[i]), b[i], 1);
 }
 
+// r[i] dword j <- r[j] dword i: a 16 x 16 transpose of dwords in 64 shuffles (32-bit, 64-bit, then 128-bit lanes
+// twice). E.g. r[i] = (16 i, 16 i + 1, ..., 16 i + 15) becomes r[j] = (j, 16 + j, ..., 240 + j).
+inline void transpose16(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {   // b[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
+    b[4 * i] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {   // column 4L + c gathers lane L of b[c], b[4 + c], b[8 + c], b[12 + c]
+    const __m512i d0 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), d1 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xEE);
+    const __m512i e0 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44),
+                  e1 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xEE);
+    r[c] = _mm512_shuffle_i32x4(d0, e0, 0x88);
+    r[4 + c] = _mm512_shuffle_i32x4(d0, e0, 0xDD);
+    r[8 + c] = _mm512_shuffle_i32x4(d1, e1, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(d1, e1, 0xDD);
+  }
+}
+
 struct Bf16x3Weight {
   int64_t n = 0, k = 0, kb = 0, nb = 0;
   std::unique_ptr<uint16_t[]> t;
@@ -65,19 +90,23 @@ struct Bf16x3Weight {
 
   // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
   // shares the tiles. No barrier at the end: the caller adds one before any product reads the tiles.
+  // A tile's column j is row cb * 16 + j of W: its 32 values, split, are 16 pairs (dwords) per part, one per tile
+  // row, so each part is a 16 x 16 dword transpose (transpose16, in registers).
   void pack(const float *w, int64_t ldw) {
-    const __m512i rows16 = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t i = 0; i < nb * kb; ++i) {
-      const int64_t cb = i / kb, b = i % kb, k0 = b * 32;
+      const int64_t cb = i / kb, k0 = (i % kb) * 32;
       uint16_t *tile = t.get() + i * 3 * kPartTile;
-      for (int64_t j = 0; j < 16; ++j) {     // column j of the tile: row cb * 16 + j of W
+      __m512i part[3][16];
+      for (int64_t j = 0; j < 16; ++j) {
         const int64_t col = cb * 16 + j;
-        __m512i part[3];
-        split32(w + col * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, part);
-        // dword i of a part holds the pair (k0 + 2i, k0 + 2i + 1): it goes to tile row i, column j
-        for (int p = 0; p < 3; ++p) _mm512_i32scatter_epi32((int *)(tile + p * kPartTile) + j, rows16, part[p], 4);
+        __m512i p3[3];
+        split32(w + std::min(col, n - 1) * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, p3);
+        for (int p = 0; p < 3; ++p) part[p][j] = p3[p];
+      }
+      for (int p = 0; p < 3; ++p) {
+        transpose16(part[p]);
+        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + p * kPartTile + r * 32, part[p][r]);
       }
     }
   }
@@ -232,10 +261,11 @@ std::atomic<int> bf16x3_wanted{[] {
   const char *e = std::getenv("BGEM3_BF16X3");
   return e && e[0] == '0' ? 0 : 1;
 }()};
-// Below this many rows per call the BLAS computes: the weights are split and packed once per call, which cost
-// about as much as the tiles saved below 512 rows (1024 x 4096 weights: 0.75x the BLAS at 64 rows, 1.02x at 512,
-// 1.16x from 1024). Settable (m3_bf16x3 / m3t_bf16x3) so that tests reach every edge with small inputs.
-std::atomic<int64_t> bf16x3_min_rows{512};
+// Below this many rows per call the BLAS computes: the weights are split and packed once per call (memory-bound,
+// about 0.6 ns per weight on 2 threads), which costs about what the tiles save at 16-32 rows (1024 x 4096 weights:
+// 0.92x the BLAS at 16 and 32 rows, 1.02-1.05x at 64, 1.13x at 512, 1.3-1.6x from 4096). Settable (m3_bf16x3 /
+// m3t_bf16x3) so that tests can move the edge.
+std::atomic<int64_t> bf16x3_min_rows{64};
 
 inline bool bf16x3_on(int64_t rows) {
   return BGEM3_AMX_BF16 && amx_granted() && bf16x3_wanted.load(std::memory_order_relaxed) &&

@@ -24,11 +24,11 @@ def _case(rng, m, n, k):
 
 @pytest.fixture
 def amx():
-    """AMX on for calls of 64 rows or more (the default threshold, 512, would leave the small cases on the BLAS)."""
+    """AMX on for calls of 64 rows or more (the default threshold), where the CPU has it."""
     if not ck.set_bf16x3(True, min_rows=64):
         pytest.skip("no AMX-BF16 here")
     yield
-    ck.set_bf16x3(True, min_rows=512)
+    ck.set_bf16x3(True, min_rows=64)
 
 
 def test_runs_on_amx_exactly_where_the_cpu_has_it():
@@ -68,12 +68,14 @@ def test_short_calls_stay_on_the_blas(amx):
     x, w, _, _ = _case(np.random.default_rng(6), 63, 40, 50)
     on = ck.product(x, w)
     ck.set_bf16x3(False)
-    np.testing.assert_array_equal(on, ck.product(x, w))   # under the threshold (here 64 rows): the BLAS
-    assert ck.set_bf16x3(True, min_rows=512)
-    x, w, _, _ = _case(np.random.default_rng(7), 511, 40, 50)
+    np.testing.assert_array_equal(on, ck.product(x, w))   # under the default threshold (64 rows): the BLAS
+    assert ck.set_bf16x3(True, min_rows=200)
+    x, w, _, _ = _case(np.random.default_rng(7), 199, 40, 50)
     on = ck.product(x, w)
     ck.set_bf16x3(False)
-    np.testing.assert_array_equal(on, ck.product(x, w))   # the default threshold: 512 rows
+    np.testing.assert_array_equal(on, ck.product(x, w))   # a raised threshold moves the edge
+    assert ck.set_bf16x3(True, min_rows=64)
+    assert not np.array_equal(on, ck.product(x, w))      # and back: 199 rows on AMX
 
 
 def test_rejects_wrong_shapes_and_dtypes():
