@@ -40,7 +40,7 @@ inline uint16_t bf16_scalar(float x) {  // the same rounding, one value (NaN-fre
 struct Bf16Attention {
   int64_t hidden, d, heads;
   std::vector<int64_t> base;          // per sequence: offset of its (head 0) packed keys / values
-  std::vector<uint16_t> q, kb, vb;
+  AlignedVector<uint16_t> q, kb, vb;   // tile operands: 64-byte aligned
 
   // Scratch floats per worker for attend_bf16 at sequences up to `longest` tokens.
   static int64_t scratch_floats(int64_t d, int64_t longest) {

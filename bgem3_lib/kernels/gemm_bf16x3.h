@@ -80,12 +80,12 @@ inline void transpose16(__m512i r[16]) {
 
 struct Bf16x3Weight {
   int64_t n = 0, k = 0, kb = 0, nb = 0;
-  std::unique_ptr<uint16_t[]> t;
+  AlignedArray<uint16_t> t;   // 64-byte aligned: a tile row must not straddle two cache lines
 
   // Size for W [n, k]; call from one thread, before pack().
   void allocate(int64_t rows, int64_t cols) {
     n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
-    t.reset(new uint16_t[nb * kb * 3 * kPartTile]);
+    t = aligned_array<uint16_t>(nb * kb * 3 * kPartTile);
   }
 
   // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
@@ -311,11 +311,9 @@ class Products {
 #pragma omp barrier
   }
   // A worker's scratch for run().
-  std::unique_ptr<uint16_t[]> scratch() const {
-    return std::unique_ptr<uint16_t[]>(amx_ ? new uint16_t[bf16x3_scratch(kmax_)] : nullptr);
-  }
+  AlignedArray<uint16_t> scratch() const { return amx_ ? aligned_array<uint16_t>(bf16x3_scratch(kmax_)) : nullptr; }
   // What every thread of the region does first: pack (all weights, or just `only`), then take its scratch.
-  std::unique_ptr<uint16_t[]> start(int only = -1) {
+  AlignedArray<uint16_t> start(int only = -1) {
     pack(only);
     return scratch();
   }

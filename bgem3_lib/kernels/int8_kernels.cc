@@ -60,7 +60,7 @@ bool bf16_attention_on(int64_t d) {
 
 // Quantised rows: u [rows, kp] (kp = K rounded up to 4, the tail zero), scale and zero point per row.
 struct QRows {
-  std::vector<uint8_t> u;
+  AlignedVector<uint8_t> u;   // a tile operand: 64-byte aligned
   std::vector<float> scale;
   std::vector<int32_t> zero;
   int64_t kp = 0;
