@@ -80,6 +80,43 @@ inline void transpose16(__m512i r[16]) {
   }
 }
 
+// One B tile of y = x @ W^T from W stored [n, k] at w (row stride ldw; its first `rows` <= 16 rows and `count` <= 32
+// columns are read, the rest zero): tile column j is row j of W, whose 32 values, split, are 16 pairs (dwords) per
+// part, one per tile row, so each part is a 16 x 16 dword transpose (transpose16, in registers). The three parts
+// go to tile, tile + plane, tile + 2 plane.
+inline void pack_tile_nk(const float *w, int64_t ldw, int64_t rows, int64_t count, uint16_t *tile, int64_t plane) {
+  __m512i part[3][16];
+  for (int64_t j = 0; j < 16; ++j) {
+    __m512i p3[3];
+    split32(w + std::min<int64_t>(j, std::max<int64_t>(rows - 1, 0)) * ldw, j < rows ? count : 0, p3);
+    for (int p = 0; p < 3; ++p) part[p][j] = p3[p];
+  }
+  for (int p = 0; p < 3; ++p) {
+    transpose16(part[p]);
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + p * plane + r * 32, part[p][r]);
+  }
+}
+
+// The same from W stored [k, n] (y = x @ W, as in a backward pass; its first `count` <= 32 rows and `cols` <= 16
+// columns read): tile row r pairs rows 2r and 2r + 1 of W, 16 columns each.
+inline void pack_tile_kn(const float *w, int64_t ldw, int64_t count, int64_t cols, uint16_t *tile, int64_t plane) {
+  const __mmask16 mask = lanes_below(std::max<int64_t>(0, cols));
+  for (int64_t r = 0; r < 16; ++r) {
+    __m512i pair[3];
+    for (int e = 0; e < 2; ++e) {
+      const int64_t kk = 2 * r + e;
+      __m256i part[3];
+      split3(_mm512_maskz_loadu_ps(kk < count ? mask : 0, w + std::min(kk, std::max<int64_t>(count - 1, 0)) * ldw),
+             part[0], part[1], part[2]);
+      for (int p = 0; p < 3; ++p) {
+        const __m512i wide = _mm512_cvtepu16_epi32(part[p]);   // element 2r in the low half of each dword
+        pair[p] = e == 0 ? wide : _mm512_or_si512(pair[p], _mm512_slli_epi32(wide, 16));
+      }
+    }
+    for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * plane + r * 32, pair[p]);
+  }
+}
+
 struct Bf16x3Weight {
   int64_t n = 0, k = 0, kb = 0, nb = 0;
   AlignedArray<uint16_t> t;   // 64-byte aligned: a tile row must not straddle two cache lines
@@ -92,49 +129,22 @@ struct Bf16x3Weight {
 
   // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
   // shares the tiles. No barrier at the end: the caller adds one before any product reads the tiles.
-  // A tile's column j is row cb * 16 + j of W: its 32 values, split, are 16 pairs (dwords) per part, one per tile
-  // row, so each part is a 16 x 16 dword transpose (transpose16, in registers).
   void pack(const float *w, int64_t ldw) {
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t i = 0; i < nb * kb; ++i) {
-      const int64_t cb = i / kb, k0 = (i % kb) * 32;
-      uint16_t *tile = t.get() + i * 3 * kPartTile;
-      __m512i part[3][16];
-      for (int64_t j = 0; j < 16; ++j) {
-        const int64_t col = cb * 16 + j;
-        __m512i p3[3];
-        split32(w + std::min(col, n - 1) * ldw + k0, col < n ? std::min<int64_t>(32, k - k0) : 0, p3);
-        for (int p = 0; p < 3; ++p) part[p][j] = p3[p];
-      }
-      for (int p = 0; p < 3; ++p) {
-        transpose16(part[p]);
-        for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + p * kPartTile + r * 32, part[p][r]);
-      }
+      const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
+      pack_tile_nk(w + std::min(c0, n - 1) * ldw + k0, ldw, std::min<int64_t>(16, n - c0),
+                   std::min<int64_t>(32, k - k0), t.get() + i * 3 * kPartTile, kPartTile);
     }
   }
 
-  // The same for W stored [k, n] (row stride ldw; y = x @ W, as in a backward pass): tile row r pairs rows
-  // k0 + 2r and k0 + 2r + 1 of W, 16 columns each.
+  // The same for W stored [k, n] (row stride ldw; y = x @ W).
   void pack_kn(const float *w, int64_t ldw) {
 #pragma omp for schedule(dynamic, 4) nowait
     for (int64_t i = 0; i < nb * kb; ++i) {
-      const int64_t cb = i / kb, k0 = (i % kb) * 32, c0 = cb * 16;
-      const __mmask16 cols = lanes_below(std::max<int64_t>(0, std::min<int64_t>(16, n - c0)));
-      uint16_t *tile = t.get() + i * 3 * kPartTile;
-      for (int64_t r = 0; r < 16; ++r) {
-        __m512i pair[3];
-        for (int e = 0; e < 2; ++e) {
-          const int64_t kk = k0 + 2 * r + e;
-          __m256i part[3];
-          split3(_mm512_maskz_loadu_ps(kk < k ? cols : 0, w + std::min(kk, k - 1) * ldw + c0), part[0], part[1],
-                 part[2]);
-          for (int p = 0; p < 3; ++p) {
-            const __m512i wide = _mm512_cvtepu16_epi32(part[p]);   // element k0 + 2r in the low half of each dword
-            pair[p] = e == 0 ? wide : _mm512_or_si512(pair[p], _mm512_slli_epi32(wide, 16));
-          }
-        }
-        for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, pair[p]);
-      }
+      const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
+      pack_tile_kn(w + k0 * ldw + std::min(c0, n - 1), ldw, std::min<int64_t>(32, k - k0),
+                   std::min<int64_t>(16, n - c0), t.get() + i * 3 * kPartTile, kPartTile);
     }
   }
 };

@@ -153,6 +153,17 @@ def _attention_block_reference(x, attn, offsets, heads, eps=1e-5):
     return _layer_norm(x + ctx @ P["wo"].T + P["bo"], P["g"], P["b"], eps)
 
 
+@pytest.fixture(params=["amx", "avx512"])
+def attention_path(request):
+    """The attention block's projections on AMX as bfloat16 triples (where the CPU has it, else skipped) and on
+    the BLAS."""
+    on = request.param == "amx"
+    if ck.set_bf16x3(on) != on:
+        pytest.skip("no AMX-BF16 here")
+    yield request.param
+    ck.set_bf16x3(True)
+
+
 @pytest.mark.parametrize("hidden, heads, scale", [
     (32, 2, 0.2),     # d = 16: AVX-512 tile kernel, one 16-wide column pass
     (96, 3, 0.2),     # d = 32 (M3-small)
@@ -161,10 +172,10 @@ def _attention_block_reference(x, attn, offsets, heads, eps=1e-5):
     (48, 4, 0.2),     # d = 12: OpenBLAS path
     (96, 3, 3.0),     # scores of several hundred: most softmax weights underflow
 ])
-def test_attention_block_matches_float64_on_ragged_sequences(hidden, heads, scale):
+def test_attention_block_matches_float64_on_ragged_sequences(attention_path, hidden, heads, scale):
     """Lengths that are not multiples of the 8-row tile, the 32-row group or the 32-key panel, longer than the
     256-row query block, a single token, and (d = 48, 64) a sequence long enough for key blocks; both
-    attention paths (tile kernel and OpenBLAS) against float64."""
+    attention paths (tile kernel and OpenBLAS), with the projections on AMX and on the BLAS, against float64."""
     from bgem3_lib.model.encoder import SelfAttention
     cfg = M3Config(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=4 * hidden)
     attn = SelfAttention(cfg)
