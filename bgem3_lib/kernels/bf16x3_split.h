@@ -69,9 +69,8 @@ inline void transpose16(__m512i r[16]) {
 
 // One B tile of y = x @ W^T from W stored [n, k] at w (row stride ldw; its first `rows` <= 16 rows and `count` <= 32
 // columns are read, the rest zero): tile column j is row j of W, whose 32 values, split, are 16 pairs (dwords) per
-// part, one per tile row, so each part is a 16 x 16 dword transpose (transpose16, in registers). The three parts
-// go to tile, tile + plane, tile + 2 plane.
-inline void pack_tile_nk(const float *w, int64_t ldw, int64_t rows, int64_t count, uint16_t *tile, int64_t plane) {
+// part, one per tile row, so each part is a 16 x 16 dword transpose (transpose16, in registers).
+inline void pack_tile_nk(const float *w, int64_t ldw, int64_t rows, int64_t count, uint16_t *tile) {
   __m512i part[3][16];
   for (int64_t j = 0; j < 16; ++j) {
     __m512i p3[3];
@@ -80,13 +79,13 @@ inline void pack_tile_nk(const float *w, int64_t ldw, int64_t rows, int64_t coun
   }
   for (int p = 0; p < 3; ++p) {
     transpose16(part[p]);
-    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + p * plane + r * 32, part[p][r]);
+    for (int r = 0; r < 16; ++r) _mm512_storeu_si512(tile + p * kPartTile + r * 32, part[p][r]);
   }
 }
 
 // The same from W stored [k, n] (y = x @ W, as in a backward pass; its first `count` <= 32 rows and `cols` <= 16
 // columns read): tile row r pairs rows 2r and 2r + 1 of W, 16 columns each.
-inline void pack_tile_kn(const float *w, int64_t ldw, int64_t count, int64_t cols, uint16_t *tile, int64_t plane) {
+inline void pack_tile_kn(const float *w, int64_t ldw, int64_t count, int64_t cols, uint16_t *tile) {
   const __mmask16 mask = lanes_below(std::max<int64_t>(0, cols));
   for (int64_t r = 0; r < 16; ++r) {
     __m512i pair[3];
@@ -100,7 +99,7 @@ inline void pack_tile_kn(const float *w, int64_t ldw, int64_t count, int64_t col
         pair[p] = e == 0 ? wide : _mm512_or_si512(pair[p], _mm512_slli_epi32(wide, 16));
       }
     }
-    for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * plane + r * 32, pair[p]);
+    for (int p = 0; p < 3; ++p) _mm512_storeu_si512(tile + p * kPartTile + r * 32, pair[p]);
   }
 }
 

@@ -48,7 +48,7 @@ struct Bf16x3Weight {
     for (int64_t i = 0; i < nb * kb; ++i) {
       const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
       pack_tile_nk(w + std::min(c0, n - 1) * ldw + k0, ldw, std::min<int64_t>(16, n - c0),
-                   std::min<int64_t>(32, k - k0), t.get() + i * 3 * kPartTile, kPartTile);
+                   std::min<int64_t>(32, k - k0), t.get() + i * 3 * kPartTile);
     }
   }
 
@@ -58,7 +58,7 @@ struct Bf16x3Weight {
     for (int64_t i = 0; i < nb * kb; ++i) {
       const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
       pack_tile_kn(w + k0 * ldw + std::min(c0, n - 1), ldw, std::min<int64_t>(32, k - k0),
-                   std::min<int64_t>(16, n - c0), t.get() + i * 3 * kPartTile, kPartTile);
+                   std::min<int64_t>(16, n - c0), t.get() + i * 3 * kPartTile);
     }
   }
 };
