@@ -61,8 +61,13 @@ SYSTEMS = ("bgem3_lib", "bgem3_lib-int8", "flagembedding", "onnxruntime", "onnxr
 FLOAT32 = ("bgem3_lib", "onnxruntime", "mindnlp")          # must match FlagEmbedding's dense output (<= TOLERANCE)
 TOLERANCE = 1e-4
 # Seconds of rest before each timed call: thread pools that spin after their work (ONNX Runtime's, OpenMP's,
-# MindSpore's dispatch thread) would otherwise take CPU from whichever system runs next on 2 cores.
-COOL_DOWN = 0.5
+# MindSpore's dispatch thread) would otherwise take CPU from whichever system runs next on 2 cores. Spinning
+# lasts milliseconds (libgomp, ONNX Runtime) up to 200 ms (Intel OpenMP's default KMP_BLOCKTIME); --quick rests
+# 0.3 s to stay within its time.
+COOL_DOWN = {"full": 0.5, "quick": 0.3}
+# --quick: MindNLP (10-15x slower than the others, a third of the quick run's time on 5 rounds) runs the first 3
+# rounds only; its ratio pairs those rounds with ours (encode_report.paired_speedup).
+QUICK_MAX_ROUNDS = {"mindnlp": 3}
 
 
 class Worker:
@@ -73,7 +78,12 @@ class Worker:
         self.log = open(log_dir / f"{system}.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(WORKERS), system, str(model_dir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=str(ROOT))
+        self.ready: dict = {}
+
+    def wait_ready(self) -> "Worker":
+        """Block until the process has loaded its model (its first answer: load RSS); returns self."""
         self.ready = self._read()
+        return self
 
     def _read(self) -> dict:
         for line in self.proc.stdout:
@@ -95,12 +105,14 @@ class Worker:
 
 
 def start_workers(systems, model_dir, log_dir) -> dict[str, Worker]:
-    workers = {}
-    for s in systems:
+    """Start every system's process at once (their imports and model loads overlap; each reports its RSS after
+    loading, before any other work is asked of it), then wait for each to be ready."""
+    started, workers = [Worker(s, model_dir, log_dir) for s in systems], {}
+    for w in started:
         try:
-            workers[s] = Worker(s, model_dir, log_dir)
+            workers[w.system] = w.wait_ready()
         except RuntimeError as exc:
-            print(f"skipping {s}: {exc}", flush=True)
+            print(f"skipping {w.system}: {exc}", flush=True)
     return workers
 
 
@@ -118,7 +130,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
         order = list(active)
         for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
             for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
-                if s in died:
+                if s in died or r >= case.get("max_rounds", {}).get(s, runs):
                     continue
                 try:
                     recs[s].append(timed_encode(active[s], case, r, tmp))
@@ -140,7 +152,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
 
 def timed_encode(worker: Worker, case: dict, r: int, tmp: Path) -> dict:
     """Round ``r`` of ``case`` on one worker, after the cool-down; round 0 also saves its dense vectors."""
-    time.sleep(COOL_DOWN)
+    time.sleep(case.get("cool_down", COOL_DOWN["full"]))
     extra = {"save_dense": str(tmp / f"{case['name']}-{worker.system}.npy")} if r == 0 else {}
     return worker.ask(op="encode", **{k: case[k] for k in ("texts", "max_length", "batch_size")}, **extra)
 
@@ -235,7 +247,8 @@ def plan_for(quick: bool) -> dict:
     M3-small size, each case about 4k tokens so that one timed call lasts about a second on the fastest
     float32 engine (at 2k tokens two back-to-back quick runs disagreed by up to 31% on a ratio)."""
     if quick:
-        return {"sizes": ["m3-small"], "mix": (40, 12, 3), "mix_max_length": 512,
+        return {"sizes": ["m3-small"], "mix": (40, 12, 3), "mix_max_length": 512, "cool_down": COOL_DOWN["quick"],
+                "max_rounds": QUICK_MAX_ROUNDS,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192,
@@ -267,6 +280,8 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     for L, B in plan["fixed"]:
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
+    for c in cases:
+        c.update(cool_down=plan.get("cool_down", COOL_DOWN["full"]), max_rounds=plan.get("max_rounds", {}))
     if only is not None:
         cases = [c for c in cases if f"{size}/{c['name']}" in only]
         if not cases:
@@ -307,6 +322,17 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         entry["cases"][case["name"]] = run_solo_case(order, model_dir, case, runs, size, tmp)
         save(entry)
     return entry
+
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AMX tiles (the kernels' float32 products run there when it does):
+    ratios differ between CPUs, so the results say which one measured them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return f"{name}, {'with' if ' amx_bf16' in info else 'without'} AMX"
 
 
 def git_commit() -> str:
@@ -381,6 +407,7 @@ def main() -> None:
         return
     if "speed" in parts:
         results["meta"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "cpu_model": cpu_model(),
                            "quick": args.quick, "runs": args.runs, "python": platform.python_version(), "parts": {}}
     results["meta"].setdefault("parts", {}).update({p: part_meta for p in parts})
     path.write_text(json.dumps(results, indent=1))
