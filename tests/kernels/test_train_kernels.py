@@ -166,3 +166,17 @@ def test_saved_activations_are_given_back_and_a_released_one_is_an_error():
 
     with pytest.raises(RuntimeError, match="m3t_(ffn|attention)_bwd"):
         ms.value_and_grad(released, 0, params)(xp)[1][0].asnumpy()
+
+
+def test_widen_half_is_numpy_cast_on_every_half():
+    """All 65,536 float16 bit patterns (zeros, subnormals, normals, infinities, NaNs), odd sizes that leave a
+    scalar tail after the vector loop: bit for bit NumPy's cast (NaN as NaN)."""
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    for a in (every, every[3:1000].reshape(997, 1), np.array(2.5, np.float16)):
+        got, want = tk.widen_half(a), a.astype(np.float32)
+        assert got.dtype == np.float32 and got.shape == a.shape
+        nan = np.isnan(want)
+        assert np.array_equal(np.isnan(got), nan)
+        assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+    with pytest.raises(ValueError, match="float16"):
+        tk.widen_half(np.zeros(3, np.float32))

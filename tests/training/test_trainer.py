@@ -200,6 +200,22 @@ def test_adamw_matches_numpy_reference():
         lr_at(5, 1.0, 0, 4)
 
 
+def test_text_store_widens_a_float16_cache_exactly():
+    """Padded in the cache's float16 and widened once (kernels.train.widen_half): the values of padding each
+    state into float32 one by one, zeros at padding."""
+    from bgem3_lib.training.trainer import TextStore
+
+    rng = np.random.default_rng(0)
+    ids = [np.arange(n, dtype=np.int32) for n in (3, 7, 5)]
+    states = [rng.standard_normal((len(x), 8)).astype(np.float16) for x in ids]
+    _, mask, hid = TextStore(ids, hidden=lambda i: states[i]).batch([2, 0, 1])
+    assert hid.dtype == np.float32 and hid.shape == (3, 7, 8)
+    for r, i in enumerate([2, 0, 1]):
+        n = len(ids[i])
+        assert np.array_equal(hid[r, :n], states[i].astype(np.float32)) and not hid[r, n:].any()
+        assert mask[r].sum() == n
+
+
 def test_bad_inputs_raise():
     from bgem3_lib.training.trainer import TextStore
 
