@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode_extras import sort_experiment, sparse_rss  # noqa: E402
-from encode_inputs import SIZES, Tokens, long_texts, make_case, make_checkpoint, real_mix  # noqa: E402
+from encode_inputs import SIZES, Tokens, cpu_model, long_texts, make_case, make_checkpoint, real_mix  # noqa: E402
 from encode_report import last_line, summarize, write_markdown  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "encode_workers.py"
@@ -322,17 +322,6 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         entry["cases"][case["name"]] = run_solo_case(order, model_dir, case, runs, size, tmp)
         save(entry)
     return entry
-
-
-def cpu_model() -> str:
-    """The CPU's model name and whether it has AMX tiles (the kernels' float32 products run there when it does):
-    ratios differ between CPUs, so the results say which one measured them."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine()
-    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    return f"{name}, {'with' if ' amx_bf16' in info else 'without'} AMX"
 
 
 def git_commit() -> str:

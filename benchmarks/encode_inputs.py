@@ -14,6 +14,18 @@ sys.path.insert(0, str(ROOT))
 
 from bgem3_lib.paths import cache_dir  # noqa: E402
 
+
+def cpu_model() -> str:
+    """The CPU's model name and whether it has AMX tiles (the kernels' float32 products run there when it does):
+    ratios differ between CPUs, so the results say which one measured them."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return f"{name}, {'with' if ' amx_bf16' in info else 'without'} AMX"
+
+
 SIZES = {"full": dict(layers=24, hidden=1024, heads=16, ffn=4096, max_pos=8194),
          "m3-small": dict(layers=12, hidden=384, heads=12, ffn=1536, max_pos=8194)}
 

@@ -1,6 +1,7 @@
 """The training wing: unified fine-tuning with self-knowledge distillation.
 
-What lives here: ``losses`` (InfoNCE per mode, the integrated score, ``self_distill_loss``),
+What lives here: ``losses`` (InfoNCE per mode, the integrated score, ``self_distill_loss``), ``fused_loss`` (the
+unified loss as one host op with its backward written out, for CPU training),
 ``bucketing`` (length-bucketed batches and length chunks), ``data`` (MLQA training examples),
 ``train_model`` (the trainable network on the model's heads), ``batch_scores`` (its heads and scores on
 the batch's packed tokens), ``optim`` (AdamW and the schedule),

@@ -48,6 +48,7 @@ from mindspore import Tensor, nn, ops
 from ..model.heads import _EPS
 from ..retrieval.modes import TEACHER_WEIGHTS
 from .batch_scores import MaxSim, ProjectNormalize, batch_plan, lexical_scores, maxsim_scores, packed_heads
+from .fused_loss import fused_m3_loss
 from .losses import dense_scores, in_batch_targets, info_nce, m3_loss
 
 PART_NAMES = ("dense", "lex", "mul", "inter", "L", "distill_dense", "distill_lex", "distill_mul", "L_distill")
@@ -225,8 +226,12 @@ class M3TrainNet(nn.Cell):
         s_lex, s_mul = lexical_scores(weights, plan), maxsim_scores(maxsim, colbert, plan)
         target = in_batch_targets(b, n // b)
         s_dense = dense_scores(q_dense, p_dense)
-        out = m3_loss(s_dense, s_lex, s_mul, target, weights=self.teacher_weights,
-                      temperature=self.temperature, use_self_distill=self.use_self_distill, lambdas=self.lambdas)
+        if self.use_cpu_kernels and ms.get_context("device_target") == "CPU":   # two host ops instead of ~100
+            out = fused_m3_loss(s_dense, s_lex, s_mul, target, self.teacher_weights, self.temperature, self.lambdas,
+                                self.use_self_distill)
+        else:
+            out = m3_loss(s_dense, s_lex, s_mul, target, weights=self.teacher_weights,
+                          temperature=self.temperature, use_self_distill=self.use_self_distill, lambdas=self.lambdas)
         total = out["total"]
         if self.all_gather is not None:
             every = self.all_gather(p_dense)                                   # [world * N, H]
