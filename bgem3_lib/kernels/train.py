@@ -106,11 +106,18 @@ def _c_function(name: str, restype=None, argtypes=None):
     return _state[key]
 
 
+def _drain() -> None:
+    """Wait for every op MindSpore has queued (PyNative). ``mindspore.runtime.synchronize`` is for devices: on CPU it
+    waits for nothing and logs "[ERROR] CPU device is not supported" (once per training step, from begin_pass)."""
+    from mindspore.common.api import _pynative_executor
+    _pynative_executor.sync()
+
+
 def begin_pass() -> None:
     """Give back the saved buffers of forwards whose backward never ran (e.g. a forward without gradients); call
     before a training pass. Their memory is kept for reuse; a backward of an earlier forward then fails."""
     if available():
-        ms.runtime.synchronize()           # no queued kernel of an earlier pass still to read its buffer
+        _drain()                           # no queued kernel of an earlier pass still to read its buffer
         _c_function("m3t_saved_release_all")()
 
 
@@ -119,7 +126,7 @@ def free_saved() -> None:
     170 MB per trained M3-small layer at 5,330 tokens); the trainer calls it when training ends. Builds nothing:
     a no-op when the library was never loaded."""
     if _state.get("lib"):
-        ms.runtime.synchronize()
+        _drain()
         _c_function("m3t_saved_clear")()
 
 
@@ -127,7 +134,7 @@ def saved_count() -> int:
     """Forwards whose saved buffers wait for their backward (0 after a complete forward + backward)."""
     if not available():
         return 0
-    ms.runtime.synchronize()
+    _drain()
     return int(_c_function("m3t_saved_live", ctypes.c_int64)())
 
 
