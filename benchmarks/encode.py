@@ -130,7 +130,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
         order = list(active)
         for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
             for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
-                if s in died or r >= case.get("max_rounds", {}).get(s, runs):
+                if s in died or r >= case["max_rounds"].get(s, runs):
                     continue
                 try:
                     recs[s].append(timed_encode(active[s], case, r, tmp))
@@ -152,7 +152,7 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
 
 def timed_encode(worker: Worker, case: dict, r: int, tmp: Path) -> dict:
     """Round ``r`` of ``case`` on one worker, after the cool-down; round 0 also saves its dense vectors."""
-    time.sleep(case.get("cool_down", COOL_DOWN["full"]))
+    time.sleep(case["cool_down"])
     extra = {"save_dense": str(tmp / f"{case['name']}-{worker.system}.npy")} if r == 0 else {}
     return worker.ask(op="encode", **{k: case[k] for k in ("texts", "max_length", "batch_size")}, **extra)
 
@@ -251,7 +251,8 @@ def plan_for(quick: bool) -> dict:
                 "max_rounds": QUICK_MAX_ROUNDS,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
-    return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192,
+    return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192, "cool_down": COOL_DOWN["full"],
+            "max_rounds": {},
             "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
                                                   "padded": True}, "mindnlp_sizes": ["m3-small"],
@@ -281,7 +282,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
     for c in cases:
-        c.update(cool_down=plan.get("cool_down", COOL_DOWN["full"]), max_rounds=plan.get("max_rounds", {}))
+        c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"])
     if only is not None:
         cases = [c for c in cases if f"{size}/{c['name']}" in only]
         if not cases:

@@ -110,7 +110,7 @@ def _loss_op(weights, tau: float, lambdas, self_distill: bool):
         s = np.stack([s_dense, s_lex, s_mul]).astype(np.float64)
         return loss_forward(s, target.astype(np.int64), *cfg)[0].astype(np.float32)
 
-    def backward(s_dense, s_lex, s_mul, target, dparts):
+    def backward(s_dense, s_lex, s_mul, target, dparts):      # recomputes logp (microseconds) rather than keep it
         s = np.stack([s_dense, s_lex, s_mul]).astype(np.float64)
         t = target.astype(np.int64)
         g = loss_backward(loss_forward(s, t, *cfg)[1], t, dparts, *cfg).astype(np.float32)

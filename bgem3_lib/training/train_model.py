@@ -48,10 +48,10 @@ from mindspore import Tensor, nn, ops
 from ..model.heads import _EPS
 from ..retrieval.modes import TEACHER_WEIGHTS
 from .batch_scores import MaxSim, ProjectNormalize, batch_plan, lexical_scores, maxsim_scores, packed_heads
-from .fused_loss import fused_m3_loss
+from .fused_loss import PARTS, fused_m3_loss
 from .losses import dense_scores, in_batch_targets, info_nce, m3_loss
 
-PART_NAMES = ("dense", "lex", "mul", "inter", "L", "distill_dense", "distill_lex", "distill_mul", "L_distill")
+PART_NAMES = PARTS[:-1]          # m3_loss's parts but "total" (returned first, on its own)
 
 
 def as_chunks(x) -> tuple:
