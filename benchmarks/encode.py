@@ -14,7 +14,8 @@ on this CPU, identical weights and inputs, all three outputs on.
   128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
 * Every system runs in its own process (``encode_workers.py``) holding its model; runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
-  all systems alike; the order rotates from round to round and each call follows a 0.5 s rest, so no
+  all systems alike, and each round runs every case in turn (a minute of load touches a round or two of every
+  case, not all of one); the order rotates from round to round and each call follows a 0.5 s rest, so no
   system always runs right after another one's spinning thread pools. Exception: the full-size 8192-token
   batch runs one system in memory at a time (five full-size models and one 8192-token peak do not fit in
   24 GB together), so its peak RSS is each engine's own. tokens/s = real (non-padding)
@@ -53,7 +54,17 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from encode_extras import sort_experiment, sparse_rss  # noqa: E402
-from encode_inputs import SIZES, Tokens, cpu_model, long_texts, make_case, make_checkpoint, real_mix  # noqa: E402
+from encode_inputs import (  # noqa: E402
+    SIZES,
+    Tokens,
+    blas_info,
+    cpu_model,
+    long_texts,
+    make_case,
+    make_checkpoint,
+    real_mix,
+    warn_if_pinned,
+)
 from encode_report import last_line, summarize, write_markdown  # noqa: E402
 
 WORKERS = ROOT / "benchmarks" / "encode_workers.py"
@@ -117,36 +128,44 @@ def start_workers(systems, model_dir, log_dir) -> dict[str, Worker]:
 
 
 def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> dict:
-    """``runs`` interleaved rounds of every (case, system); returns medians per case. The first round's
-    dense vectors are kept to check that all systems compute the same thing. A worker process that dies
-    (at full size and 8192 tokens the kernel's OOM killer took one holding 11 GB) is recorded in the case's
-    ``died`` and left out from then on; the other systems go on. ``done(out)`` runs after every case (the
-    caller saves what is finished)."""
-    out = {}
-    for case in cases:
-        name = case["name"]
-        active = {s: w for s, w in workers.items() if s in case["systems"]}
-        recs, died, roof = {s: [] for s in active}, {}, []
-        order = list(active)
-        for r in tqdm(range(runs), desc=f"{plan}/{name}", leave=False):
-            for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
-                if s in died or r >= case["max_rounds"].get(s, runs):
-                    continue
-                try:
-                    recs[s].append(timed_encode(active[s], case, r, tmp))
-                except (BrokenPipeError, RuntimeError) as exc:
-                    died[s] = f"{type(exc).__name__}: {exc}"
-                    workers.pop(s).close()
-                    print(f"  {plan}/{name}: {s} died ({died[s]}); left out from here on", flush=True)
-            if "bgem3_lib" in active and "bgem3_lib" not in died:     # this round's roofline, beside its times
-                roof.append(active["bgem3_lib"].ask(op="matmul", numpy_only=True)["numpy_gflops"])
-            if r == 0:
-                dense = {s: np.load(tmp / f"{name}-{s}.npy") for s in active if s not in died}
-                check_outputs(dense, f"{plan}/{name}")
-        out[name] = case_result(case, recs, died, roof, dense)
+    """``runs`` rounds, each running every case once on every system: the cases are interleaved, so a stretch of
+    load from other users of the machine (minutes, on a shared host) touches one or two rounds of every case
+    rather than every round of one case, and the per-case medians leave it out. Within a case's turn the systems
+    run one after another, the order rotating from round to round. Returns each case's result after the last
+    round; ``done(out)`` gets them so far after every round (the caller saves them).
+
+    The first round's dense vectors are kept to check that all systems compute the same thing. A worker
+    process that dies (at full size and 8192 tokens the kernel's OOM killer took one holding 11 GB) is recorded
+    in ``died`` of every case it ran and left out from then on; the other systems go on."""
+    recs = {c["name"]: {s: [] for s in workers if s in c["systems"]} for c in cases}
+    roof = {c["name"]: [] for c in cases}
+    dense, died, out = {}, {}, {}
+    with tqdm(total=runs * len(cases), desc=f"{plan}: rounds x cases", leave=False) as bar:
+        for r in range(runs):
+            for case in cases:
+                name, order = case["name"], list(recs[case["name"]])
+                for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
+                    if s in died or r >= case["max_rounds"].get(s, runs):
+                        continue
+                    try:
+                        recs[name][s].append(timed_encode(workers[s], case, r, tmp))
+                    except (BrokenPipeError, RuntimeError) as exc:
+                        died[s] = f"{type(exc).__name__}: {exc}"
+                        workers.pop(s).close()
+                        print(f"  {plan}/{name}: {s} died ({died[s]}); left out from here on", flush=True)
+                if "bgem3_lib" in order and "bgem3_lib" not in died:    # this round's roofline, beside its times
+                    roof[name].append(workers["bgem3_lib"].ask(op="matmul", numpy_only=True)["numpy_gflops"])
+                if r == 0:
+                    dense[name] = {s: np.load(tmp / f"{name}-{s}.npy") for s in order if s not in died}
+                    check_outputs(dense[name], f"{plan}/{name}")
+                bar.update()
+            out = {c["name"]: case_result(c, recs[c["name"]], {s: why for s, why in died.items()
+                                                                 if s in recs[c["name"]]}, roof[c["name"]],
+                                          dense[c["name"]]) for c in cases}
+            done(out)
+    for name, res in out.items():
         print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
-                                                for s, e in out[name]["systems"].items()), flush=True)
-        done(out)
+                                                for s, e in res["systems"].items()), flush=True)
     return out
 
 
@@ -193,7 +212,7 @@ def run_solo_case(systems, model_dir, case, runs, plan, tmp: Path) -> dict:
 
 def case_result(case, recs, died, roof, dense) -> dict:
     """One case's JSON entry from every system's per-round answers (``recs``) and first-round dense vectors."""
-    recs = {s: rs for s, rs in recs.items() if s not in died}
+    recs = {s: rs for s, rs in recs.items() if s not in died and rs}
     res = {"tokens": case["tokens"], "texts": case["n_texts"], "gflop": case["gflop"],
            "max_length": case["max_length"], "batch_size": case["batch_size"], "systems": {},
            **({"died": died} if died else {}), **({"numpy_gflops_runs": roof} if roof else {})}
@@ -373,6 +392,8 @@ def main() -> None:
         legacy = {k: meta.pop(k) for k in ("load_avg_start", "load_avg_end", "wall_seconds") if k in meta}
         legacy["date"] = time.strftime("%Y-%m-%d %H:%M", time.localtime(path.stat().st_mtime))
         meta["parts"] = {p: legacy for p in PARTS}
+    blas = blas_info()
+    warn_if_pinned(blas)
     t_start, load_start = time.time(), os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bgem3-bench-") as tmp_s:
         for size in plan["sizes"]:
@@ -397,7 +418,7 @@ def main() -> None:
         return
     if "speed" in parts:
         results["meta"] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                           "cpu_model": cpu_model(),
+                           "cpu_model": cpu_model(), "blas": blas,
                            "quick": args.quick, "runs": args.runs, "python": platform.python_version(), "parts": {}}
     results["meta"].setdefault("parts", {}).update({p: part_meta for p in parts})
     path.write_text(json.dumps(results, indent=1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +25,54 @@ def cpu_model() -> str:
         return os.uname().machine
     name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
     return f"{name}, {'with' if ' amx_bf16' in info else 'without'} AMX"
+
+
+_BLAS_PROBE = ("import json, numpy, threadpoolctl; print(json.dumps([i for i in threadpoolctl.threadpool_info() "
+               "if i.get('user_api') == 'blas']))")
+BLAS_PINS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def blas_info() -> dict:
+    """NumPy's BLAS as a process started with this environment loads it (bgem3_lib's float32 products run on it;
+    FlagEmbedding's and ONNX Runtime's do not): ``{"library", "version", "kernel", "pinned", "native"}``.
+
+    Some machines set ``OPENBLAS_CORETYPE`` (with ``OPENBLAS_L2_SIZE``) to keep old OpenBLAS builds off new CPUs;
+    pinned to Haswell (AVX2) on an AVX-512 CPU, OpenBLAS's float32 matmul runs at half speed. ``pinned`` is then
+    the pin and ``native`` the kernel OpenBLAS picks for this CPU without the pins, else both are None."""
+    def probe(env: dict) -> dict:
+        out = subprocess.run([sys.executable, "-c", _BLAS_PROBE], env=env, capture_output=True, text=True)
+        found = json.loads(out.stdout or "[]") if out.returncode == 0 else []
+        return found[0] if found else {}
+
+    here = probe(dict(os.environ))
+    pinned = os.environ.get("OPENBLAS_CORETYPE") or None
+    native = probe({k: v for k, v in os.environ.items() if k not in BLAS_PINS}) if pinned else {}
+    return {"library": here.get("internal_api", "?"), "version": here.get("version") or "?",
+            "kernel": here.get("architecture") or "?", "pinned": pinned, "native": native.get("architecture")}
+
+
+def describe_blas(info: dict) -> str:
+    """One line for the results, e.g. "OpenBLAS 0.3.23.dev, Haswell kernel (pinned by OPENBLAS_CORETYPE=Haswell;
+    this CPU's own: Cooperlake)".
+
+    >>> describe_blas({"library": "openblas", "version": "0.3.23.dev", "kernel": "Cooperlake", "pinned": None,
+    ...                "native": None})
+    'OpenBLAS 0.3.23.dev, Cooperlake kernel'
+    """
+    name = {"openblas": "OpenBLAS", "mkl": "MKL"}.get(info["library"], info["library"])
+    line = f"{name} {info['version']}, {info['kernel']} kernel"
+    if info.get("pinned"):
+        line += f" (pinned by OPENBLAS_CORETYPE={info['pinned']}; this CPU's own: {info.get('native') or '?'})"
+    return line
+
+
+def warn_if_pinned(info: dict) -> None:
+    """Say on stderr when the machine's OPENBLAS_CORETYPE holds OpenBLAS below this CPU's own kernel."""
+    if info.get("pinned") and info.get("native") and info["native"] != info["kernel"]:
+        print(f"warning: OPENBLAS_CORETYPE={info['pinned']} holds OpenBLAS to its {info['kernel']} kernel on a CPU "
+              f"whose own is {info['native']}; bgem3_lib's float32 products run on it and its peers' do not. To "
+              f"measure this CPU: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE <this command>", file=sys.stderr,
+              flush=True)
 
 
 SIZES = {"full": dict(layers=24, hidden=1024, heads=16, ffn=4096, max_pos=8194),

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from encode_inputs import describe_blas
 
 NAMES = {"bgem3_lib": "bgem3_lib (MindSpore)", "bgem3_lib-int8": "bgem3_lib int8",
          "flagembedding": "FlagEmbedding 1.4.2 (PyTorch)", "mindnlp": "MindNLP 0.5 (transformers on MindSpore)",
@@ -188,7 +189,9 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"Machine: {m['cpus']} CPUs ({m.get('cpu_model') or m['machine']}), shared with other jobs, so only "
            f"ratios measured within one run mean anything. tokens/s: median of {m['runs']} interleaved rounds "
            "after a warm-up; ratios: median over rounds of the per-round time ratio (the two runs of a round "
-           f"follow each other, so load that changes between rounds cancels). Parts: {runs}.", "",
+           f"follow each other, so load that changes between rounds cancels). Parts: {runs}."
+           + (f" NumPy's BLAS (bgem3_lib's float32 products run on it): {describe_blas(m['blas'])}." if "blas" in m
+              else ""), "",
            f"**Worst case over every workload** (bgem3_lib float32 speedup over each peer; int8 over float32; "
            f"peak RSS over FlagEmbedding's, the largest): {worst}.", "",
            f"Real length mix at {summary['size']} size: {summary['mix_speedup_vs_flagembedding']:.2f}x FlagEmbedding, "
