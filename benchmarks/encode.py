@@ -12,14 +12,18 @@ on this CPU, identical weights and inputs, all three outputs on.
 * Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD
   articles as long documents, many languages, fixed seed) and fixed batches of exactly
   128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
-* Every system runs in its own process (``encode_workers.py``) holding its model; runs are
+* Every system runs in its own process (``encode_workers.py``) holding its model (FlagEmbedding in two, which
+  take turns by round: one PyTorch process's speed is its own, see ``COPIES``); runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
   all systems alike, and each round runs every case in turn (a minute of load touches a round or two of every
-  case, not all of one); the order rotates from round to round and each call follows a 0.5 s rest, so no
-  system always runs right after another one's spinning thread pools. Exception: the full-size 8192-token
+  case, not all of one); the order rotates from round to round and each call after a MindSpore process's
+  follows a 0.5 s rest (0.3 s with --quick; 0.05 s after the others, whose pools go idle at once), so no
+  system always runs right after another one's spinning thread pools. With --quick a call shorter than 0.6 s
+  encodes its input 2-4 times back to back (its time: their mean). Exception: the full-size 8192-token
   batch runs one system in memory at a time (five full-size models and one 8192-token peak do not fit in
   24 GB together), so its peak RSS is each engine's own. tokens/s = real (non-padding)
-  tokens / wall seconds, median of ``--runs`` runs after one warm-up; a ratio between two systems is the
+  tokens / wall seconds, median of ``--runs`` rounds after an untimed warm-up round on the same inputs (the
+  8192-token case alone: after a short warm-up); a ratio between two systems is the
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
 * Roofline: NumPy's float32 1024x1024x4096 matmul GFLOP/s, measured in the same run before and
@@ -38,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -76,6 +81,19 @@ TOLERANCE = 1e-4
 # lasts milliseconds (libgomp, ONNX Runtime) up to 200 ms (Intel OpenMP's default KMP_BLOCKTIME); --quick rests
 # 0.3 s to stay within its time.
 COOL_DOWN = {"full": 0.5, "quick": 0.3}
+# Only MindSpore's processes were measured spinning that long (its ActorThread_0: 0.13-0.19 s of CPU after each
+# encode); after FlagEmbedding's or ONNX Runtime's calls their pools were idle within 0.01 s, so a call that follows
+# one of those rests SHORT_REST.
+SPINS_AFTER = {"bgem3_lib", "bgem3_lib-int8", "mindnlp"}
+SHORT_REST = 0.05
+# FlagEmbedding runs in two processes that take turns by round: the speed of one PyTorch process held within 5% over
+# its calls, while eight processes' medians spread by 20% (1.45-1.75 s on one 4k-token input; bgem3_lib's: 5%), so
+# one process's luck moved every FlagEmbedding ratio of a run together (two quick runs: 2.3x and 3.0x on the mix).
+COPIES = {"flagembedding": 2}
+# --quick: a call measured under MIN_CALL_SECONDS in its first round encodes its input back to back as many times as
+# reach it in later rounds (its time is their mean): a 0.3 s call took a 0.1-0.2 s stall of this shared machine
+# whole, and two quick runs' int8 / float32 ratios differed by 14%.
+MIN_CALL_SECONDS = {"full": 0.0, "quick": 0.6}
 # --quick: MindNLP (10-15x slower than the others, a third of the quick run's time on 5 rounds) runs the first 3
 # rounds only; its ratio pairs those rounds with ours (encode_report.paired_speedup).
 QUICK_MAX_ROUNDS = {"mindnlp": 3}
@@ -84,12 +102,13 @@ QUICK_MAX_ROUNDS = {"mindnlp": 3}
 class Worker:
     """One system in its own process; ``ask(cmd)`` sends a JSON command and returns the JSON answer."""
 
-    def __init__(self, system: str, model_dir: Path, log_dir: Path):
-        self.system = system
-        self.log = open(log_dir / f"{system}.log", "w")
+    def __init__(self, system: str, model_dir: Path, log_dir: Path, copy: int = 1):
+        self.system, self.copy = system, copy
+        self.log = open(log_dir / f"{system}{'' if copy == 1 else f'-{copy}'}.log", "w")
         self.proc = subprocess.Popen([sys.executable, str(WORKERS), system, str(model_dir)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=str(ROOT))
         self.ready: dict = {}
+        self.spares: list[Worker] = []       # more processes of the same system (start_workers' copies)
 
     def wait_ready(self) -> "Worker":
         """Block until the process has loaded its model (its first answer: load RSS); returns self."""
@@ -107,7 +126,14 @@ class Worker:
         self.proc.stdin.flush()
         return self._read()
 
+    def process(self, r: int) -> "Worker":
+        """The process that runs round ``r``: this one and its spares in turn."""
+        every = [self, *self.spares]
+        return every[r % len(every)]
+
     def close(self) -> None:
+        for spare in self.spares:
+            spare.close()
         if self.proc.poll() is None:
             self.proc.stdin.write('{"op": "quit"}\n')
             self.proc.stdin.flush()
@@ -115,64 +141,90 @@ class Worker:
         self.log.close()
 
 
-def start_workers(systems, model_dir, log_dir) -> dict[str, Worker]:
+def start_workers(systems, model_dir, log_dir, copies: dict | None = None) -> dict[str, Worker]:
     """Start every system's process at once (their imports and model loads overlap; each reports its RSS after
-    loading, before any other work is asked of it), then wait for each to be ready."""
-    started, workers = [Worker(s, model_dir, log_dir) for s in systems], {}
+    loading, before any other work is asked of it), then wait for each to be ready. ``copies``: systems that get
+    more than one process (``{system: n}``); the extra ones are in each first worker's ``spares``."""
+    copies = copies or {}
+    started = [Worker(s, model_dir, log_dir, k) for s in systems for k in range(1, copies.get(s, 1) + 1)]
+    workers = {}
     for w in started:
         try:
-            workers[w.system] = w.wait_ready()
+            w.wait_ready()
         except RuntimeError as exc:
-            print(f"skipping {w.system}: {exc}", flush=True)
+            print(f"skipping {w.system} (process {w.copy}): {exc}", flush=True)
+            continue
+        if w.system in workers:
+            workers[w.system].spares.append(w)
+        else:
+            workers[w.system] = w
     return workers
 
 
 def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> dict:
-    """``runs`` rounds, each running every case once on every system: the cases are interleaved, so a stretch of
-    load from other users of the machine (minutes, on a shared host) touches one or two rounds of every case
-    rather than every round of one case, and the per-case medians leave it out. Within a case's turn the systems
-    run one after another, the order rotating from round to round. Returns each case's result after the last
-    round; ``done(out)`` gets them so far after every round (the caller saves them).
+    """A warm-up round, then ``runs`` timed rounds; each round runs every case once on every system. The cases
+    are interleaved, so a stretch of load from other users of the machine (minutes, on a shared host) touches one
+    or two rounds of every case rather than every round of one case, and the per-case medians leave it out.
+    Within a case's turn the systems run one after another, the order rotating from round to round. Returns each
+    case's result after the last round; ``done(out)`` gets them so far after every timed round (the caller
+    saves them).
 
-    The first round's dense vectors are kept to check that all systems compute the same thing. A worker
-    process that dies (at full size and 8192 tokens the kernel's OOM killer took one holding 11 GB) is recorded
-    in ``died`` of every case it ran and left out from then on; the other systems go on."""
+    The warm-up round gives every system each case's input once (its first call at those shapes allocates and
+    plans: ONNX Runtime's first 2048-token call took twice its later ones), untimed; its dense vectors are
+    checked to agree across systems, and with ``min_call_seconds`` its time sets how many times a short call
+    repeats. A worker process that dies (at full size and 8192 tokens the kernel's OOM killer took one holding
+    11 GB) is recorded in ``died`` of every case it ran and left out from then on; the other systems go on."""
     recs = {c["name"]: {s: [] for s in workers if s in c["systems"]} for c in cases}
     roof = {c["name"]: [] for c in cases}
-    dense, died, out = {}, {}, {}
-    with tqdm(total=runs * len(cases), desc=f"{plan}: rounds x cases", leave=False) as bar:
-        for r in range(runs):
+    dense, died, out, reps, last = {}, {}, {}, {}, None
+    with tqdm(total=(runs + 1) * len(cases), desc=f"{plan}: rounds x cases", leave=False) as bar:
+        for r in range(-1, runs):                                        # r = -1: the warm-up round
             for case in cases:
                 name, order = case["name"], list(recs[case["name"]])
                 for s in order[r % len(order):] + order[:r % len(order)]:     # each system opens some rounds
                     if s in died or r >= case["max_rounds"].get(s, runs):
                         continue
+                    rest = case["cool_down"] if last in SPINS_AFTER else min(SHORT_REST, case["cool_down"])
                     try:
-                        recs[name][s].append(timed_encode(workers[s], case, r, tmp))
+                        if r < 0:       # warm-up: the first process; spares (PyTorch's) had warm_up's short call
+                            rec = timed_encode(workers[s], case, True, tmp, rest)
+                        else:
+                            rec = timed_encode(workers[s].process(r), case, False, tmp, rest, reps.get((name, s), 1))
                     except (BrokenPipeError, RuntimeError) as exc:
                         died[s] = f"{type(exc).__name__}: {exc}"
                         workers.pop(s).close()
                         print(f"  {plan}/{name}: {s} died ({died[s]}); left out from here on", flush=True)
-                if "bgem3_lib" in order and "bgem3_lib" not in died:    # this round's roofline, beside its times
-                    roof[name].append(workers["bgem3_lib"].ask(op="matmul", numpy_only=True)["numpy_gflops"])
-                if r == 0:
+                        continue
+                    last = s
+                    if r >= 0:
+                        recs[name][s].append(rec)
+                    elif case["min_call_seconds"] > rec["seconds"] > 0:
+                        reps[(name, s)] = min(4, math.ceil(case["min_call_seconds"] / rec["seconds"]))
+                if r < 0:
                     dense[name] = {s: np.load(tmp / f"{name}-{s}.npy") for s in order if s not in died}
                     check_outputs(dense[name], f"{plan}/{name}")
+                elif "bgem3_lib" in order and "bgem3_lib" not in died:    # this round's roofline, beside its times
+                    roof[name].append(workers["bgem3_lib"].ask(op="matmul", numpy_only=True)["numpy_gflops"])
                 bar.update()
-            out = {c["name"]: case_result(c, recs[c["name"]], {s: why for s, why in died.items()
-                                                                 if s in recs[c["name"]]}, roof[c["name"]],
-                                          dense[c["name"]]) for c in cases}
-            done(out)
+            if r >= 0:
+                out = {c["name"]: case_result(c, recs[c["name"]], {s: why for s, why in died.items()
+                                                                     if s in recs[c["name"]]}, roof[c["name"]],
+                                              dense[c["name"]]) for c in cases}
+                done(out)
     for name, res in out.items():
         print(f"  {plan}/{name}: " + ", ".join(f"{s} {e['tokens_per_s']:.1f} tok/s"
                                                 for s, e in res["systems"].items()), flush=True)
     return out
 
 
-def timed_encode(worker: Worker, case: dict, r: int, tmp: Path) -> dict:
-    """Round ``r`` of ``case`` on one worker, after the cool-down; round 0 also saves its dense vectors."""
-    time.sleep(case["cool_down"])
-    extra = {"save_dense": str(tmp / f"{case['name']}-{worker.system}.npy")} if r == 0 else {}
+def timed_encode(worker: Worker, case: dict, save_dense: bool, tmp: Path, rest: float | None = None,
+                 repeat: int = 1) -> dict:
+    """One call of ``case`` on one worker after ``rest`` seconds (default: the case's cool-down), the input
+    encoded ``repeat`` times back to back (seconds: their mean); ``save_dense``: keep its dense vectors."""
+    time.sleep(case["cool_down"] if rest is None else rest)
+    extra = {"save_dense": str(tmp / f"{case['name']}-{worker.system}.npy")} if save_dense else {}
+    if repeat > 1:
+        extra["repeat"] = repeat
     return worker.ask(op="encode", **{k: case[k] for k in ("texts", "max_length", "batch_size")}, **extra)
 
 
@@ -192,7 +244,7 @@ def run_solo_case(systems, model_dir, case, runs, plan, tmp: Path) -> dict:
             warm_up({s: w}, case)
             recs[s] = []
             for r in tqdm(range(runs), desc=f"{plan}/{name} {s} (alone)", leave=False):
-                recs[s].append(timed_encode(w, case, r, tmp))
+                recs[s].append(timed_encode(w, case, r == 0, tmp))
                 if s == "bgem3_lib":
                     roof.append(w.ask(op="matmul", numpy_only=True)["numpy_gflops"])
         except (BrokenPipeError, RuntimeError) as exc:
@@ -224,6 +276,8 @@ def case_result(case, recs, died, roof, dense) -> dict:
         if "probe_seconds" in rs[0]:
             with_probe = float(np.median([r["seconds"] + r["probe_seconds"] for r in rs]))
             entry.update(seconds_with_probe=with_probe, tokens_per_s_with_probe=case["tokens"] / with_probe)
+        if any("seconds_reps" in r for r in rs):
+            entry["repeat"] = max(len(r.get("seconds_reps", [0])) for r in rs)
         if "kernels_used" in rs[0]:
             entry["cpu_kernels"] = rs[0]["kernels_used"]
         if "flagembedding" in dense and s != "flagembedding":
@@ -251,7 +305,8 @@ def warm_up(workers, case) -> None:
     path = Path(case["texts"]).with_name("warmup.json")
     path.write_text(json.dumps(texts))
     for w in workers.values():
-        w.ask(op="encode", texts=str(path), max_length=case["max_length"], batch_size=2)
+        for p in (w, *w.spares):
+            p.ask(op="encode", texts=str(path), max_length=case["max_length"], batch_size=2)
 
 
 def matmul_round(workers) -> dict:
@@ -267,11 +322,13 @@ def plan_for(quick: bool) -> dict:
     float32 engine (at 2k tokens two back-to-back quick runs disagreed by up to 31% on a ratio)."""
     if quick:
         return {"sizes": ["m3-small"], "mix": (40, 12, 3), "mix_max_length": 512, "cool_down": COOL_DOWN["quick"],
-                "max_rounds": QUICK_MAX_ROUNDS,
+                "max_rounds": QUICK_MAX_ROUNDS, "min_call_seconds": MIN_CALL_SECONDS["quick"],
+                "copies": COPIES,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192, "cool_down": COOL_DOWN["full"],
-            "max_rounds": {},
+            "max_rounds": {}, "min_call_seconds": MIN_CALL_SECONDS["full"],
+            "copies": COPIES,
             "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
                                                   "padded": True}, "mindnlp_sizes": ["m3-small"],
@@ -301,7 +358,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
     for c in cases:
-        c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"])
+        c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"], min_call_seconds=plan["min_call_seconds"])
     if only is not None:
         cases = [c for c in cases if f"{size}/{c['name']}" in only]
         if not cases:
@@ -316,7 +373,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
             save(entry)
         return entry
     print(f"[{size}] starting workers: {', '.join(order)}", flush=True)
-    workers = start_workers(order, model_dir, tmp)
+    workers = start_workers(order, model_dir, tmp, plan.get("copies"))
     if "speed" in parts and only is None:    # a partial re-run (--parts sort, --cases) starts fewer workers: old RSS
         entry["load_rss_mb"] = {s: w.ready["rss_mb"] for s, w in workers.items()}
     try:

@@ -177,6 +177,13 @@ def _sparse_lines(sp: dict) -> list[str]:
     return lines
 
 
+def _repeat_note(results: dict) -> str:
+    """Which (size/case, system) encoded their input more than once per round (short calls with --quick)."""
+    rep = [f"{NAMES[s].split(' (')[0]} on {size}/{name} x{e['repeat']}" for size, entry in results["sizes"].items()
+           for name, c in entry.get("cases", {}).items() for s, e in c["systems"].items() if e.get("repeat", 1) > 1]
+    return f"; calls that took under 0.6 s encoded their input back to back per round ({', '.join(rep)})" if rep else ""
+
+
 def write_markdown(results: dict, summary: dict, path: Path) -> None:
     m = results["meta"]
     runs = "; ".join(f"{p} {v['date']}, load average {v['load_avg_start'][0]:.1f} -> {v['load_avg_end'][0]:.1f}, "
@@ -189,7 +196,7 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"Machine: {m['cpus']} CPUs ({m.get('cpu_model') or m['machine']}), shared with other jobs, so only "
            f"ratios measured within one run mean anything. tokens/s: median of {m['runs']} interleaved rounds "
            "after a warm-up; ratios: median over rounds of the per-round time ratio (the two runs of a round "
-           f"follow each other, so load that changes between rounds cancels). Parts: {runs}."
+           f"follow each other, so load that changes between rounds cancels){_repeat_note(results)}. Parts: {runs}."
            + (f" NumPy's BLAS (bgem3_lib's float32 products run on it): {describe_blas(m['blas'])}." if "blas" in m
               else ""), "",
            f"**Worst case over every workload** (bgem3_lib float32 speedup over each peer; int8 over float32; "
