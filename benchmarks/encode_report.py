@@ -51,6 +51,28 @@ def paired_speedup(fast: dict, slow: dict) -> float:
     return fast["tokens_per_s"] / slow["tokens_per_s"]
 
 
+def paired_range(fast: dict, slow: dict) -> tuple[float, float] | None:
+    """The lowest and highest per-round ratio behind ``paired_speedup``: with n rounds that vary independently,
+    they bracket the population median of the ratio with probability 1 - 2 * 0.5**n (94% at 5 rounds), a
+    distribution-free interval. None without per-round times.
+
+    >>> paired_range({"seconds_runs": [1.0, 2.0, 1.0]}, {"seconds_runs": [2.0, 4.0, 3.0]})
+    (2.0, 3.0)
+    """
+    a, b = fast.get("seconds_runs"), slow.get("seconds_runs")
+    if not (a and b):
+        return None
+    n = min(len(a), len(b))
+    r = np.asarray(b[:n]) / np.asarray(a[:n])
+    return float(r.min()), float(r.max())
+
+
+def _ratio_cell(fast: dict, slow: dict) -> str:
+    """``"1.11x (0.93-1.67)"``: the paired speedup and, in brackets, its per-round range."""
+    rng = paired_range(fast, slow)
+    return f"{paired_speedup(fast, slow):.2f}x" + (f" ({rng[0]:.2f}-{rng[1]:.2f})" if rng else "")
+
+
 def roofline_pct(case: dict, roof: float) -> float:
     """bgem3_lib's useful GFLOP/s on ``case`` as % of the matmul roofline: the median over rounds of that round's
     GFLOP/s / that round's NumPy matmul GFLOP/s (``numpy_gflops_runs``), else of the medians (older results).
@@ -131,10 +153,9 @@ def _cases_table(entry: dict) -> list[str]:
                 text += f" ({sy[s]['tokens_per_s_with_probe']:.1f} incl. probe)"
             cells.append(text)
         ours = sy.get("bgem3_lib")
-        rel = [f"{paired_speedup(ours, sy[o]):.2f}x" if ours and o in sy else "n/a" for o in peers]
+        rel = [_ratio_cell(ours, sy[o]) if ours and o in sy else "n/a" for o in peers]
         if "bgem3_lib-int8" in systems:
-            rel.append(f"{paired_speedup(sy['bgem3_lib-int8'], ours):.2f}x" if ours and "bgem3_lib-int8" in sy
-                       else "n/a")
+            rel.append(_ratio_cell(sy["bgem3_lib-int8"], ours) if ours and "bgem3_lib-int8" in sy else "n/a")
         pct = roofline_pct(c, roof)
         desc = f"{name} ({c['texts']} texts, batch {c['batch_size']}, max_length {c['max_length']})"
         if c.get("alone"):
@@ -196,7 +217,9 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"Machine: {m['cpus']} CPUs ({m.get('cpu_model') or m['machine']}), shared with other jobs, so only "
            f"ratios measured within one run mean anything. tokens/s: median of {m['runs']} interleaved rounds "
            "after a warm-up; ratios: median over rounds of the per-round time ratio (the two runs of a round "
-           f"follow each other, so load that changes between rounds cancels){_repeat_note(results)}. Parts: {runs}."
+           f"follow each other, so load that changes between rounds cancels){_repeat_note(results)}; in brackets "
+           "beside a ratio: its lowest and highest round (with 5 rounds a 94% distribution-free interval for the "
+           f"median). Parts: {runs}."
            + (f" NumPy's BLAS (bgem3_lib's float32 products run on it): {describe_blas(m['blas'])}." if "blas" in m
               else ""), "",
            f"**Worst case over every workload** (bgem3_lib float32 speedup over each peer; int8 over float32; "
@@ -207,7 +230,7 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            "extra forward of its longest batch that its `encode` runs to probe the batch size (shown in brackets "
            "with it). MindNLP, 4-15x slower than the others, runs the real mix only, to bound the run time"
            f"{' (with --quick, its first 3 rounds only, paired with ours)' if m['quick'] else ''}. Every "
-           "float32 engine's dense output was checked against FlagEmbedding's (<= 1e-4) on the first round, before "
+           "float32 engine's dense output was checked against FlagEmbedding's (<= 1e-4) on the warm-up round, before "
            "its timings counted.", ""]
     for size, entry in results["sizes"].items():
         cfg = entry["config"]
