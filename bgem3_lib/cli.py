@@ -77,7 +77,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from .evaluation.runner import TASKS
     parser = argparse.ArgumentParser(prog="python -m bgem3_lib", description="BGE-M3 on MindSpore")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,encode,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{eval,encode,train,info}")
 
     ev = sub.add_parser("eval", help="retrieval evaluation -> results.csv / results.json")
     ev.add_argument("--task", required=True, choices=TASKS)
@@ -131,7 +131,21 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="top encoder layers to train (0: heads only, dense stays the base's)")
     tr.add_argument("--passage-tokens", type=_positive, default=None, help="training passage token budget")
     tr.add_argument("--fresh", action="store_true", help="ignore (delete) an earlier run's checkpoint")
+    sub.add_parser("info", help="the BLAS under the CPU kernels, its running kernel, and whether it is narrower "
+                                "than this CPU (e.g. pinned by OPENBLAS_CORETYPE)")
     return parser
+
+
+def _cmd_info(args) -> int:
+    """Print what the CPU kernels' float32 products run on (``kernels.blas_check.blas_report``)."""
+    from .kernels.blas_check import blas_report
+    rep = blas_report()
+    print(f"BLAS: {rep['lib'] or 'none found (the model runs plain MindSpore ops)'}")
+    print(f"OpenBLAS kernel: {rep['core'] or 'unknown'}"
+          + (f" (OPENBLAS_CORETYPE={rep['pinned']})" if rep["pinned"] else ""))
+    if rep["note"]:
+        print(f"note: {rep['note']}")
+    return 0
 
 
 def input_lines(path: Path) -> list[str]:
@@ -279,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
     try:
-        return {"eval": _cmd_eval, "encode": _cmd_encode, "train": _cmd_train}[args.command](args)
+        return {"eval": _cmd_eval, "encode": _cmd_encode, "train": _cmd_train, "info": _cmd_info}[args.command](args)
     except (ValueError, FileNotFoundError, TypeError, TimeoutError, LockedError, MilvusIndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
