@@ -202,7 +202,7 @@ def _repeat_note(results: dict) -> str:
     """Which (size/case, system) encoded their input more than once per round (short calls with --quick)."""
     rep = [f"{NAMES[s].split(' (')[0]} on {size}/{name} x{e['repeat']}" for size, entry in results["sizes"].items()
            for name, c in entry.get("cases", {}).items() for s, e in c["systems"].items() if e.get("repeat", 1) > 1]
-    return f"; calls that took under 0.6 s encoded their input back to back per round ({', '.join(rep)})" if rep else ""
+    return f"; short calls encoded their input back to back per round ({', '.join(rep)})" if rep else ""
 
 
 def write_markdown(results: dict, summary: dict, path: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from pathlib import Path
 
 # OpenBLAS core names (``openblas_get_corename``, lower case) by the vector width of their float32 kernels.
 CORE_BITS = {**{c: 512 for c in ("skylakex", "cooperlake", "sapphirerapids")},
@@ -49,19 +48,11 @@ def narrow_kernel_note(core: str | None, flags: str, pinned: str | None) -> str 
             "CPUs; `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` runs one command without it.")
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((ln.split(":", 1)[1] for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                     if ln.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
 def blas_report() -> dict:
     """``{"lib", "core", "pinned", "note"}`` for the BLAS the CPU kernels would load (``cpu.find_blas``): its
     path, OpenBLAS's running core (None for MKL or when unknown), ``OPENBLAS_CORETYPE`` and
     :func:`narrow_kernel_note`'s note."""
-    from .cpu import find_blas
+    from .cpu import _cpu_signature, find_blas
     blas, core = find_blas(), None
     if blas is not None and "openblas_set_num_threads" in blas["set_threads"]:
         fn = getattr(ctypes.CDLL(blas["lib"]), blas["set_threads"].replace("set_num_threads", "get_corename"), None)
@@ -70,4 +61,4 @@ def blas_report() -> dict:
             core = fn().decode().strip() or None
     pinned = os.environ.get("OPENBLAS_CORETYPE") or None
     return {"lib": blas["lib"] if blas else None, "core": core, "pinned": pinned,
-            "note": narrow_kernel_note(core, _cpu_flags(), pinned)}
+            "note": narrow_kernel_note(core, _cpu_signature(), pinned)}
