@@ -5,10 +5,12 @@ Why: on CPU, MindSpore 2.7's own kernels are several times slower than PyTorch's
 ``benchmarks/encode.py`` re-measures the matmul), and NumPy's OpenBLAS matmul is the fastest here.
 These kernels run one transformer sub-layer per call on *packed* tokens ``x [T, H]`` (padding
 removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), compute the linear layers on AMX tiles at
-float32 accuracy where the CPU has AMX-BF16 (``gemm_bf16x3.h``, ``set_bf16x3``) and with NumPy's OpenBLAS
-elsewhere, run attention in an AVX-512 register-tiled kernel where the CPU has it and the head size is a
-multiple of 16 (OpenBLAS otherwise, or with ``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU, softmax,
-residual and layer norm into single passes.
+float32 accuracy where the CPU has AMX-BF16 (``gemm_bf16x3.h``, ``set_bf16x3``), in the package's own AVX-512
+float32 kernel elsewhere with AVX-512 (``gemm_f32.h``, ``set_f32gemm``: it does not depend on the kernel OpenBLAS
+picks, which ``OPENBLAS_CORETYPE=Haswell`` holds at AVX2 on some machines) and with NumPy's OpenBLAS on the
+rest (and for calls under 64 rows), run attention in an AVX-512 register-tiled kernel where the CPU has it and
+the head size is a multiple of 16 (OpenBLAS otherwise, or with ``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU,
+softmax, residual and layer norm into single passes.
 
 The C++ source is compiled with ``g++`` on first use into ``cache_dir()/kernels`` (keyed by a hash
 of source, compiler flags, BLAS and CPU), so nothing binary lives in the repository. Inference
@@ -174,6 +176,19 @@ def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
 def uses_bf16x3() -> bool:
     """True when the linear layers' products run on AMX as bfloat16 triples (see ``set_bf16x3``)."""
     return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", -1, None)
+
+
+def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
+    """Compute the linear layers' float32 products with the package's own AVX-512 kernel (``on``, the default;
+    ``gemm_f32.h``: weights packed once per call, 12 x 32 register blocks), or on the BLAS, for calls of at least
+    ``min_rows`` token rows (default 64) that AMX does not take; returns True when such calls now run there
+    (this build has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``)."""
+    return available() and bf16x3_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
+
+
+def uses_f32gemm() -> bool:
+    """True when the linear layers' products that AMX does not take run on the AVX-512 kernel (``set_f32gemm``)."""
+    return available() and bf16x3_switch(_state["lib"], "m3_f32gemm", -1, None)
 
 
 def product(x: np.ndarray, w: np.ndarray, layout: str = "nk", add_to: np.ndarray | None = None) -> np.ndarray:

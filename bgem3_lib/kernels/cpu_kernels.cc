@@ -5,7 +5,8 @@
 // sequence on exactly its own tokens, so no FLOP is spent on padding and no mask is needed.
 //
 // The linear layers' products run on AMX tiles as bfloat16 triples where the CPU has AMX-BF16 (gemm_bf16x3.h:
-// float32 accuracy), else on the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
+// float32 accuracy), else on AVX-512 registers (gemm_f32.h) where the CPU has AVX-512, else (and for calls of few
+// rows) on the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
 // (attention: kernels_common.h's tile kernel, or OpenBLAS where it does not apply); the
 // library path, symbol names and integer width are fixed at compile time by cpu_kernels.py:
 //   BGEM3_BLAS_LIB, BGEM3_SGEMM, BGEM3_SET_THREADS, BGEM3_GET_THREADS, BGEM3_BLAS_INT.
@@ -27,6 +28,9 @@ int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 // ask (-1), for calls of at least min_rows rows (>= 1; else unchanged); returns 1 if they run there (compiled in,
 // granted, switched on).
 int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
+
+// The same for the products on AVX-512 registers (gemm_f32.h; where AMX does not take them).
+int m3_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
 
 }  // extern "C"
 

@@ -22,6 +22,7 @@
 #define BGEM3_GEMM_BF16X3_H_
 
 #include "bf16x3_split.h"
+#include "gemm_f32.h"
 
 #include <atomic>
 #include <initializer_list>
@@ -192,7 +193,8 @@ inline int bf16x3_switch(int on, int64_t min_rows) {
 }
 
 // The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where
-// bf16x3_on(rows), with each W_j split and packed once per call and shared by the workers; else the BLAS.
+// bf16x3_on(rows), else on AVX-512 registers, where f32gemm_on(rows) (gemm_f32.h), with each W_j packed once per
+// call and shared by the workers; else the BLAS.
 class Products {
  public:
   struct Weight {   // y = x @ W^T for W stored [n, k] (nk, the default), y = x @ W for W stored [k, n]
@@ -200,29 +202,42 @@ class Products {
     int64_t n, k;
     bool nk = true;
   };
-  Products(int64_t rows, std::initializer_list<Weight> weights) : w_(weights), amx_(bf16x3_on(rows)) {
-    if (!amx_) return;
-    packed_.resize(w_.size());
-    for (size_t j = 0; j < w_.size(); ++j) {
-      packed_[j].allocate(w_[j].n, w_[j].k);
-      kmax_ = std::max(kmax_, w_[j].k);
+  Products(int64_t rows, std::initializer_list<Weight> weights)
+      : w_(weights), amx_(bf16x3_on(rows)), f32_(!amx_ && f32gemm_on(rows)) {
+    for (const Weight &w : w_) kmax_ = std::max(kmax_, w.k);
+    if (amx_) {
+      packed_.resize(w_.size());
+      for (size_t j = 0; j < w_.size(); ++j) packed_[j].allocate(w_[j].n, w_[j].k);
+    } else if (f32_) {
+      panels_.resize(w_.size());
+      int64_t total = 0;
+      for (const Weight &w : w_) total += f32_packed_size(w.n, w.k);
+      float *buffer = f32_arena(total);
+      for (size_t j = 0; j < w_.size(); ++j) {
+        panels_[j].allocate(w_[j].n, w_[j].k, buffer);
+        buffer += f32_packed_size(w_[j].n, w_[j].k);
+      }
     }
   }
   // Every thread of the parallel region calls it (the packing is shared; it ends with a barrier). only >= 0:
   // pack just that weight (one whose values are written inside the region, once they are).
   void pack(int only = -1) {
-    if (!amx_) return;
+    if (!amx_ && !f32_) return;
     for (size_t j = 0; j < w_.size(); ++j) {
       if (only >= 0 && (size_t)only != j) continue;
-      if (w_[j].nk)
-        packed_[j].pack(w_[j].w, w_[j].k);
-      else
-        packed_[j].pack_kn(w_[j].w, w_[j].n);
+      const int64_t ld = w_[j].nk ? w_[j].k : w_[j].n;
+      if (amx_ && w_[j].nk) packed_[j].pack(w_[j].w, ld);
+      if (amx_ && !w_[j].nk) packed_[j].pack_kn(w_[j].w, ld);
+      if (f32_ && w_[j].nk) panels_[j].pack(w_[j].w, ld);
+      if (f32_ && !w_[j].nk) panels_[j].pack_kn(w_[j].w, ld);
     }
 #pragma omp barrier
   }
-  // A worker's scratch for run().
-  AlignedArray<uint16_t> scratch() const { return amx_ ? aligned_array<uint16_t>(bf16x3_scratch(kmax_)) : nullptr; }
+  // A worker's scratch for run() (uint16s; the AVX-512 path reads it as floats).
+  AlignedArray<uint16_t> scratch() const {
+    if (amx_) return aligned_array<uint16_t>(bf16x3_scratch(kmax_));
+    return f32_ ? aligned_array<uint16_t>(2 * f32_scratch(kmax_)) : nullptr;
+  }
   // What every thread of the region does first: pack (all weights, or just `only`), then take its scratch.
   AlignedArray<uint16_t> start(int only = -1) {
     pack(only);
@@ -232,15 +247,17 @@ class Products {
   void run(size_t j, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy, uint16_t *scratch,
            bool accumulate = false) const {
     if (amx_) return gemm_bf16x3(x, ldx, m, packed_[j], y, ldy, scratch, accumulate);
+    if (f32_) return gemm_f32(x, ldx, m, panels_[j], y, ldy, reinterpret_cast<float *>(scratch), accumulate);
     const Weight &w = w_[j];
     gemm(w.nk, m, w.n, w.k, 1.0f, x, ldx, w.w, w.nk ? w.k : w.n, accumulate ? 1.0f : 0.0f, y, ldy);
   }
 
  private:
   std::vector<Weight> w_;
-  bool amx_;
+  bool amx_, f32_;
   int64_t kmax_ = 0;
   std::vector<Bf16x3Weight> packed_;
+  std::vector<F32Weight> panels_;
 };
 
 }  // namespace

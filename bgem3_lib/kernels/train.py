@@ -75,6 +75,12 @@ def uses_bf16x3() -> bool:
     return available() and cpu.bf16x3_switch(_state["lib"], "m3t_bf16x3", -1, None)
 
 
+def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
+    """The training kernels' token-by-weight products on the package's AVX-512 kernel (``on``, the default) or
+    on the BLAS, where AMX does not take them, like ``cpu.set_f32gemm``; returns True when they now run there."""
+    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_f32gemm", int(bool(on)), min_rows)
+
+
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:
     """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` outputs (float32 unless ``dtypes`` lists them),
     made once per ``key`` (``cpu.custom_op``)."""

@@ -589,6 +589,8 @@ int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 // The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h), switched as m3_bf16x3 does for
 // inference; the weight gradients stay on the BLAS.
 int m3t_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
+// The same for the products on AVX-512 registers (gemm_f32.h).
+int m3t_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
 
 // The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
 // (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.

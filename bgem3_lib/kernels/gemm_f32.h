@@ -1,0 +1,230 @@
+// Float32 products on AVX-512 registers: y [m, n] = x [m, k] @ W^T (W [n, k]), for the float32 path's linear
+// layers on CPUs with AVX-512 and without AMX (with AMX: gemm_bf16x3.h). The same FMA summation as a BLAS sgemm,
+// but independent of which kernel the BLAS picked at load time: NumPy's OpenBLAS runs its AVX2 (Haswell) kernel
+// where OPENBLAS_CORETYPE=Haswell pins it (older OpenBLAS builds misdetect some new CPUs), at about half an
+// AVX-512 core's rate; and OpenBLAS's per-worker sgemm calls each pack the whole weight again.
+//
+// Layouts: W packed once per call and shared by the workers, in panels of 32 columns, k-major:
+//   packed W [n / 32 rounded up][k][32] (columns past n zero);
+//   packed x, one chunk of kF32ChunkRows rows x kF32BlockK k at a time: [row groups of kF32Rows][k][kF32Rows].
+// Register blocking: 12 rows x 32 columns of y in 24 zmm accumulators; per k, two loads of W's panel and twelve
+// broadcasts of x, for 24 FMAs. Cache blocking: a panel's kF32BlockK x 32 slice (32 KiB) stays in L1 while the
+// chunk's row groups (kF32ChunkRows x kF32BlockK, 144 KiB, in L2) pass it.
+//
+// Worked example: m = 30 rows, n = 40, k = 300 -> 2 panels (32 + 8 columns, the second masked), k blocks 256 + 44,
+// 3 row groups (12 + 12 + 6 rows, the last one's stores masked to 6 rows).
+#ifndef BGEM3_GEMM_F32_H_
+#define BGEM3_GEMM_F32_H_
+
+#include <atomic>
+
+namespace {
+
+#if defined(__AVX512F__)
+#ifndef BGEM3_F32_NP
+#define BGEM3_F32_NP 32
+#endif
+#ifndef BGEM3_F32_KC
+#define BGEM3_F32_KC 256
+#define BGEM3_F32_MC 144
+#endif
+const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
+const int64_t kF32Cols = 32, kF32BlockK = BGEM3_F32_KC, kF32ChunkRows = BGEM3_F32_MC, kF32BlockPanels = BGEM3_F32_NP;
+
+// r[j] lane q <- r[q] lane j: a 16 x 16 float transpose in registers (32-, 64- then 128-bit interleaves).
+inline void transpose16(__m512 r[16]) {
+  __m512 t[16], u[16];
+  for (int j = 0; j < 16; j += 2) {
+    t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);       // r[j][0] r[j+1][0] r[j][1] r[j+1][1] per 128-bit lane
+    t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
+  }
+  for (int j = 0; j < 16; j += 4) {
+    for (int h = 0; h < 2; ++h) {
+      u[j + h] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[j + h]), _mm512_castps_pd(t[j + 2 + h])));
+      u[j + 2 + h] =
+          _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[j + h]), _mm512_castps_pd(t[j + 2 + h])));
+    }
+  }
+  for (int g = 0; g < 16; g += 8)
+    for (int c = 0; c < 4; ++c) {
+      t[g + c] = _mm512_shuffle_f32x4(u[g + c], u[g + 4 + c], 0x88);       // lanes 0, 2 of each
+      t[g + 4 + c] = _mm512_shuffle_f32x4(u[g + c], u[g + 4 + c], 0xdd);   // lanes 1, 3 of each
+    }
+  for (int c = 0; c < 8; ++c) {
+    u[c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88);
+    u[8 + c] = _mm512_shuffle_f32x4(t[c], t[8 + c], 0xdd);
+  }
+  // After the four interleaves u[i] holds column order[i] (found by tests/kernels/test_gemm_f32.py's check).
+  static const int order[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+  for (int i = 0; i < 16; ++i) r[order[i]] = u[i];
+}
+
+// Floats of packed W [n, k].
+inline int64_t f32_packed_size(int64_t n, int64_t k) { return (n + kF32Cols - 1) / kF32Cols * kF32Cols * k; }
+
+// A buffer of at least `floats` floats, kept by the calling thread and reused by its later calls: a fresh
+// allocation of this size is mmap'ed, and its first-touch page faults cost about as much as the packing itself.
+inline float *f32_arena(int64_t floats) {
+  thread_local AlignedArray<float> arena;
+  thread_local int64_t capacity = 0;
+  if (floats > capacity) {
+    arena = aligned_array<float>(floats);
+    capacity = floats;
+  }
+  return arena.get();
+}
+
+struct F32Weight {
+  int64_t n = 0, k = 0, panels = 0;
+  float *t = nullptr;   // f32_packed_size(n, k) floats, 64-byte aligned, owned by the caller
+
+  // Size for W [n, k] into `buffer`; call from one thread, before pack().
+  void allocate(int64_t rows, int64_t cols, float *buffer) {
+    n = rows, k = cols, panels = (n + kF32Cols - 1) / kF32Cols;
+    t = buffer;
+  }
+
+  // Pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and shares
+  // the panels. No barrier at the end: the caller adds one before any product reads them.
+  void pack(const float *w, int64_t ldw) {
+    const int64_t kb = (k + 15) / 16;
+#pragma omp for schedule(dynamic, 8) nowait
+    for (int64_t i = 0; i < panels * kb * 2; ++i) {   // 16 columns x 16 k per step, transposed in registers
+      const int64_t p = i / (2 * kb), k0 = (i / 2 % kb) * 16, c0 = p * kF32Cols + (i % 2) * 16;
+      const int64_t cols = std::max<int64_t>(0, std::min<int64_t>(16, n - c0)), depth = std::min<int64_t>(16, k - k0);
+      __m512 r[16];
+      const __mmask16 lanes = lanes_below(depth);
+      for (int j = 0; j < 16; ++j)
+        r[j] = j < cols ? _mm512_maskz_loadu_ps(lanes, w + (c0 + j) * ldw + k0) : _mm512_setzero_ps();
+      transpose16(r);
+      float *out = t + (p * k + k0) * kF32Cols + (i % 2) * 16;
+      for (int q = 0; q < depth; ++q) _mm512_store_ps(out + q * kF32Cols, r[q]);
+    }
+  }
+
+  // The same for W stored [k, n] (row stride ldw; y = x @ W).
+  void pack_kn(const float *w, int64_t ldw) {
+#pragma omp for schedule(dynamic, 8) nowait
+    for (int64_t p = 0; p < panels; ++p) {
+      const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, n - c0);
+      float *out = t + p * k * kF32Cols;
+      for (int64_t q = 0; q < k; ++q) {
+        std::memcpy(out + q * kF32Cols, w + q * ldw + c0, cols * sizeof(float));
+        for (int64_t j = cols; j < kF32Cols; ++j) out[q * kF32Cols + j] = 0.0f;
+      }
+    }
+  }
+};
+
+// Float scratch per worker for gemm_f32 with k columns.
+inline int64_t f32_scratch(int64_t k) { return kF32ChunkRows * std::min(k, kF32BlockK); }
+
+// y [rows <= 12, 32 columns masked by m0 | m1] (row stride ldy) = (or +=, load) a [kc][12] @ b [kc][32].
+inline void f32_block(const float *a, const float *b, int64_t kc, float *y, int64_t ldy, int64_t rows,
+                      __mmask16 m0, __mmask16 m1, bool load) {
+  __m512 c0[kF32Rows], c1[kF32Rows];
+#pragma GCC unroll 12
+  for (int r = 0; r < kF32Rows; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  for (int64_t q = 0; q < kc; ++q) {
+    const __m512 b0 = _mm512_load_ps(b + q * kF32Cols), b1 = _mm512_load_ps(b + q * kF32Cols + 16);
+    const float *aq = a + q * kF32Rows;
+#pragma GCC unroll 12
+    for (int r = 0; r < kF32Rows; ++r) {
+      const __m512 ar = _mm512_set1_ps(aq[r]);
+      c0[r] = _mm512_fmadd_ps(ar, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(ar, b1, c1[r]);
+    }
+  }
+#pragma GCC unroll 12
+  for (int r = 0; r < kF32Rows; ++r) {
+    if (r < rows && load) {
+      c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, y + r * ldy));
+      c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, y + r * ldy + 16));
+    }
+    if (r < rows) {
+      _mm512_mask_storeu_ps(y + r * ldy, m0, c0[r]);
+      _mm512_mask_storeu_ps(y + r * ldy + 16, m1, c1[r]);
+    }
+  }
+}
+
+// a [groups][kc][12] <- x [rows, kc] (row stride ldx), rows past `rows` zero.
+inline void pack_row_groups(const float *x, int64_t ldx, int64_t rows, int64_t kc, float *a) {
+  const int64_t groups = (rows + kF32Rows - 1) / kF32Rows;
+  for (int64_t g = 0; g < groups; ++g) {
+    float *ag = a + g * kc * kF32Rows;
+    for (int r = 0; r < kF32Rows; ++r) {
+      const int64_t i = g * kF32Rows + r;
+      if (i < rows) {
+        const float *xr = x + i * ldx;
+        for (int64_t q = 0; q < kc; ++q) ag[q * kF32Rows + r] = xr[q];
+      } else {
+        for (int64_t q = 0; q < kc; ++q) ag[q * kF32Rows + r] = 0.0f;
+      }
+    }
+  }
+}
+
+// y [m, n] (row stride ldy) = (or +=, accumulate) x [m, k] (row stride ldx) @ W^T, W packed; a: f32_scratch(k)
+// floats. One worker's share: call from inside a parallel region after W is packed, or from one thread.
+void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float *y, int64_t ldy, float *a,
+              bool accumulate = false) {
+  for (int64_t p0 = 0; p0 < w.panels; p0 += kF32BlockPanels)
+  for (int64_t r0 = 0; r0 < m; r0 += kF32ChunkRows) {
+    const int64_t mr = std::min(kF32ChunkRows, m - r0), groups = (mr + kF32Rows - 1) / kF32Rows;
+    for (int64_t k0 = 0; k0 < w.k; k0 += kF32BlockK) {
+      const int64_t kc = std::min(kF32BlockK, w.k - k0);
+      pack_row_groups(x + r0 * ldx + k0, ldx, mr, kc, a);
+      for (int64_t p = p0; p < std::min(w.panels, p0 + kF32BlockPanels); ++p) {
+        const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, w.n - c0);
+        const __mmask16 m0 = lanes_below(cols), m1 = lanes_below(cols - 16 > 0 ? cols - 16 : 0);
+        const float *b = w.t + (p * w.k + k0) * kF32Cols;
+        for (int64_t g = 0; g < groups; ++g)
+          f32_block(a + g * kc * kF32Rows, b, kc, y + (r0 + g * kF32Rows) * ldy + c0, ldy,
+                    std::min<int64_t>(kF32Rows, mr - g * kF32Rows), m0, m1, k0 > 0 || accumulate);
+      }
+    }
+  }
+}
+#else
+inline int64_t f32_packed_size(int64_t, int64_t) { return 0; }
+inline float *f32_arena(int64_t) { return nullptr; }
+struct F32Weight {   // without AVX-512 nothing is packed and the BLAS computes every product
+  void allocate(int64_t, int64_t, float *) {}
+  void pack(const float *, int64_t) {}
+  void pack_kn(const float *, int64_t) {}
+};
+inline int64_t f32_scratch(int64_t) { return 0; }
+inline void gemm_f32(const float *, int64_t, int64_t, const F32Weight &, float *, int64_t, float *, bool = false) {}
+#endif  // __AVX512F__
+
+// Switched on (1, the default; BGEM3_F32GEMM=0 in the environment: off) or off (0: the BLAS) by m3_f32gemm /
+// m3t_f32gemm (tests and benchmarks).
+std::atomic<int> f32gemm_wanted{[] {
+  const char *e = std::getenv("BGEM3_F32GEMM");
+  return e && e[0] == '0' ? 0 : 1;
+}()};
+// Below this many rows per call the BLAS computes (W is packed once per call). Settable so that tests can move
+// the edge.
+std::atomic<int64_t> f32gemm_min_rows{64};
+
+inline bool f32gemm_on(int64_t rows) {
+#if defined(__AVX512F__)
+  return f32gemm_wanted.load(std::memory_order_relaxed) && rows >= f32gemm_min_rows.load(std::memory_order_relaxed);
+#else
+  (void)rows;
+  return false;
+#endif
+}
+
+// The switch behind m3_f32gemm / m3t_f32gemm: on (1) or off (0) or unchanged (-1), the row threshold set when
+// min_rows >= 1; returns 1 if calls at the threshold now run here.
+inline int f32gemm_switch(int on, int64_t min_rows) {
+  if (on >= 0) f32gemm_wanted.store(on ? 1 : 0);
+  if (min_rows >= 1) f32gemm_min_rows.store(min_rows);
+  return f32gemm_on(f32gemm_min_rows.load()) ? 1 : 0;
+}
+
+}  // namespace
+
+#endif  // BGEM3_GEMM_F32_H_
