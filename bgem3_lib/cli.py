@@ -145,6 +145,16 @@ def _cmd_info(args) -> int:
           + (f" (OPENBLAS_CORETYPE={rep['pinned']})" if rep["pinned"] else ""))
     if rep["note"]:
         print(f"note: {rep['note']}")
+    from .kernels import cpu
+    if not cpu.available():
+        where = "plain MindSpore ops (the CPU kernels are unavailable)"
+    elif cpu.uses_bf16x3():
+        where = "AMX tiles as bfloat16 triples (gemm_bf16x3.h)"
+    elif cpu.uses_f32gemm():
+        where = "this package's AVX-512 float32 kernel (gemm_f32.h; BGEM3_F32GEMM=0: the BLAS)"
+    else:
+        where = "the BLAS (BGEM3_F32GEMM=1: this package's AVX-512 kernel, where the CPU has AVX-512)"
+    print(f"linear layers' float32 products (64 rows or more): {where}")
     return 0
 
 

@@ -43,8 +43,9 @@ def narrow_kernel_note(core: str | None, flags: str, pinned: str | None) -> str 
         return None
     why = f", as OPENBLAS_CORETYPE={pinned} asks" if pinned else ""
     return (f"OpenBLAS runs its {core} kernel ({bits}-bit vectors) on a CPU with {cpu}-bit "
-            f"{'AVX-512' if cpu == 512 else 'AVX'}{why}: the kernels' float32 products run below this CPU's speed "
-            "(about half on an AMD EPYC Zen 5). Machines set the variable to keep old OpenBLAS builds off new "
+            f"{'AVX-512' if cpu == 512 else 'AVX'}{why}: products left to it run below this CPU's speed "
+            "(about half on an AMD EPYC Zen 5), so the kernels' linear layers use this package's own AVX-512 "
+            "kernel where the CPU has one. Machines set the variable to keep old OpenBLAS builds off new "
             "CPUs; `env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE` runs one command without it.")
 
 

@@ -149,10 +149,32 @@ def available() -> bool:
     if "lib" not in _state:
         try:
             _state["lib"] = build_library()
+            choose_f32gemm(_state["lib"])
         except (RuntimeError, OSError) as exc:
             warnings.warn(f"fast CPU kernels unavailable, using plain MindSpore ops: {exc}", stacklevel=2)
             _state["lib"] = None
     return _state["lib"] is not None
+
+
+def f32gemm_by_default() -> bool:
+    """Whether the float32 products go to the package's AVX-512 kernel (``gemm_f32.h``) rather than the BLAS when
+    nobody chose (``BGEM3_F32GEMM`` unset): where the BLAS runs vectors narrower than the CPU's
+    (``blas_check.narrow_kernel_note``), e.g. OpenBLAS pinned to Haswell on an AVX-512 CPU. There the kernel
+    measured 1.4-1.9x the BLAS on the encoder's shapes (AMD EPYC Zen 5); with OpenBLAS's own AVX-512 kernel the
+    BLAS is 0.9-1.1x it at 1024 rows, so the BLAS keeps those."""
+    from .blas_check import blas_report
+    return blas_report()["note"] is not None
+
+
+def choose_f32gemm(lib: Path) -> None:
+    """Set the AVX-512 float32 kernel's switch in a freshly built library (``m3_f32gemm`` or ``m3t_f32gemm``):
+    ``BGEM3_F32GEMM=0`` / ``=1`` force it off / on, unset leaves it to :func:`f32gemm_by_default`."""
+    handle = ctypes.CDLL(str(lib))
+    for name in ("m3_f32gemm", "m3t_f32gemm"):
+        if hasattr(handle, name):
+            choice = os.environ.get("BGEM3_F32GEMM")
+            on = choice != "0" if choice is not None else f32gemm_by_default()
+            bf16x3_switch(lib, name, int(on), None)
 
 
 def bf16x3_switch(lib: Path | None, function: str, on: int, min_rows: int | None) -> bool:
@@ -182,7 +204,8 @@ def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
     """Compute the linear layers' float32 products with the package's own AVX-512 kernel (``on``, the default;
     ``gemm_f32.h``: weights packed once per call, 12 x 32 register blocks), or on the BLAS, for calls of at least
     ``min_rows`` token rows (default 64) that AMX does not take; returns True when such calls now run there
-    (this build has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``)."""
+    (this build has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``); the default
+    when the library loads is :func:`choose_f32gemm`'s."""
     return available() and bf16x3_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
 
 
@@ -229,6 +252,7 @@ def library_built(state: dict, source: Path, what: str) -> bool:
     if "lib" not in state:
         try:
             state["lib"] = build_library(source)
+            choose_f32gemm(state["lib"])
         except (RuntimeError, OSError) as exc:
             warnings.warn(f"{what} unavailable: {exc}", stacklevel=3)
             state["lib"] = None

@@ -5,7 +5,8 @@
 // AVX-512 core's rate; and OpenBLAS's per-worker sgemm calls each pack the whole weight again.
 //
 // Layouts: W packed once per call and shared by the workers, in panels of 32 columns, k-major:
-//   packed W [n / 32 rounded up][k][32] (columns past n zero);
+//   packed W [k / kF32BlockK rounded up][n / 32 rounded up][kF32BlockK (fewer in the last block)][32] (columns
+//   past n zero; F32Weight::at);
 //   packed x, one chunk of kF32ChunkRows rows x kF32BlockK k at a time: [row groups of kF32Rows][k][kF32Rows].
 // Register blocking: 12 rows x 32 columns of y in 24 zmm accumulators; per k, two loads of W's panel and twelve
 // broadcasts of x, for 24 FMAs. Cache blocking: a panel's kF32BlockK x 32 slice (32 KiB) stays in L1 while the
@@ -29,6 +30,7 @@ namespace {
 #define BGEM3_F32_MC 144
 #endif
 const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
+static_assert(BGEM3_F32_KC % 16 == 0, "the packing transposes 16 k at a time within one k block");
 const int64_t kF32Cols = 32, kF32BlockK = BGEM3_F32_KC, kF32ChunkRows = BGEM3_F32_MC, kF32BlockPanels = BGEM3_F32_NP;
 
 // r[j] lane q <- r[q] lane j: a 16 x 16 float transpose in registers (32-, 64- then 128-bit interleaves).
@@ -78,6 +80,13 @@ struct F32Weight {
   int64_t n = 0, k = 0, panels = 0;
   float *t = nullptr;   // f32_packed_size(n, k) floats, 64-byte aligned, owned by the caller
 
+  // Row q (of k) of panel p: the panels of one kF32BlockK block of k lie one after another, [k blocks][panels]
+  // [rows of the block][32], so the product's pass over the panels of a block reads memory in order.
+  float *at(int64_t p, int64_t q) const {
+    const int64_t k0 = q / kF32BlockK * kF32BlockK, kc = std::min(kF32BlockK, k - k0);
+    return t + k0 * panels * kF32Cols + (p * kc + q - k0) * kF32Cols;
+  }
+
   // Size for W [n, k] into `buffer`; call from one thread, before pack().
   void allocate(int64_t rows, int64_t cols, float *buffer) {
     n = rows, k = cols, panels = (n + kF32Cols - 1) / kF32Cols;
@@ -97,7 +106,7 @@ struct F32Weight {
       for (int j = 0; j < 16; ++j)
         r[j] = j < cols ? _mm512_maskz_loadu_ps(lanes, w + (c0 + j) * ldw + k0) : _mm512_setzero_ps();
       transpose16(r);
-      float *out = t + (p * k + k0) * kF32Cols + (i % 2) * 16;
+      float *out = at(p, k0) + (i % 2) * 16;   // 16 rows in one k block: kF32BlockK % 16 == 0
       for (int q = 0; q < depth; ++q) _mm512_store_ps(out + q * kF32Cols, r[q]);
     }
   }
@@ -107,10 +116,10 @@ struct F32Weight {
 #pragma omp for schedule(dynamic, 8) nowait
     for (int64_t p = 0; p < panels; ++p) {
       const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, n - c0);
-      float *out = t + p * k * kF32Cols;
       for (int64_t q = 0; q < k; ++q) {
-        std::memcpy(out + q * kF32Cols, w + q * ldw + c0, cols * sizeof(float));
-        for (int64_t j = cols; j < kF32Cols; ++j) out[q * kF32Cols + j] = 0.0f;
+        float *out = at(p, q);
+        std::memcpy(out, w + q * ldw + c0, cols * sizeof(float));
+        for (int64_t j = cols; j < kF32Cols; ++j) out[j] = 0.0f;
       }
     }
   }
@@ -148,19 +157,21 @@ inline void f32_block(const float *a, const float *b, int64_t kc, float *y, int6
   }
 }
 
-// a [groups][kc][12] <- x [rows, kc] (row stride ldx), rows past `rows` zero.
+// a [groups][kc][12] <- x [rows, kc] (row stride ldx), rows past `rows` zero; 16 k of 12 rows at a time, transposed
+// in registers (4 rows of the 16 zero and not stored).
 inline void pack_row_groups(const float *x, int64_t ldx, int64_t rows, int64_t kc, float *a) {
   const int64_t groups = (rows + kF32Rows - 1) / kF32Rows;
   for (int64_t g = 0; g < groups; ++g) {
     float *ag = a + g * kc * kF32Rows;
-    for (int r = 0; r < kF32Rows; ++r) {
-      const int64_t i = g * kF32Rows + r;
-      if (i < rows) {
-        const float *xr = x + i * ldx;
-        for (int64_t q = 0; q < kc; ++q) ag[q * kF32Rows + r] = xr[q];
-      } else {
-        for (int64_t q = 0; q < kc; ++q) ag[q * kF32Rows + r] = 0.0f;
-      }
+    const int64_t live = std::min<int64_t>(kF32Rows, rows - g * kF32Rows);
+    for (int64_t q0 = 0; q0 < kc; q0 += 16) {
+      const int64_t depth = std::min<int64_t>(16, kc - q0);
+      const __mmask16 lanes = lanes_below(depth);
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < live ? _mm512_maskz_loadu_ps(lanes, x + (g * kF32Rows + i) * ldx + q0) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t q = 0; q < depth; ++q) _mm512_mask_storeu_ps(ag + (q0 + q) * kF32Rows, 0x0FFF, r[q]);
     }
   }
 }
@@ -178,7 +189,7 @@ void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float 
       for (int64_t p = p0; p < std::min(w.panels, p0 + kF32BlockPanels); ++p) {
         const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, w.n - c0);
         const __mmask16 m0 = lanes_below(cols), m1 = lanes_below(cols - 16 > 0 ? cols - 16 : 0);
-        const float *b = w.t + (p * w.k + k0) * kF32Cols;
+        const float *b = w.at(p, k0);
         for (int64_t g = 0; g < groups; ++g)
           f32_block(a + g * kc * kF32Rows, b, kc, y + (r0 + g * kF32Rows) * ldy + c0, ldy,
                     std::min<int64_t>(kF32Rows, mr - g * kF32Rows), m0, m1, k0 > 0 || accumulate);

@@ -47,3 +47,6 @@ def test_info_names_the_pinned_kernel_of_the_real_openblas():
     assert "OpenBLAS kernel: Haswell (OPENBLAS_CORETYPE=Haswell)" in out.stdout
     assert ("note: OpenBLAS runs its Haswell kernel (256-bit vectors) on a CPU with 512-bit AVX-512"
             in out.stdout) == AVX512
+    products = next(line for line in out.stdout.splitlines() if line.startswith("linear layers' float32 products"))
+    if "AMX" not in products and "plain MindSpore" not in products:   # AMX takes them first where it exists
+        assert ("this package's AVX-512 float32 kernel" in products) == AVX512

@@ -34,14 +34,36 @@ def f32gemm():
         pytest.skip("no AVX-512 here")
     yield
     ck.set_f32gemm(True, min_rows=64)
+    ck.choose_f32gemm(ck._state["lib"])                  # this machine's default
     ck.set_bf16x3(amx)
 
 
 def test_runs_exactly_where_the_cpu_has_avx512():
     flags = Path("/proc/cpuinfo").read_text().split()
-    assert ck.uses_f32gemm() == ("avx512f" in flags)
+    assert ck.set_f32gemm(True) == ("avx512f" in flags)
     assert not ck.set_f32gemm(False) and not ck.uses_f32gemm()
     assert ck.set_f32gemm(True) == ck.uses_f32gemm()
+    ck.choose_f32gemm(ck._state["lib"])                  # back to the default of this machine
+
+
+@pytest.mark.parametrize("env, note, on", [(None, "narrow", True), (None, None, False), ("1", None, True),
+                                           ("0", "narrow", False)])
+def test_default_follows_the_blas_kernel_and_the_environment(monkeypatch, env, note, on):
+    """On by default exactly where the BLAS runs narrower vectors than the CPU; BGEM3_F32GEMM decides over it."""
+    if "avx512f" not in Path("/proc/cpuinfo").read_text().split():
+        pytest.skip("no AVX-512 here")
+    from bgem3_lib.kernels import blas_check
+    monkeypatch.setattr(blas_check, "blas_report", lambda: {"note": note})
+    if env is None:
+        monkeypatch.delenv("BGEM3_F32GEMM", raising=False)
+    else:
+        monkeypatch.setenv("BGEM3_F32GEMM", env)
+    try:
+        ck.choose_f32gemm(ck._state["lib"])
+        assert ck.uses_f32gemm() is on
+    finally:
+        monkeypatch.undo()
+        ck.choose_f32gemm(ck._state["lib"])
 
 
 @pytest.mark.parametrize("m, n, k", EDGES)
