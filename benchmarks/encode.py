@@ -280,6 +280,8 @@ def case_result(case, recs, died, roof, dense) -> dict:
             entry["repeat"] = max(len(r.get("seconds_reps", [0])) for r in rs)
         if "kernels_used" in rs[0]:
             entry["cpu_kernels"] = rs[0]["kernels_used"]
+        if "linear_products" in rs[0]:
+            entry["linear_products"] = rs[0]["linear_products"]
         if "flagembedding" in dense and s != "flagembedding":
             entry["max_abs_dense_diff_vs_flagembedding"] = float(np.abs(dense[s] - dense["flagembedding"]).max())
             entry["min_dense_cosine_vs_flagembedding"] = float(np.min(np.sum(dense[s] * dense["flagembedding"], 1)))

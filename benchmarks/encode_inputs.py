@@ -70,7 +70,8 @@ def warn_if_pinned(info: dict) -> None:
     """Say on stderr when the machine's OPENBLAS_CORETYPE holds OpenBLAS below this CPU's own kernel."""
     if info.get("pinned") and info.get("native") and info["native"] != info["kernel"]:
         print(f"warning: OPENBLAS_CORETYPE={info['pinned']} holds OpenBLAS to its {info['kernel']} kernel on a CPU "
-              f"whose own is {info['native']}; bgem3_lib's float32 products run on it and its peers' do not. To "
+              f"whose own is {info['native']}; bgem3_lib's linear layers then run on its own AVX-512 kernel, the rest "
+              f"of its products on that OpenBLAS; its peers' do not use it. To "
               f"measure this CPU: env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE <this command>", file=sys.stderr,
               flush=True)
 

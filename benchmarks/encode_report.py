@@ -198,6 +198,13 @@ def _sparse_lines(sp: dict) -> list[str]:
     return lines
 
 
+def _products_note(results: dict) -> str:
+    """Where bgem3_lib's float32 linear layers ran in this run (its workers report it per case)."""
+    seen = sorted({sy["linear_products"] for size in results["sizes"].values() for case in size["cases"].values()
+                   for name, sy in case["systems"].items() if name == "bgem3_lib" and "linear_products" in sy})
+    return f" bgem3_lib's float32 linear layers ran on: {', '.join(seen)}." if seen else ""
+
+
 def _repeat_note(results: dict) -> str:
     """Which (size/case, system) encoded their input more than once per round (short calls with --quick)."""
     rep = [f"{NAMES[s].split(' (')[0]} on {size}/{name} x{e['repeat']}" for size, entry in results["sizes"].items()
@@ -220,8 +227,8 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"follow each other, so load that changes between rounds cancels){_repeat_note(results)}; in brackets "
            "beside a ratio: its lowest and highest round (with 5 rounds a 94% distribution-free interval for the "
            f"median). Parts: {runs}."
-           + (f" NumPy's BLAS (bgem3_lib's float32 products run on it): {describe_blas(m['blas'])}." if "blas" in m
-              else ""), "",
+           + (f" NumPy's BLAS: {describe_blas(m['blas'])}." if "blas" in m else "")
+           + _products_note(results), "",
            f"**Worst case over every workload** (bgem3_lib float32 speedup over each peer; int8 over float32; "
            f"peak RSS over FlagEmbedding's, the largest): {worst}.", "",
            f"Real length mix at {summary['size']} size: {summary['mix_speedup_vs_flagembedding']:.2f}x FlagEmbedding, "

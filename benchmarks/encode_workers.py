@@ -78,7 +78,10 @@ class Ours:
         out = self.model.encode(texts, batch_size=batch_size, max_length=max_length, return_dense=not sparse_only,
                                 return_sparse=True, return_colbert_vecs=not sparse_only, sort_by_length=sort,
                                 show_progress=False)
-        return {"dense": out["dense_vecs"], "kernels_used": self.model.encoder.cpu_kernels_ready()}
+        from bgem3_lib.kernels import cpu
+        products = "AMX (bf16x3)" if cpu.uses_bf16x3() else "AVX-512 (gemm_f32)" if cpu.uses_f32gemm() else "BLAS"
+        return {"dense": out["dense_vecs"], "kernels_used": self.model.encoder.cpu_kernels_ready(),
+                "linear_products": products}
 
     def framework_gflops(self) -> float:
         import mindspore as ms
