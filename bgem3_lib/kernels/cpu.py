@@ -25,7 +25,6 @@ device is not CPU, ``g++`` or an OpenBLAS is missing, the build fails, or ``BGEM
 from __future__ import annotations
 
 import ctypes
-import glob
 import hashlib
 import os
 import shutil
@@ -39,72 +38,18 @@ import numpy as np
 from mindspore import Tensor, ops
 
 from ..paths import cache_dir
+from .blas_check import blas_report, cpu_signature, find_blas
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _state: dict = {}
 
 
-def find_mkl(choice: str = "mkl") -> dict:
-    """Intel MKL's single dynamic library (``pip install mkl`` puts ``libmkl_rt.so.*`` in ``sys.prefix/lib``; or
-    ``choice`` is its path), loaded now with the *sequential* threading layer: the kernels' OpenMP workers each
-    run their own single-threaded products, as with OpenBLAS. Raises ``RuntimeError`` when it is missing."""
-    import sys
-    libs = [choice] if choice != "mkl" else sorted(glob.glob(os.path.join(sys.prefix, "lib", "libmkl_rt.so*")))
-    for lib in libs:
-        try:
-            handle = ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
-            continue
-        if hasattr(handle, "MKL_Set_Threading_Layer"):
-            handle.MKL_Set_Threading_Layer(1)          # MKL_THREADING_SEQUENTIAL, before any MKL computation
-            return {"lib": lib, "sgemm": "cblas_sgemm", "set_threads": "MKL_Set_Num_Threads",
-                    "get_threads": "MKL_Get_Max_Threads", "int_type": "int"}
-    raise RuntimeError(f"BGEM3_BLAS={choice}: no loadable libmkl_rt (pip install mkl, or give the library's path)")
-
-
-def find_blas() -> dict | None:
-    """The BLAS of the kernels: NumPy's (or SciPy's) bundled OpenBLAS (library path, symbol names, integer width),
-    or Intel MKL with ``BGEM3_BLAS=mkl`` (or ``=/path/to/libmkl_rt.so.N``; see :func:`find_mkl`; an opt-in
-    experiment: MKL 2026.2's single-threaded sgemm measured 1.08-1.24x OpenBLAS's on this package's shapes)."""
-    choice = os.environ.get("BGEM3_BLAS", "openblas")
-    if choice != "openblas":
-        return find_mkl(choice)
-    import numpy
-    roots = [Path(numpy.__file__).parent, Path(numpy.__file__).parent.parent / "numpy.libs"]
-    try:
-        import scipy
-        roots.append(Path(scipy.__file__).parent.parent / "scipy.libs")
-    except ImportError:
-        pass
-    for root in roots:
-        for lib in sorted(glob.glob(str(root / "**" / "*openblas*.so*"), recursive=True)):
-            try:
-                handle = ctypes.CDLL(lib)
-            except OSError:
-                continue
-            for prefix in ("", "scipy_"):
-                for suffix, int_type in (("64_", "long long"), ("", "int")):
-                    names = [f"{prefix}cblas_sgemm{suffix}", f"{prefix}openblas_set_num_threads{suffix}",
-                             f"{prefix}openblas_get_num_threads{suffix}"]
-                    if all(hasattr(handle, n) for n in names):
-                        return {"lib": lib, "sgemm": names[0], "set_threads": names[1], "get_threads": names[2],
-                                "int_type": int_type}
-    return None
-
-
-def _cpu_signature() -> str:
-    try:
-        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
 def sources_digest() -> str:
     """A short digest of every kernel source and header in this package and of this CPU's flags: what the
     kernels' outputs depend on beyond their inputs (a key for caches of kernel results)."""
     files = sorted([*SOURCE.parent.glob("*.cc"), *SOURCE.parent.glob("*.h")])
-    h = hashlib.sha256(_cpu_signature().encode())
+    h = hashlib.sha256(cpu_signature().encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
@@ -125,7 +70,7 @@ def build_library(source: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> P
     flags = [*FLAGS, *extra_flags]
     headers = [h.read_text() for h in sorted(source.parent.glob("*.h"))]
     key = hashlib.sha256("\n".join([source.read_text(), *headers, compiler, *flags, *defines,
-                                    _cpu_signature()]).encode())
+                                    cpu_signature()]).encode())
     out = cache_dir() / "kernels" / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -162,7 +107,6 @@ def f32gemm_by_default() -> bool:
     (``blas_check.narrow_kernel_note``), e.g. OpenBLAS pinned to Haswell on an AVX-512 CPU. There the kernel
     measured 1.4-1.9x the BLAS on the encoder's shapes (AMD EPYC Zen 5); with OpenBLAS's own AVX-512 kernel the
     BLAS is 0.9-1.1x it at 1024 rows, so the BLAS keeps those."""
-    from .blas_check import blas_report
     return blas_report()["note"] is not None
 
 

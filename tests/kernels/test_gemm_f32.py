@@ -52,8 +52,7 @@ def test_default_follows_the_blas_kernel_and_the_environment(monkeypatch, env, n
     """On by default exactly where the BLAS runs narrower vectors than the CPU; BGEM3_F32GEMM decides over it."""
     if "avx512f" not in Path("/proc/cpuinfo").read_text().split():
         pytest.skip("no AVX-512 here")
-    from bgem3_lib.kernels import blas_check
-    monkeypatch.setattr(blas_check, "blas_report", lambda: {"note": note})
+    monkeypatch.setattr(ck, "blas_report", lambda: {"note": note})
     if env is None:
         monkeypatch.delenv("BGEM3_F32GEMM", raising=False)
     else:
