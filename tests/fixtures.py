@@ -31,3 +31,14 @@ def long_text(lang: str = "en", paragraphs: int = 12) -> str:
     """Consecutive XQuAD paragraphs joined: ~2,000+ tokens, longer than the tests' max_length."""
     paras = [p["context"] for art in xquad(lang)["data"] for p in art["paragraphs"]]
     return " ".join(paras[:paragraphs])
+
+
+def product_case(rng, m: int, n: int, k: int):
+    """A float32 product x [m, k] @ w^T (w [n, k], small weights) with its float64 value and the error's scale
+    sum_k |x w|, for the kernels' product tests: ``x, w, exact, size``."""
+    import numpy as np
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
+    size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
+    return x, w, exact, size

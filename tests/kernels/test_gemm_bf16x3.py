@@ -7,19 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import product_case
 
 from bgem3_lib.kernels import cpu as ck
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="fast CPU kernels not available here")
 U = 2.0 ** -24           # float32's unit roundoff
-
-
-def _case(rng, m, n, k):
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    exact = x.astype(np.float64) @ w.T.astype(np.float64)
-    size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)    # sum_k |x w|: the error's scale
-    return x, w, exact, size
 
 
 @pytest.fixture
@@ -41,7 +34,7 @@ def test_runs_on_amx_exactly_where_the_cpu_has_it():
 @pytest.mark.parametrize("m, n, k", [(64, 64, 32), (97, 130, 45), (200, 1000, 1030), (129, 384, 2100),
                                      (300, 70, 4096)])
 def test_matches_float64_to_float32_accuracy(amx, m, n, k):
-    x, w, exact, size = _case(np.random.default_rng(m + n + k), m, n, k)
+    x, w, exact, size = product_case(np.random.default_rng(m + n + k), m, n, k)
     y = ck.product(x, w)
     assert y.shape == (m, n) and np.isfinite(y).all()
     assert (np.abs(y - exact) / size).max() < 8 * U      # measured 1.0-2.2 U here; the BLAS: 0.8-4.2 U
@@ -49,14 +42,14 @@ def test_matches_float64_to_float32_accuracy(amx, m, n, k):
 
 @pytest.mark.parametrize("m, n, k", [(64, 64, 32), (97, 130, 45), (129, 384, 2100)])
 def test_weight_stored_k_by_n_and_accumulation(amx, m, n, k):
-    x, w, exact, size = _case(np.random.default_rng(m * n), m, n, k)
+    x, w, exact, size = product_case(np.random.default_rng(m * n), m, n, k)
     base = np.random.default_rng(1).standard_normal((m, n)).astype(np.float32)
     y = ck.product(x, np.ascontiguousarray(w.T), "kn", add_to=base.copy())     # base + x @ (w^T), as a backward
     assert (np.abs(y - (base + exact)) / (size + np.abs(base))).max() < 8 * U   # measured 2.1-4.1 U here
 
 
 def test_matches_the_blas(amx):
-    x, w, exact, size = _case(np.random.default_rng(5), 150, 200, 300)
+    x, w, exact, size = product_case(np.random.default_rng(5), 150, 200, 300)
     on = ck.product(x, w)
     assert ck.set_bf16x3(False) is False
     off = ck.product(x, w)
@@ -65,12 +58,12 @@ def test_matches_the_blas(amx):
 
 
 def test_short_calls_stay_on_the_blas(amx):
-    x, w, _, _ = _case(np.random.default_rng(6), 63, 40, 50)
+    x, w, _, _ = product_case(np.random.default_rng(6), 63, 40, 50)
     on = ck.product(x, w)
     ck.set_bf16x3(False)
     np.testing.assert_array_equal(on, ck.product(x, w))   # under the default threshold (64 rows): the BLAS
     assert ck.set_bf16x3(True, min_rows=200)
-    x, w, _, _ = _case(np.random.default_rng(7), 199, 40, 50)
+    x, w, _, _ = product_case(np.random.default_rng(7), 199, 40, 50)
     on = ck.product(x, w)
     ck.set_bf16x3(False)
     np.testing.assert_array_equal(on, ck.product(x, w))   # a raised threshold moves the edge

@@ -8,20 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import product_case
 
 from bgem3_lib.kernels import cpu as ck
 
 pytestmark = pytest.mark.skipif(not ck.available(), reason="fast CPU kernels not available here")
 U = 2.0 ** -24           # float32's unit roundoff
 EDGES = [(12, 32, 16), (13, 40, 17), (97, 130, 45), (150, 1030, 300), (300, 70, 2100), (64, 16, 1)]
-
-
-def _case(rng, m, n, k):
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    w = (rng.standard_normal((n, k)) * 0.05).astype(np.float32)
-    exact = x.astype(np.float64) @ w.T.astype(np.float64)
-    size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)    # sum_k |x w|: the error's scale
-    return x, w, exact, size
 
 
 @pytest.fixture
@@ -67,7 +60,7 @@ def test_default_follows_the_blas_kernel_and_the_environment(monkeypatch, env, n
 
 @pytest.mark.parametrize("m, n, k", EDGES)
 def test_matches_float64_to_float32_accuracy(f32gemm, m, n, k):
-    x, w, exact, size = _case(np.random.default_rng(m + n + k), m, n, k)
+    x, w, exact, size = product_case(np.random.default_rng(m + n + k), m, n, k)
     y = ck.product(x, w)
     assert y.shape == (m, n) and np.isfinite(y).all()
     assert (np.abs(y - exact) / size).max() < 8 * U      # measured 0.5-1.7 U here (partial sums per 256 k)
@@ -75,14 +68,14 @@ def test_matches_float64_to_float32_accuracy(f32gemm, m, n, k):
 
 @pytest.mark.parametrize("m, n, k", EDGES)
 def test_weight_stored_k_by_n_and_accumulation(f32gemm, m, n, k):
-    x, w, exact, size = _case(np.random.default_rng(m * n + k), m, n, k)
+    x, w, exact, size = product_case(np.random.default_rng(m * n + k), m, n, k)
     base = np.random.default_rng(1).standard_normal((m, n)).astype(np.float32)
     y = ck.product(x, np.ascontiguousarray(w.T), "kn", add_to=base.copy())     # base + x @ (w^T), as a backward
     assert (np.abs(y - (base + exact)) / (size + np.abs(base))).max() < 8 * U
 
 
 def test_matches_the_blas(f32gemm):
-    x, w, exact, size = _case(np.random.default_rng(5), 150, 200, 700)
+    x, w, exact, size = product_case(np.random.default_rng(5), 150, 200, 700)
     on = ck.product(x, w)
     assert ck.set_f32gemm(False) is False
     off = ck.product(x, w)
@@ -92,12 +85,12 @@ def test_matches_the_blas(f32gemm):
 
 def test_short_calls_stay_on_the_blas(f32gemm):
     assert ck.set_f32gemm(True, min_rows=64)
-    x, w, _, _ = _case(np.random.default_rng(6), 63, 40, 700)
+    x, w, _, _ = product_case(np.random.default_rng(6), 63, 40, 700)
     on = ck.product(x, w)
     ck.set_f32gemm(False)
     np.testing.assert_array_equal(on, ck.product(x, w))   # under the threshold: the BLAS
     assert ck.set_f32gemm(True, min_rows=64)
-    x, w, _, _ = _case(np.random.default_rng(7), 64, 40, 700)
+    x, w, _, _ = product_case(np.random.default_rng(7), 64, 40, 700)
     on = ck.product(x, w)
     ck.set_f32gemm(False)
     assert not np.array_equal(on, ck.product(x, w))      # at it: this kernel
