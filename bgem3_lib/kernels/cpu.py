@@ -115,16 +115,18 @@ def choose_f32gemm(lib: Path) -> None:
     """Set the AVX-512 float32 kernel's switch in a freshly built library (``m3_f32gemm`` or ``m3t_f32gemm``):
     ``BGEM3_F32GEMM=0`` / ``=1`` force it off / on, unset leaves it to :func:`f32gemm_by_default`."""
     handle = ctypes.CDLL(str(lib))
-    for name in ("m3_f32gemm", "m3t_f32gemm"):
-        if hasattr(handle, name):
-            choice = os.environ.get("BGEM3_F32GEMM")
-            on = choice != "0" if choice is not None else f32gemm_by_default()
-            bf16x3_switch(lib, name, int(on), None)
+    names = [name for name in ("m3_f32gemm", "m3t_f32gemm") if hasattr(handle, name)]
+    if names:
+        choice = os.environ.get("BGEM3_F32GEMM")
+        on = choice != "0" if choice is not None else f32gemm_by_default()
+        for name in names:
+            kernel_switch(lib, name, int(on), None)
 
 
-def bf16x3_switch(lib: Path | None, function: str, on: int, min_rows: int | None) -> bool:
-    """Call the library's AMX float32 switch ``function(on, min_rows)`` (``on`` -1: ask; ``min_rows`` None: keep);
-    False when the library is missing. Shared by ``set_bf16x3`` here and in ``train``."""
+def kernel_switch(lib: Path | None, function: str, on: int, min_rows: int | None) -> bool:
+    """Call one of the library's product-path switches ``function(on, min_rows)`` (AMX ``m3_bf16x3``, AVX-512
+    ``m3_f32gemm``, and the ``m3t_`` ones of ``train``; ``on`` -1: ask; ``min_rows`` None: keep); False when the
+    library is missing."""
     if lib is None:
         return False
     fn = getattr(ctypes.CDLL(str(lib)), function)
@@ -137,12 +139,12 @@ def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
     parts (``on``, the default; ``gemm_bf16x3.h``), or on the BLAS, for calls of at least ``min_rows`` token rows
     (default 64: below that, splitting the weights per call costs what the tiles save); returns True when such
     calls now run on AMX (this build and CPU have AMX-BF16 and the OS granted the tiles)."""
-    return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", int(bool(on)), min_rows)
+    return available() and kernel_switch(_state["lib"], "m3_bf16x3", int(bool(on)), min_rows)
 
 
 def uses_bf16x3() -> bool:
     """True when the linear layers' products run on AMX as bfloat16 triples (see ``set_bf16x3``)."""
-    return available() and bf16x3_switch(_state["lib"], "m3_bf16x3", -1, None)
+    return available() and kernel_switch(_state["lib"], "m3_bf16x3", -1, None)
 
 
 def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
@@ -151,12 +153,12 @@ def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
     ``min_rows`` token rows (default 64) that AMX does not take; returns True when such calls now run there
     (this build has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``); the default
     when the library loads is :func:`choose_f32gemm`'s."""
-    return available() and bf16x3_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
+    return available() and kernel_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
 
 
 def uses_f32gemm() -> bool:
     """True when the linear layers' products that AMX does not take run on the AVX-512 kernel (``set_f32gemm``)."""
-    return available() and bf16x3_switch(_state["lib"], "m3_f32gemm", -1, None)
+    return available() and kernel_switch(_state["lib"], "m3_f32gemm", -1, None)
 
 
 def product(x: np.ndarray, w: np.ndarray, layout: str = "nk", add_to: np.ndarray | None = None) -> np.ndarray:

@@ -22,16 +22,9 @@
 namespace {
 
 #if defined(__AVX512F__)
-#ifndef BGEM3_F32_NP
-#define BGEM3_F32_NP 32
-#endif
-#ifndef BGEM3_F32_KC
-#define BGEM3_F32_KC 256
-#define BGEM3_F32_MC 144
-#endif
 const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
-static_assert(BGEM3_F32_KC % 16 == 0, "the packing transposes 16 k at a time within one k block");
-const int64_t kF32Cols = 32, kF32BlockK = BGEM3_F32_KC, kF32ChunkRows = BGEM3_F32_MC, kF32BlockPanels = BGEM3_F32_NP;
+const int64_t kF32Cols = 32, kF32BlockK = 256, kF32ChunkRows = 144, kF32BlockPanels = 32;
+static_assert(kF32BlockK % 16 == 0, "the packing transposes 16 k at a time within one k block");
 
 // r[j] lane q <- r[q] lane j: a 16 x 16 float transpose in registers (32-, 64- then 128-bit interleaves).
 inline void transpose16(__m512 r[16]) {

@@ -67,18 +67,18 @@ def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
     """The training kernels' token-by-weight products on AMX as bfloat16 triples (``on``, the default) or on the
     BLAS, for calls of at least ``min_rows`` tokens, like ``cpu.set_bf16x3`` for inference; returns True when
     such calls now run on AMX."""
-    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_bf16x3", int(bool(on)), min_rows)
+    return available() and cpu.kernel_switch(_state["lib"], "m3t_bf16x3", int(bool(on)), min_rows)
 
 
 def uses_bf16x3() -> bool:
     """True when the training kernels' token-by-weight products run on AMX (see ``set_bf16x3``)."""
-    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_bf16x3", -1, None)
+    return available() and cpu.kernel_switch(_state["lib"], "m3t_bf16x3", -1, None)
 
 
 def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
     """The training kernels' token-by-weight products on the package's AVX-512 kernel (``on``, the default) or
     on the BLAS, where AMX does not take them, like ``cpu.set_f32gemm``; returns True when they now run there."""
-    return available() and cpu.bf16x3_switch(_state["lib"], "m3t_f32gemm", int(bool(on)), min_rows)
+    return available() and cpu.kernel_switch(_state["lib"], "m3t_f32gemm", int(bool(on)), min_rows)
 
 
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:
