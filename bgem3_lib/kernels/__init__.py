@@ -8,6 +8,8 @@ sub-layers with int8 linear maps for ``BGEM3(dtype="int8")``: per-channel int8 w
 activations, an AVX-512 VNNI GEMM in ``int8_kernels.cc``; helpers shared by both sources in
 ``kernels_common.h``), and ``train`` (one encoder layer's forward *and* backward on packed tokens as
 differentiable ops, C++ in ``train_kernels.cc``, which the trainer uses for the layers above its hidden cache).
+``maxsim`` (late-interaction ColBERT scores of each query against its own candidates, maxima in AVX-512
+registers, C++ in ``maxsim_kernels.cc``; ``retrieval.index.colbert_rerank`` hands its work to it where it runs).
 ``blas_check`` says whether the BLAS under them runs this CPU's vector width (``python -m bgem3_lib info``).
 ``cpu.available()`` says whether they can run here; when they cannot (not CPU, no compiler or BLAS,
 ``BGEM3_CPU_KERNELS=0``, fp16/bf16) the model and the trainer run their plain MindSpore cells, which is

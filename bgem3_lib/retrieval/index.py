@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 import scipy.sparse as sp
 
+from bgem3_lib.kernels import maxsim
 from bgem3_lib.retrieval.scoring import _finite_matrix
 
 VOCAB_SIZE = 250_002            # XLM-RoBERTa vocabulary of BAAI/bge-m3
@@ -225,10 +226,12 @@ def colbert_rerank(q_vecs: Sequence[np.ndarray], doc_vecs: Sequence[np.ndarray],
     q_vecs: Nq arrays [n_i, H]; doc_vecs: N arrays [m_j, H]; candidates [Nq, K] doc ids
     (-1 = no candidate) -> scores [Nq, K] float32, ``-inf`` where the id is -1.
 
-    Blocks of consecutive queries share one stacked matrix of the documents they need, one matrix
-    product and a segment max (``np.maximum.reduceat``); a block holds at most ``_TOKEN_BLOCK``
-    token products. Candidate lists of neighbouring queries overlap on small corpora, so each
-    document's vectors are copied once per block rather than once per query.
+    Where the CPU has AVX-512 and H is a multiple of 16, :func:`bgem3_lib.kernels.maxsim.maxsim_scores`
+    computes it: each query against its own candidates only, maxima in registers (the same sums in another
+    order, so equal to float32 rounding). Otherwise, in NumPy: blocks of consecutive queries share one stacked
+    matrix of the documents they need, one matrix product and a segment max (``np.maximum.reduceat``); a block
+    holds at most ``_TOKEN_BLOCK`` token products. Candidate lists of neighbouring queries overlap on small
+    corpora, so each document's vectors are copied once per block rather than once per query.
     """
     cand = np.asarray(candidates)
     if cand.ndim != 2 or cand.shape[0] != len(q_vecs):
@@ -256,6 +259,15 @@ def colbert_rerank(q_vecs: Sequence[np.ndarray], doc_vecs: Sequence[np.ndarray],
     # of copying its own (9 TyDi languages x 2 models: the copies were a third of the re-ranking time).
     total = int(doc_lengths[needed].sum())
     width = np.shape(doc_vecs[int(needed[0])])[1]
+    if maxsim.supports(width):             # AVX-512: each query against its own candidates, maxima in registers
+        other = next((np.shape(q)[1] for q in q_vecs if np.shape(q)[1] != width), None)
+        if other is not None:
+            raise ValueError(f"hidden sizes differ: q_vecs H={other} vs doc_vecs H={width}")
+        for q in q_vecs:
+            _finite_matrix("q_vecs", q)
+        for d in needed:
+            _finite_matrix("doc_vecs", doc_vecs[d])
+        return maxsim.maxsim_scores(q_vecs, doc_vecs, cand)
     whole = None
     if total * width * 4 <= _STACK_BYTES:
         whole = _finite_matrix("doc_vecs", np.concatenate([np.asarray(doc_vecs[d], np.float32) for d in needed]))
