@@ -27,6 +27,11 @@ fi
 export BGEM3_QUICK=$([[ "$mode" == quick ]] && echo 1 || echo 0)
 export TQDM_DISABLE=${TQDM_DISABLE:-1}   # no progress-bar widgets in the executed pages
 export BGEM3_BOOK_BUILD=1               # chapters show their static explorers (no kernel behind the page)
+# Two chapters run at once on two cores (book/prebuild.py), each with OpenMP kernels of OMP_NUM_THREADS threads:
+# OpenMP's default waits spin, and a spinning thread holds the core the other chapter's thread needs. Waiting
+# threads sleep instead (the TyDi evaluation of chapter 6, run as two halves side by side: 296 s spinning,
+# 276 s sleeping; alone, the same within noise).
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 # One id per build: an evaluation two chapters both run is computed once in this build and read back by the
 # second (bgem3_lib.evaluation.build_results); results of earlier builds are removed, never reused.
 export BGEM3_BUILD_ID="$(date +%Y%m%d-%H%M%S)-$$"
