@@ -59,6 +59,9 @@ inline int64_t f32_packed_size(int64_t n, int64_t k) { return (n + kF32Cols - 1)
 
 // A buffer of at least `floats` floats, kept by the calling thread and reused by its later calls: a fresh
 // allocation of this size is mmap'ed, and its first-touch page faults cost about as much as the packing itself.
+// Slot 0 holds the products' shared packed weights (gemm_bf16x3.h's Products); a worker's own A^T B products
+// (gemm_f32_tn) use slots 1 and 2, so that they never overwrite panels another worker still reads.
+template <int Slot = 0>
 inline float *f32_arena(int64_t floats) {
   thread_local AlignedArray<float> arena;
   thread_local int64_t capacity = 0;
@@ -107,13 +110,20 @@ struct F32Weight {
   // The same for W stored [k, n] (row stride ldw; y = x @ W).
   void pack_kn(const float *w, int64_t ldw) {
 #pragma omp for schedule(dynamic, 8) nowait
-    for (int64_t p = 0; p < panels; ++p) {
-      const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, n - c0);
-      for (int64_t q = 0; q < k; ++q) {
-        float *out = at(p, q);
-        std::memcpy(out, w + q * ldw + c0, cols * sizeof(float));
-        for (int64_t j = cols; j < kF32Cols; ++j) out[j] = 0.0f;
-      }
+    for (int64_t p = 0; p < panels; ++p) pack_kn_panel(p, w, ldw);
+  }
+
+  // pack_kn by the calling thread alone (a worker's own product, outside any work sharing).
+  void pack_kn_serial(const float *w, int64_t ldw) {
+    for (int64_t p = 0; p < panels; ++p) pack_kn_panel(p, w, ldw);
+  }
+
+  void pack_kn_panel(int64_t p, const float *w, int64_t ldw) {
+    const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, n - c0);
+    for (int64_t q = 0; q < k; ++q) {
+      float *out = at(p, q);
+      std::memcpy(out, w + q * ldw + c0, cols * sizeof(float));
+      for (int64_t j = cols; j < kF32Cols; ++j) out[j] = 0.0f;
     }
   }
 };
@@ -175,16 +185,31 @@ inline void pack_row_groups(const float *x, int64_t ldx, int64_t rows, int64_t k
   }
 }
 
+// The same row groups from x stored by k, x [kc, rows] (row stride ldx, so x^T's rows): a plain copy of 12 floats
+// per k.
+inline void pack_row_groups_t(const float *x, int64_t ldx, int64_t rows, int64_t kc, float *a) {
+  for (int64_t g = 0; g * kF32Rows < rows; ++g) {
+    float *ag = a + g * kc * kF32Rows;
+    const __mmask16 live = lanes_below(std::min<int64_t>(kF32Rows, rows - g * kF32Rows));
+    for (int64_t q = 0; q < kc; ++q)
+      _mm512_mask_storeu_ps(ag + q * kF32Rows, 0x0FFF, _mm512_maskz_loadu_ps(live, x + q * ldx + g * kF32Rows));
+  }
+}
+
 // y [m, n] (row stride ldy) = (or +=, accumulate) x [m, k] (row stride ldx) @ W^T, W packed; a: f32_scratch(k)
-// floats. One worker's share: call from inside a parallel region after W is packed, or from one thread.
+// floats. One worker's share: call from inside a parallel region after W is packed, or from one thread. With
+// x_by_k, x is stored transposed, [k, m] (row stride ldx): y = x^T-as-stored @ W^T.
 void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float *y, int64_t ldy, float *a,
-              bool accumulate = false) {
+              bool accumulate = false, bool x_by_k = false) {
   for (int64_t p0 = 0; p0 < w.panels; p0 += kF32BlockPanels)
   for (int64_t r0 = 0; r0 < m; r0 += kF32ChunkRows) {
     const int64_t mr = std::min(kF32ChunkRows, m - r0), groups = (mr + kF32Rows - 1) / kF32Rows;
     for (int64_t k0 = 0; k0 < w.k; k0 += kF32BlockK) {
       const int64_t kc = std::min(kF32BlockK, w.k - k0);
-      pack_row_groups(x + r0 * ldx + k0, ldx, mr, kc, a);
+      if (x_by_k)
+        pack_row_groups_t(x + k0 * ldx + r0, ldx, mr, kc, a);
+      else
+        pack_row_groups(x + r0 * ldx + k0, ldx, mr, kc, a);
       const int64_t pend = std::min(w.panels, p0 + kF32BlockPanels);
       for (int64_t p = p0; p < pend; ++p) {
         const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, w.n - c0);
@@ -198,8 +223,19 @@ void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float 
     }
   }
 }
+// c [m, n] (row stride ldc) = a^T b for a [k, m] (row stride lda) and b [k, n] (ldb), by the calling thread alone:
+// a weight gradient over k tokens (train_kernels.cc's par_weight_grads, one slice of tokens per worker). b is
+// packed as W stored [k, n], a's columns are the rows; both buffers are the thread's own.
+void gemm_f32_tn(const float *a, int64_t lda, int64_t m, const float *b, int64_t ldb, int64_t n, int64_t k, float *c,
+                 int64_t ldc) {
+  F32Weight w;
+  w.allocate(n, k, f32_arena<1>(f32_packed_size(n, k)));
+  w.pack_kn_serial(b, ldb);
+  gemm_f32(a, lda, m, w, c, ldc, f32_arena<2>(f32_scratch(k)), false, true);
+}
 #else
 inline int64_t f32_packed_size(int64_t, int64_t) { return 0; }
+template <int Slot = 0>
 inline float *f32_arena(int64_t) { return nullptr; }
 struct F32Weight {   // without AVX-512 nothing is packed and the BLAS computes every product
   void allocate(int64_t, int64_t, float *) {}
@@ -207,7 +243,9 @@ struct F32Weight {   // without AVX-512 nothing is packed and the BLAS computes 
   void pack_kn(const float *, int64_t) {}
 };
 inline int64_t f32_scratch(int64_t) { return 0; }
-inline void gemm_f32(const float *, int64_t, int64_t, const F32Weight &, float *, int64_t, float *, bool = false) {}
+inline void gemm_f32(const float *, int64_t, int64_t, const F32Weight &, float *, int64_t, float *, bool = false,
+                     bool = false) {}
+inline void gemm_f32_tn(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *, int64_t) {}
 #endif  // __AVX512F__
 
 // Switched on (1, the default; BGEM3_F32GEMM=0 in the environment: off) or off (0: the BLAS) by m3_f32gemm /

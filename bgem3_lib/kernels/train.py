@@ -76,8 +76,9 @@ def uses_bf16x3() -> bool:
 
 
 def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
-    """The training kernels' token-by-weight products on the package's AVX-512 kernel (``on``, the default) or
-    on the BLAS, where AMX does not take them, like ``cpu.set_f32gemm``; returns True when they now run there."""
+    """The training kernels' token-by-weight products and weight gradients on the package's AVX-512 kernel
+    (``on``, the default) or on the BLAS, where AMX does not take them, like ``cpu.set_f32gemm``; returns True
+    when they now run there."""
     return available() and cpu.kernel_switch(_state["lib"], "m3t_f32gemm", int(bool(on)), min_rows)
 
 

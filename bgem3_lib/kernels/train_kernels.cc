@@ -114,7 +114,10 @@ void par_weight_grads(const WeightGrad *gs, int count, int64_t k, float *part) {
     for (int g = 0; g < count; ++g) {
       const WeightGrad &w = gs[g];
       float *c = p == 0 && w.each == w.m ? w.outs[0] : dst;  // slice 0 of a one-tensor gradient: in place
-      sgemm(true, false, w.m, w.n, len, 1.0f, w.a + k0 * w.lda, w.lda, w.b + k0 * w.ldb, w.ldb, 0.0f, c, w.n);
+      if (len > 0 && f32gemm_on(w.m))      // AVX-512 registers (gemm_f32.h), else the BLAS
+        gemm_f32_tn(w.a + k0 * w.lda, w.lda, w.m, w.b + k0 * w.ldb, w.ldb, w.n, len, c, w.n);
+      else
+        sgemm(true, false, w.m, w.n, len, 1.0f, w.a + k0 * w.lda, w.lda, w.b + k0 * w.ldb, w.ldb, 0.0f, c, w.n);
       dst += w.m * w.n;
     }
   }
@@ -589,8 +592,20 @@ int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 // The token-by-weight products on AMX as bfloat16 triples (gemm_bf16x3.h), switched as m3_bf16x3 does for
 // inference; the weight gradients stay on the BLAS.
 int m3t_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
-// The same for the products on AVX-512 registers (gemm_f32.h).
+// The same for the products on AVX-512 registers (gemm_f32.h); this switch also takes the weight gradients (for
+// a weight of at least min_rows rows), as a worker's own products over its slice of the tokens.
 int m3t_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
+
+// c [m, n] = a^T b for a [k, m], b [k, n] (k tokens) through par_weight_grads, as the backward kernels take a weight
+// gradient (for tests).
+void m3t_weight_grad(const float *a, const float *b, float *c, int64_t k, int64_t m, int64_t n) {
+  float *const outs[1] = {c};
+  const WeightGrad grad = {m, n, a, m, b, n, outs, m};
+  std::vector<float> part((size_t)omp_get_max_threads() * m * n);
+  SingleThreadedBlas one;
+#pragma omp parallel
+  par_weight_grads(&grad, 1, k, part.data());
+}
 
 // The query / key / value projections come fused (w_qkv [3H, H], b_qkv [3H]: parts = 1) or as three
 // (w_q, b_q, w_k, b_k, w_v, b_v, each [H, H] and [H]: parts = 3); part j's weight and bias either way.

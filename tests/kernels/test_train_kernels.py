@@ -4,6 +4,7 @@ ones not a multiple of 8, several 128-row blocks; head size 16, which takes the 
 them, and 8, which always takes OpenBLAS; the products with the weights on AMX and on OpenBLAS)."""
 from __future__ import annotations
 
+import ctypes
 from types import SimpleNamespace
 
 import mindspore as ms
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from mindspore import Tensor, nn
 
+from bgem3_lib.kernels import cpu
 from bgem3_lib.kernels import train as tk
 from bgem3_lib.model.config import M3Config
 from bgem3_lib.model.encoder import Layer
@@ -86,6 +88,30 @@ def test_layer_forward_and_gradients_match_encoder_layer(heads, products_on):
                 _close(gs, rs, np.abs(np.split(r, 3)[0]).max(), f"{name}[{part}]")
         else:
             _close(g, r, np.abs(r).max(), name)
+
+
+@pytest.mark.parametrize("k", [1, 40, 1100])
+def test_weight_gradients_match_float64_on_both_product_paths(k):
+    """par_weight_grads (a^T b over k tokens, one slice per worker, slices added in order) on the AVX-512 kernel
+    and on the BLAS: k = 1100 makes two slices of more than one 256-token block each."""
+    rng = np.random.default_rng(k)
+    m, n = 100, 70                                          # off the kernel's 12-row and 32-column blocks
+    a, b = rng.standard_normal((k, m)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+    ref = a.T.astype(np.float64) @ b.astype(np.float64)
+    bound = 8 * 2.0 ** -24 * (np.abs(a).T.astype(np.float64) @ np.abs(b))
+    grad = tk._c_function("m3t_weight_grad", None, [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3)
+    got = {}
+    try:
+        for on in (False, True):
+            if tk.set_f32gemm(on) != on:
+                pytest.skip("no AVX-512 float32 kernel here")
+            got[on] = np.empty((m, n), np.float32)
+            grad(a.ctypes.data, b.ctypes.data, got[on].ctypes.data, k, m, n)
+            assert (np.abs(got[on] - ref) <= bound).all(), f"f32gemm={on}: max error {np.abs(got[on] - ref).max()}"
+    finally:
+        tk.set_f32gemm(cpu.f32gemm_by_default())
+    if k > 16:
+        assert not np.array_equal(got[True], got[False])    # the kernel, not the BLAS, took the switched-on call
 
 
 def test_fused_qkv_layout_matches_split_layout():
