@@ -34,13 +34,21 @@ _state: dict = {}
 
 
 def available() -> bool:
-    """True when the fused kernel runs here (AVX-512, library built, ``BGEM3_CPU_KERNELS`` not 0); never raises."""
-    if os.environ.get("BGEM3_CPU_KERNELS", "1") == "0":
+    """True when the fused kernel runs here (AVX-512, library built, ``BGEM3_CPU_KERNELS`` not 0, not switched off
+    by :func:`set_fused`); never raises."""
+    if os.environ.get("BGEM3_CPU_KERNELS", "1") == "0" or _state.get("off"):
         return False
     if "vectorized" not in _state:
         _state["vectorized"] = (cpu.library_built(_state, SOURCE, "fused ColBERT scoring")
                                 and ctypes.CDLL(str(_state["lib"])).m3_maxsim_vectorized() == 1)
     return _state["vectorized"]
+
+
+def set_fused(on: bool) -> bool:
+    """Let ``colbert_rerank`` use the kernel (``on``, the default) or keep it on NumPy (benchmarks, tests); returns
+    True when the kernel now runs."""
+    _state["off"] = not on
+    return available()
 
 
 def supports(width: int) -> bool:
