@@ -2,7 +2,7 @@
 (fp32 and dynamic int8, exported from the PyTorch reference) and MindNLP (transformers on MindSpore), side by side
 on this CPU, identical weights and inputs, all three outputs on.
 
-    .venv/bin/python benchmarks/encode.py [--quick] [--runs 5] [--no-mindnlp]
+    .venv/bin/python benchmarks/encode.py [--quick] [--runs 5 (6 with --quick)] [--no-mindnlp]
     .venv/bin/python benchmarks/encode.py --cases full/fixed8192     # re-measure one case, merged and marked
 
 * Weights: random checkpoints in the real BAAI/bge-m3 file layout, written by torch
@@ -22,7 +22,8 @@ on this CPU, identical weights and inputs, all three outputs on.
   encodes its input 2-4 times back to back (its time: their mean). Exception: the full-size 8192-token
   batch runs one system in memory at a time (five full-size models and one 8192-token peak do not fit in
   24 GB together), so its peak RSS is each engine's own. tokens/s = real (non-padding)
-  tokens / wall seconds, median of ``--runs`` rounds after an untimed warm-up round on the same inputs (the
+  tokens / wall seconds, median of ``--runs`` rounds (an even number by default with --quick, so that both
+  FlagEmbedding processes weigh alike) after an untimed warm-up round on the same inputs (the
   8192-token case alone: after a short warm-up); a ratio between two systems is the
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
@@ -89,7 +90,11 @@ SHORT_REST = 0.05
 # FlagEmbedding runs in two processes that take turns by round: the speed of one PyTorch process held within 5% over
 # its calls, while eight processes' medians spread by 20% (1.45-1.75 s on one 4k-token input; bgem3_lib's: 5%), so
 # one process's luck moved every FlagEmbedding ratio of a run together (two quick runs: 2.3x and 3.0x on the mix).
+# With 5 rounds the first process ran 3 of them and so set the median: in one quick run its rounds were 15% faster
+# than the second's on every case, and fixed2048's ratio came out 2.35x, against 2.00x in the run after it. --quick
+# therefore runs QUICK_RUNS rounds, a multiple of the copies.
 COPIES = {"flagembedding": 2}
+QUICK_RUNS = 6
 # --quick: a call measured under MIN_CALL_SECONDS in its first round encodes its input back to back as many times as
 # reach it in later rounds (its time is their mean): a 0.3 s call took a 0.1-0.2 s stall of this shared machine
 # whole, and two quick runs' int8 / float32 ratios differed by 14%.
@@ -327,7 +332,7 @@ def plan_for(quick: bool) -> dict:
                 "max_rounds": QUICK_MAX_ROUNDS, "min_call_seconds": MIN_CALL_SECONDS["quick"],
                 "copies": COPIES,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
-                "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False}}
+                "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False, "runs": 15}}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192, "cool_down": COOL_DOWN["full"],
             "max_rounds": {}, "min_call_seconds": MIN_CALL_SECONDS["full"],
             "copies": COPIES,
@@ -390,7 +395,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
             texts = real_mix(*sp["mix"], seed=1)
             sort_case = make_case("mix_sort", texts, sp["max_length"], sp["batch_size"], tokens, cfg, tmp,
                                   ["bgem3_lib"])
-            entry["sorting"] = sort_experiment(workers["bgem3_lib"], sort_case, runs, sp["padded"],
+            entry["sorting"] = sort_experiment(workers["bgem3_lib"], sort_case, sp.get("runs", runs), sp["padded"],
                                                tokens.lengths(texts, sp["max_length"]))
         if "sparse" in parts and size == "m3-small":
             entry["sparse_rss"] = sparse_rss(workers, plan, tokens, tmp)
@@ -418,7 +423,8 @@ def git_commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="m3-small size only, smaller inputs (<= 5 minutes)")
-    ap.add_argument("--runs", type=int, default=5, help="timed runs per (case, system) after one warm-up")
+    ap.add_argument("--runs", type=int, default=None,
+                    help=f"timed runs per (case, system) after one warm-up (default 5; {QUICK_RUNS} with --quick)")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help="comma list of speed,sort,sparse; a subset re-measures only those and merges them "
                          "into the existing results file")
@@ -428,6 +434,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     parts = [p for p in args.parts.split(",") if p]
+    args.runs = args.runs or (QUICK_RUNS if args.quick else 5)
     if args.runs < 5 or any(p not in PARTS for p in parts):
         raise SystemExit(f"--runs must be >= 5 and --parts a subset of {PARTS}")
     plan = plan_for(args.quick)
