@@ -12,8 +12,8 @@ on this CPU, identical weights and inputs, all three outputs on.
 * Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD
   articles as long documents, many languages, fixed seed) and fixed batches of exactly
   128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
-* Every system runs in its own process (``encode_workers.py``) holding its model (FlagEmbedding in two, which
-  take turns by round: one PyTorch process's speed is its own, see ``COPIES``); runs are
+* Every system runs in its own process (``encode_workers.py``) holding its model (FlagEmbedding in two, three
+  with --quick, which take turns by round: one PyTorch process's speed is its own, see ``COPIES``); runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
   all systems alike, and each round runs every case in turn (a minute of load touches a round or two of every
   case, not all of one); the order rotates from round to round and each call after a MindSpore process's
@@ -28,8 +28,8 @@ on this CPU, identical weights and inputs, all three outputs on.
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
 * Roofline: NumPy's float32 1024x1024x4096 matmul GFLOP/s, measured in the same run before and
-  after, and in the bgem3_lib worker after every round of every case; ``roofline_pct`` = the median over
-  the mix's rounds of bgem3_lib's useful GFLOP/s in that round / that round's NumPy GFLOP/s.
+  after (--quick: after), and in the bgem3_lib worker after every round of every case; ``roofline_pct`` = the
+  median over the mix's rounds of bgem3_lib's useful GFLOP/s in that round / that round's NumPy GFLOP/s.
 * Sparse memory: peak RSS of bgem3_lib's sparse output at up to 32 x 2048 tokens vs FlagEmbedding's
   B x L x V ("old") and B x V ("new") sparse embedding at sizes this machine can hold.
 * Sorted vs unsorted batches on the mix, for the packed CPU-kernel path and the plain padded path.
@@ -92,8 +92,10 @@ SHORT_REST = 0.05
 # one process's luck moved every FlagEmbedding ratio of a run together (two quick runs: 2.3x and 3.0x on the mix).
 # With 5 rounds the first process ran 3 of them and so set the median: in one quick run its rounds were 15% faster
 # than the second's on every case, and fixed2048's ratio came out 2.35x, against 2.00x in the run after it. --quick
-# therefore runs QUICK_RUNS rounds, a multiple of the copies.
+# therefore runs QUICK_RUNS rounds, a multiple of its copies; it starts three, since in the next two quick runs the
+# second process was 20% slower than the first in one and 10% faster in the other.
 COPIES = {"flagembedding": 2}
+QUICK_COPIES = {"flagembedding": 3}
 QUICK_RUNS = 6
 # --quick: a call measured under MIN_CALL_SECONDS in its first round encodes its input back to back as many times as
 # reach it in later rounds (its time is their mean): a 0.3 s call took a 0.1-0.2 s stall of this shared machine
@@ -209,7 +211,8 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
                     dense[name] = {s: np.load(tmp / f"{name}-{s}.npy") for s in order if s not in died}
                     check_outputs(dense[name], f"{plan}/{name}")
                 elif "bgem3_lib" in order and "bgem3_lib" not in died:    # this round's roofline, beside its times
-                    roof[name].append(workers["bgem3_lib"].ask(op="matmul", numpy_only=True)["numpy_gflops"])
+                    roof[name].append(workers["bgem3_lib"].ask(op="matmul", numpy_only=True,
+                                                                repeats=case["roof_repeats"])["numpy_gflops"])
                 bar.update()
             if r >= 0:
                 out = {c["name"]: case_result(c, recs[c["name"]], {s: why for s, why in died.items()
@@ -326,19 +329,23 @@ def plan_for(quick: bool) -> dict:
     lengths at the batch sizes a user would pick (8192 at batch 1); the ``alone`` cases run one system at a time
     (``run_solo_case``). ``--quick``: the same workload kinds at
     M3-small size, each case about 4k tokens so that one timed call lasts about a second on the fastest
-    float32 engine (at 2k tokens two back-to-back quick runs disagreed by up to 31% on a ratio)."""
+    float32 engine (at 2k tokens two back-to-back quick runs disagreed by up to 31% on a ratio); to stay within
+    5 minutes with 6 rounds it measures the frameworks' matmuls once (after the rounds), the per-round roofline
+    with 3 products instead of 5 and the sorting experiment with 10 short rounds."""
     if quick:
         return {"sizes": ["m3-small"], "mix": (40, 12, 3), "mix_max_length": 512, "cool_down": COOL_DOWN["quick"],
                 "max_rounds": QUICK_MAX_ROUNDS, "min_call_seconds": MIN_CALL_SECONDS["quick"],
-                "copies": COPIES,
+                "copies": QUICK_COPIES,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
-                "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False, "runs": 15}}
+                "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False, "runs": 10},
+                "matmul_before": False, "roof_repeats": 3}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192, "cool_down": COOL_DOWN["full"],
             "max_rounds": {}, "min_call_seconds": MIN_CALL_SECONDS["full"],
             "copies": COPIES,
             "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
                                                   "padded": True}, "mindnlp_sizes": ["m3-small"],
+            "matmul_before": True, "roof_repeats": 5,
             "alone": ("full/fixed8192",)}
 
 
@@ -365,7 +372,8 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
         cases.append(make_case(f"fixed{L}", long_texts(B, L, tokens), L, B, tokens, cfg, tmp,
                                [s for s in systems if s != "mindnlp"]))
     for c in cases:
-        c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"], min_call_seconds=plan["min_call_seconds"])
+        c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"], min_call_seconds=plan["min_call_seconds"],
+                 roof_repeats=plan["roof_repeats"])
     if only is not None:
         cases = [c for c in cases if f"{size}/{c['name']}" in only]
         if not cases:
@@ -386,7 +394,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
     try:
         warm_up(workers, cases[0])
         if "speed" in parts:
-            matmul = [matmul_round(workers)]
+            matmul = [matmul_round(workers)] if plan["matmul_before"] else []
             entry["cases"] = run_cases(workers, cases, runs, size, tmp, lambda out: save({**entry, "cases": out}))
             if only is None:                          # a --cases re-run keeps the full run's roofline rounds
                 entry["matmul"] = matmul + [matmul_round(workers)]

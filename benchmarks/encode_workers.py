@@ -23,8 +23,8 @@ Systems (identical weights from MODEL_DIR, identical texts, all three outputs, f
 
 Commands: ``{"op": "encode", "texts": file, "max_length", "batch_size", "sort", "kernels", "repeat"}`` (``repeat``
 encodes back to back: ``seconds`` is then the mean per encode, ``seconds_reps`` each one),
-``{"op": "matmul", "numpy_only": false}`` (GFLOP/s of this framework's float32 1024x1024x4096 matmul, and NumPy's;
-``numpy_only``: NumPy's alone, the per-round roofline),
+``{"op": "matmul", "numpy_only": false, "repeats": 5}`` (GFLOP/s of this framework's float32 1024x1024x4096
+matmul, and NumPy's, median of ``repeats`` products; ``numpy_only``: NumPy's alone, the per-round roofline),
 ``{"op": "sparse_rss", "texts": file, "batch", "max_length", "path"}``, ``{"op": "quit"}``.
 Every answer carries ``peak_rss_mb`` (VmHWM, reset before the command) and ``base_rss_mb``.
 """
@@ -243,7 +243,7 @@ def serve(system: str, model_dir: str) -> None:
         _reset_peak()
         t = time.perf_counter()
         if cmd["op"] == "matmul":
-            res = {"numpy_gflops": numpy_gflops()}
+            res = {"numpy_gflops": numpy_gflops(cmd.get("repeats", 5))}
             if not cmd.get("numpy_only"):
                 res["framework_gflops"] = worker.framework_gflops()
         elif cmd["op"] == "encode":
