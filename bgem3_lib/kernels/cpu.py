@@ -156,6 +156,16 @@ def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
     return available() and kernel_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
 
 
+def set_f32gemm_whole_k(k: int | None = None) -> int:
+    """Up to which k the AVX-512 kernel takes all of k in one block (default 1024; past it, blocks of 256);
+    ``None``: only ask. Returns the value in force (0 without the library). For tests and benchmarks."""
+    if not available():
+        return 0
+    fn = ctypes.CDLL(str(_state["lib"])).m3_f32gemm_whole_k
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    return int(fn(-1 if k is None else int(k)))
+
+
 def uses_f32gemm() -> bool:
     """True when the linear layers' products that AMX does not take run on the AVX-512 kernel (``set_f32gemm``)."""
     return available() and kernel_switch(_state["lib"], "m3_f32gemm", -1, None)

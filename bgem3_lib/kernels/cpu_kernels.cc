@@ -31,6 +31,11 @@ int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 
 // The same for the products on AVX-512 registers (gemm_f32.h; where AMX does not take them).
 int m3_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
+// Its k extent taken in one block (gemm_f32.h's f32_whole_k) set when k >= 0; returns the value now in force.
+int64_t m3_f32gemm_whole_k(int64_t k) {
+  if (k >= 0) f32_whole_k_v.store(k);
+  return f32_whole_k();
+}
 
 }  // extern "C"
 

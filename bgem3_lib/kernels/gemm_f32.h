@@ -5,7 +5,7 @@
 // AVX-512 core's rate; and OpenBLAS's per-worker sgemm calls each pack the whole weight again.
 //
 // Layouts: W packed once per call and shared by the workers, in panels of 32 columns, k-major:
-//   packed W [k / kF32BlockK rounded up][n / 32 rounded up][kF32BlockK (fewer in the last block)][32] (columns
+//   packed W [k / kb rounded up][n / 32 rounded up][kb (fewer in the last block)][32], kb = f32_block_k(k) (columns
 //   past n zero; F32Weight::at);
 //   packed x, one chunk of kF32ChunkRows rows x kF32BlockK k at a time: [row groups of kF32Rows][k][kF32Rows].
 // Register blocking: 12 rows x 32 columns of y in 24 zmm accumulators; per k, two loads of W's panel and twelve
@@ -25,6 +25,15 @@ namespace {
 const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
 const int64_t kF32Cols = 32, kF32BlockK = 256, kF32ChunkRows = 144, kF32BlockPanels = 32;
 static_assert(kF32BlockK % 16 == 0, "the packing transposes 16 k at a time within one k block");
+// Up to this k a product takes all of k in one block, so each 12 x 32 block of y is written once, not read and
+// written again per 256 k: the full-size q/k/v/o and FFN-in products (k = 1024) measured 1.06-1.15x the
+// 256-blocked kernel at 1024-2048 rows (AMD EPYC Zen 5; a row group's 1024 x 12 floats and a panel's 1024 x 32
+// then come from L2, which keeps up). Past it (FFN-out, k = 4096) the 256 blocks stay: 1024-blocks measured
+// 0.94-1.05x there. Settable (m3_f32gemm_whole_k) so that tests reach both layouts at small k.
+std::atomic<int64_t> f32_whole_k_v{1024};
+inline int64_t f32_whole_k() { return f32_whole_k_v.load(std::memory_order_relaxed); }
+// The k block of W [n, k]: all of k up to f32_whole_k(), else kF32BlockK (a multiple of 16, as pack() needs).
+inline int64_t f32_block_k(int64_t k) { return k <= f32_whole_k() ? k : kF32BlockK; }
 
 // r[j] lane q <- r[q] lane j: a 16 x 16 float transpose in registers (32-, 64- then 128-bit interleaves).
 inline void transpose16(__m512 r[16]) {
@@ -73,19 +82,19 @@ inline float *f32_arena(int64_t floats) {
 }
 
 struct F32Weight {
-  int64_t n = 0, k = 0, panels = 0;
+  int64_t n = 0, k = 0, panels = 0, kblock = kF32BlockK;
   float *t = nullptr;   // f32_packed_size(n, k) floats, 64-byte aligned, owned by the caller
 
-  // Row q (of k) of panel p: the panels of one kF32BlockK block of k lie one after another, [k blocks][panels]
+  // Row q (of k) of panel p: the panels of one kblock block of k lie one after another, [k blocks][panels]
   // [rows of the block][32], so the product's pass over the panels of a block reads memory in order.
   float *at(int64_t p, int64_t q) const {
-    const int64_t k0 = q / kF32BlockK * kF32BlockK, kc = std::min(kF32BlockK, k - k0);
+    const int64_t k0 = q / kblock * kblock, kc = std::min(kblock, k - k0);
     return t + k0 * panels * kF32Cols + (p * kc + q - k0) * kF32Cols;
   }
 
   // Size for W [n, k] into `buffer`; call from one thread, before pack().
   void allocate(int64_t rows, int64_t cols, float *buffer) {
-    n = rows, k = cols, panels = (n + kF32Cols - 1) / kF32Cols;
+    n = rows, k = cols, panels = (n + kF32Cols - 1) / kF32Cols, kblock = f32_block_k(cols);
     t = buffer;
   }
 
@@ -128,8 +137,8 @@ struct F32Weight {
   }
 };
 
-// Float scratch per worker for gemm_f32 with k columns.
-inline int64_t f32_scratch(int64_t k) { return kF32ChunkRows * std::min(k, kF32BlockK); }
+// Float scratch per worker for gemm_f32 with at most k columns (enough for any k block of a weight with k or fewer).
+inline int64_t f32_scratch(int64_t k) { return kF32ChunkRows * std::min(k, std::max(kF32BlockK, f32_whole_k())); }
 
 // y [rows <= 12, 32 columns masked by m0 | m1] (row stride ldy) = (or +=, load) a [kc][12] @ b [kc][32]; with
 // `next`, the kc x 32 slice there is prefetched into L1 along the way (the caller's next panel: 0.97-0.99x
@@ -204,8 +213,8 @@ void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float 
   for (int64_t p0 = 0; p0 < w.panels; p0 += kF32BlockPanels)
   for (int64_t r0 = 0; r0 < m; r0 += kF32ChunkRows) {
     const int64_t mr = std::min(kF32ChunkRows, m - r0), groups = (mr + kF32Rows - 1) / kF32Rows;
-    for (int64_t k0 = 0; k0 < w.k; k0 += kF32BlockK) {
-      const int64_t kc = std::min(kF32BlockK, w.k - k0);
+    for (int64_t k0 = 0; k0 < w.k; k0 += w.kblock) {
+      const int64_t kc = std::min(w.kblock, w.k - k0);
       if (x_by_k)
         pack_row_groups_t(x + k0 * ldx + r0, ldx, mr, kc, a);
       else
@@ -215,10 +224,11 @@ void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float 
         const int64_t c0 = p * kF32Cols, cols = std::min(kF32Cols, w.n - c0);
         const __mmask16 m0 = lanes_below(cols), m1 = lanes_below(cols - 16 > 0 ? cols - 16 : 0);
         const float *b = w.at(p, k0);
+        // The last row group prefetches the next panel's slice into L1 (a whole-k slice would not fit there).
         for (int64_t g = 0; g < groups; ++g)
           f32_block(a + g * kc * kF32Rows, b, kc, y + (r0 + g * kF32Rows) * ldy + c0, ldy,
                     std::min<int64_t>(kF32Rows, mr - g * kF32Rows), m0, m1, k0 > 0 || accumulate,
-                    g == groups - 1 && p + 1 < pend ? b + kc * kF32Cols : nullptr);   // the next panel's slice
+                    g == groups - 1 && p + 1 < pend && kc <= kF32BlockK ? b + kc * kF32Cols : nullptr);
       }
     }
   }

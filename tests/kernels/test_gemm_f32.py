@@ -1,7 +1,8 @@
 """The float32 products on AVX-512 registers (``kernels/gemm_f32.h``) against float64 NumPy: the error of a float32
 dot product on every edge of the blocking (rows off the 12-row register block and past one 144-row chunk, columns
-off the 32-column panel and past one 1024-column block, k off the 16-wide transpose and past one 256 block), both
-weight layouts, accumulation, and the switch between this kernel and the BLAS."""
+off the 32-column panel and past one 1024-column block, k off the 16-wide transpose and past one 256 block, with k
+up to 1024 in one block or in blocks of 256), both weight layouts, accumulation, and the switch between this kernel
+and the BLAS."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,7 @@ from bgem3_lib.kernels import cpu as ck
 pytestmark = pytest.mark.skipif(not ck.available(), reason="fast CPU kernels not available here")
 U = 2.0 ** -24           # float32's unit roundoff
 EDGES = [(12, 32, 16), (13, 40, 17), (97, 130, 45), (150, 1030, 300), (300, 70, 2100), (64, 16, 1)]
+WHOLE_K = 1024           # the kernel's default: k up to this in one block
 
 
 @pytest.fixture
@@ -26,6 +28,7 @@ def f32gemm():
         ck.set_bf16x3(amx)
         pytest.skip("no AVX-512 here")
     yield
+    ck.set_f32gemm_whole_k(WHOLE_K)
     ck.set_f32gemm(True, min_rows=64)
     ck.choose_f32gemm(ck._state["lib"])                  # this machine's default
     ck.set_bf16x3(amx)
@@ -58,20 +61,37 @@ def test_default_follows_the_blas_kernel_and_the_environment(monkeypatch, env, n
         ck.choose_f32gemm(ck._state["lib"])
 
 
+@pytest.mark.parametrize("whole_k", [WHOLE_K, 0])
 @pytest.mark.parametrize("m, n, k", EDGES)
-def test_matches_float64_to_float32_accuracy(f32gemm, m, n, k):
+def test_matches_float64_to_float32_accuracy(f32gemm, m, n, k, whole_k):
+    assert ck.set_f32gemm_whole_k(whole_k) == whole_k
     x, w, exact, size = product_case(np.random.default_rng(m + n + k), m, n, k)
     y = ck.product(x, w)
     assert y.shape == (m, n) and np.isfinite(y).all()
     assert (np.abs(y - exact) / size).max() < 8 * U      # measured 0.5-1.7 U here (partial sums per 256 k)
 
 
+@pytest.mark.parametrize("whole_k", [WHOLE_K, 0])
 @pytest.mark.parametrize("m, n, k", EDGES)
-def test_weight_stored_k_by_n_and_accumulation(f32gemm, m, n, k):
+def test_weight_stored_k_by_n_and_accumulation(f32gemm, m, n, k, whole_k):
+    ck.set_f32gemm_whole_k(whole_k)
     x, w, exact, size = product_case(np.random.default_rng(m * n + k), m, n, k)
     base = np.random.default_rng(1).standard_normal((m, n)).astype(np.float32)
     y = ck.product(x, np.ascontiguousarray(w.T), "kn", add_to=base.copy())     # base + x @ (w^T), as a backward
     assert (np.abs(y - (base + exact)) / (size + np.abs(base))).max() < 8 * U
+
+
+def test_whole_k_block_up_to_its_limit_only(f32gemm):
+    """k = 300: one block of 300 by default, 256 + 44 with the limit at 0 (two summations); k = 1100, past the
+    default limit: blocks of 256 either way (the same bits)."""
+    assert ck.set_f32gemm_whole_k() == WHOLE_K
+    for k, same in ((300, False), (1100, True)):
+        x, w, _, _ = product_case(np.random.default_rng(k), 100, 64, k)
+        whole = ck.product(x, w)
+        ck.set_f32gemm_whole_k(0)
+        blocked = ck.product(x, w)
+        ck.set_f32gemm_whole_k(WHOLE_K)
+        assert np.array_equal(whole, blocked) is same
 
 
 def test_matches_the_blas(f32gemm):
