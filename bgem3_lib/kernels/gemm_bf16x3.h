@@ -167,30 +167,16 @@ inline void gemm_bf16x3(const float *, int64_t, int64_t, const Bf16x3Weight &, f
                         bool = false) {}
 #endif  // BGEM3_AMX_BF16
 
-// Switched on (1, the default; BGEM3_BF16X3=0 in the environment: off) or off (0: the BLAS) by m3_bf16x3 /
-// m3t_bf16x3 (tests and benchmarks).
-std::atomic<int> bf16x3_wanted{[] {
-  const char *e = std::getenv("BGEM3_BF16X3");
-  return e && e[0] == '0' ? 0 : 1;
-}()};
-// Below this many rows per call the BLAS computes: the weights are split and packed once per call (memory-bound,
-// about 0.6 ns per weight on 2 threads), which costs about what the tiles save at 16-32 rows (1024 x 4096 weights:
-// 0.92x the BLAS at 16 and 32 rows, 1.02-1.05x at 64, 1.13x at 512, 1.3-1.6x from 4096). Settable (m3_bf16x3 /
-// m3t_bf16x3) so that tests can move the edge.
-std::atomic<int64_t> bf16x3_min_rows{64};
+// Switched on (the default; BGEM3_BF16X3=0 in the environment: off) or off (the BLAS) by m3_bf16x3 / m3t_bf16x3
+// (tests and benchmarks). Below 64 rows per call the BLAS computes: the weights are split and packed once per call
+// (memory-bound, about 0.6 ns per weight on 2 threads), which costs about what the tiles save at 16-32 rows
+// (1024 x 4096 weights: 0.92x the BLAS at 16 and 32 rows, 1.02-1.05x at 64, 1.13x at 512, 1.3-1.6x from 4096).
+PathSwitch bf16x3_path{"BGEM3_BF16X3", 64};
 
-inline bool bf16x3_on(int64_t rows) {
-  return BGEM3_AMX_BF16 && amx_granted() && bf16x3_wanted.load(std::memory_order_relaxed) &&
-         rows >= bf16x3_min_rows.load(std::memory_order_relaxed);
-}
+inline bool bf16x3_on(int64_t rows) { return BGEM3_AMX_BF16 && amx_granted() && bf16x3_path.wants(rows); }
 
-// The switch behind m3_bf16x3 / m3t_bf16x3: on (1) or off (0) or unchanged (-1), the row threshold set when
-// min_rows >= 1; returns 1 if calls at the threshold now run on AMX.
-inline int bf16x3_switch(int on, int64_t min_rows) {
-  if (on >= 0) bf16x3_wanted.store(on ? 1 : 0);
-  if (min_rows >= 1) bf16x3_min_rows.store(min_rows);
-  return bf16x3_on(bf16x3_min_rows.load()) ? 1 : 0;
-}
+// The switch behind m3_bf16x3 / m3t_bf16x3 (PathSwitch::set); 1 if calls at the threshold now run on AMX.
+inline int bf16x3_switch(int on, int64_t min_rows) { return bf16x3_path.set(on, min_rows, bf16x3_on); }
 
 // The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where
 // bf16x3_on(rows), else on AVX-512 registers, where f32gemm_on(rows) (gemm_f32.h), with each W_j packed once per

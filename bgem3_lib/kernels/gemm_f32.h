@@ -21,10 +21,30 @@
 
 namespace {
 
-#if defined(__AVX512F__)
-const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
-const int64_t kF32Cols = 32, kF32BlockK = 256, kF32ChunkRows = 144, kF32BlockPanels = 32;
-static_assert(kF32BlockK % 16 == 0, "the packing transposes 16 k at a time within one k block");
+// One product path's switch (this file's AVX-512 kernel, gemm_bf16x3.h's AMX one): wanted (on unless the
+// environment variable `env` is 0) and the fewest token rows per call it takes (fewer: the BLAS). Tests and
+// benchmarks move both through the m3_* / m3t_* functions.
+struct PathSwitch {
+  std::atomic<int> wanted;
+  std::atomic<int64_t> min_rows;
+  PathSwitch(const char *env, int64_t rows) : wanted(off_in_environment(env) ? 0 : 1), min_rows(rows) {}
+  static bool off_in_environment(const char *env) {
+    const char *e = std::getenv(env);
+    return e && e[0] == '0';
+  }
+  bool wants(int64_t rows) const {
+    return wanted.load(std::memory_order_relaxed) && rows >= min_rows.load(std::memory_order_relaxed);
+  }
+  // on (1) or off (0) or unchanged (-1), the row threshold set when rows >= 1; returns 1 if a call at the threshold
+  // now runs on the path (runs(rows): the path's whole test, with what the CPU and build allow).
+  int set(int on, int64_t rows, bool (*runs)(int64_t)) {
+    if (on >= 0) wanted.store(on ? 1 : 0);
+    if (rows >= 1) min_rows.store(rows);
+    return runs(min_rows.load()) ? 1 : 0;
+  }
+};
+
+const int64_t kF32BlockK = 256;   // k per block past f32_whole_k()
 // Up to this k a product takes all of k in one block, so each 12 x 32 block of y is written once, not read and
 // written again per 256 k: the full-size q/k/v/o and FFN-in products (k = 1024) measured 1.06-1.15x the
 // 256-blocked kernel at 1024-2048 rows (AMD EPYC Zen 5; a row group's 1024 x 12 floats and a panel's 1024 x 32
@@ -34,6 +54,11 @@ std::atomic<int64_t> f32_whole_k_v{1024};
 inline int64_t f32_whole_k() { return f32_whole_k_v.load(std::memory_order_relaxed); }
 // The k block of W [n, k]: all of k up to f32_whole_k(), else kF32BlockK (a multiple of 16, as pack() needs).
 inline int64_t f32_block_k(int64_t k) { return k <= f32_whole_k() ? k : kF32BlockK; }
+
+#if defined(__AVX512F__)
+const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
+const int64_t kF32Cols = 32, kF32ChunkRows = 144, kF32BlockPanels = 32;
+static_assert(kF32BlockK % 16 == 0, "the packing transposes 16 k at a time within one k block");
 
 // r[j] lane q <- r[q] lane j: a 16 x 16 float transpose in registers (32-, 64- then 128-bit interleaves).
 inline void transpose16(__m512 r[16]) {
@@ -258,32 +283,21 @@ inline void gemm_f32(const float *, int64_t, int64_t, const F32Weight &, float *
 inline void gemm_f32_tn(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *, int64_t) {}
 #endif  // __AVX512F__
 
-// Switched on (1, the default; BGEM3_F32GEMM=0 in the environment: off) or off (0: the BLAS) by m3_f32gemm /
-// m3t_f32gemm (tests and benchmarks).
-std::atomic<int> f32gemm_wanted{[] {
-  const char *e = std::getenv("BGEM3_F32GEMM");
-  return e && e[0] == '0' ? 0 : 1;
-}()};
-// Below this many rows per call the BLAS computes (W is packed once per call). Settable so that tests can move
-// the edge.
-std::atomic<int64_t> f32gemm_min_rows{64};
+// Switched on (the default; BGEM3_F32GEMM=0 in the environment: off) or off (the BLAS) by m3_f32gemm /
+// m3t_f32gemm (tests and benchmarks); below 64 rows per call the BLAS computes (W is packed once per call).
+PathSwitch f32gemm_path{"BGEM3_F32GEMM", 64};
 
 inline bool f32gemm_on(int64_t rows) {
 #if defined(__AVX512F__)
-  return f32gemm_wanted.load(std::memory_order_relaxed) && rows >= f32gemm_min_rows.load(std::memory_order_relaxed);
+  return f32gemm_path.wants(rows);
 #else
   (void)rows;
   return false;
 #endif
 }
 
-// The switch behind m3_f32gemm / m3t_f32gemm: on (1) or off (0) or unchanged (-1), the row threshold set when
-// min_rows >= 1; returns 1 if calls at the threshold now run here.
-inline int f32gemm_switch(int on, int64_t min_rows) {
-  if (on >= 0) f32gemm_wanted.store(on ? 1 : 0);
-  if (min_rows >= 1) f32gemm_min_rows.store(min_rows);
-  return f32gemm_on(f32gemm_min_rows.load()) ? 1 : 0;
-}
+// The switch behind m3_f32gemm / m3t_f32gemm (PathSwitch::set); 1 if calls at the threshold now run here.
+inline int f32gemm_switch(int on, int64_t min_rows) { return f32gemm_path.set(on, min_rows, f32gemm_on); }
 
 }  // namespace
 
