@@ -19,8 +19,8 @@
 #include <new>
 #include <vector>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>   // AVX-512 where compiled for it; train_kernels.cc's F16C path without it
 #endif
 
 namespace {
