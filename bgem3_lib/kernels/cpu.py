@@ -105,9 +105,9 @@ def f32gemm_by_default() -> bool:
     """Whether the float32 products go to the package's AVX-512 kernel (``gemm_f32.h``) rather than the BLAS when
     nobody chose (``BGEM3_F32GEMM`` unset): where the BLAS runs vectors narrower than the CPU's
     (``blas_check.narrow_kernel_note``), e.g. OpenBLAS pinned to Haswell on an AVX-512 CPU. There the kernel
-    measured 1.26-1.99x the BLAS on the encoder's shapes and 1.6x on M3-small encodes (AMD EPYC Zen 5,
-    ``benchmarks/results/f32_gemm.md``); against OpenBLAS's own AVX-512 kernel it measured 0.91-1.04x at 1024-2048
-    rows, so the BLAS keeps those machines."""
+    measured 1.08-2.05x the BLAS on the encoder's shapes and 1.56-1.60x on M3-small encodes (AMD EPYC Zen 5,
+    ``benchmarks/results/f32_gemm.md``); against OpenBLAS's own AVX-512 kernel it measured 0.95-1.15x on the
+    products at 1024-2048 rows but 0.96-1.04x on M3-small encodes, so the BLAS keeps those machines."""
     return blas_report()["note"] is not None
 
 
