@@ -7,13 +7,15 @@
 // Layouts: W packed once per call and shared by the workers, in panels of 32 columns, k-major:
 //   packed W [k / kb rounded up][n / 32 rounded up][kb (fewer in the last block)][32], kb = f32_block_k(k) (columns
 //   past n zero; F32Weight::at);
-//   packed x, one chunk of kF32ChunkRows rows x kF32BlockK k at a time: [row groups of kF32Rows][k][kF32Rows].
+//   packed x, one chunk of kF32ChunkRows rows x kb k at a time: [row groups of kF32Rows][k][kF32Rows].
 // Register blocking: 12 rows x 32 columns of y in 24 zmm accumulators; per k, two loads of W's panel and twelve
-// broadcasts of x, for 24 FMAs. Cache blocking: a panel's kF32BlockK x 32 slice (32 KiB) stays in L1 while the
-// chunk's row groups (kF32ChunkRows x kF32BlockK, 144 KiB, in L2) pass it.
+// broadcasts of x, for 24 FMAs. Cache blocking: with k blocks of kF32BlockK a panel's 256 x 32 slice (32 KiB) stays
+// in L1 while the chunk's row groups (kF32ChunkRows x 256, 144 KiB, in L2) pass it; with all of k <= f32_whole_k()
+// in one block both come from L2 and each block of y is written once.
 //
-// Worked example: m = 30 rows, n = 40, k = 300 -> 2 panels (32 + 8 columns, the second masked), k blocks 256 + 44,
-// 3 row groups (12 + 12 + 6 rows, the last one's stores masked to 6 rows).
+// Worked example: m = 30 rows, n = 40, k = 300 -> 2 panels (32 + 8 columns, the second masked), one k block of 300
+// (k blocks 256 + 44 with f32_whole_k() below 300), 3 row groups (12 + 12 + 6 rows, the last one's stores masked to
+// 6 rows).
 #ifndef BGEM3_GEMM_F32_H_
 #define BGEM3_GEMM_F32_H_
 
