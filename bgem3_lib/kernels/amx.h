@@ -15,7 +15,7 @@
 #else
 #define BGEM3_AMX_TILE 0
 #endif
-#if BGEM3_AMX_TILE && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if BGEM3_AMX_TILE && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
 #define BGEM3_AMX_BF16 1
 #else
 #define BGEM3_AMX_BF16 0

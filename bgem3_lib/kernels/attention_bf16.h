@@ -17,26 +17,11 @@
 #define BGEM3_ATTENTION_BF16_H_
 
 #include "amx.h"
+#include "attention_dpbf16.h"   // to_bf16, bf16_scalar
 
 namespace {
 
 #if BGEM3_AMX_BF16
-// Round to nearest even (vcvtneps2bf16), 16 at a time; the tail of count < 16 is masked.
-inline void to_bf16(const float *x, int64_t count, float scale, uint16_t *out) {
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int64_t j = 0; j < count; j += 16) {
-    const __mmask16 m = count - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (count - j)) - 1u);
-    const __m256bh b = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + j), s));
-    _mm256_mask_storeu_epi16(out + j, m, (__m256i)b);
-  }
-}
-
-inline uint16_t bf16_scalar(float x) {  // the same rounding, one value (NaN-free input)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 struct Bf16Attention {
   int64_t hidden, d, heads;
   std::vector<int64_t> base;          // per sequence: offset of its (head 0) packed keys / values

@@ -8,9 +8,9 @@ Activations are quantised inside the kernel, per row (token), to uint8 with the 
     y[i, j] = s[i] * scale[j] * (sum_k u[i, k] q[j, k] - z[i] * sum_k q[j, k]) + b[j]
 
 ``attention_block`` / ``ffn_block`` are ``kernels.cpu``'s fused sub-layers with their four linear maps in int8;
-softmax, GELU, residuals and layer norms stay float32, and so do attention's two products except on AMX-BF16
-CPUs, where they run in bfloat16 with float32 accumulation (:func:`set_bf16_attention`). A :class:`QuantLinear`
-holds one layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
+softmax, GELU, residuals and layer norms stay float32; attention's two products run in bfloat16 with float32
+accumulation where the CPU has AMX-BF16 or AVX512-BF16 (:func:`set_bf16_attention`), in float32 elsewhere.
+A :class:`QuantLinear` holds one layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
 compiled on first use by ``cpu.build_library``. The products run on AMX tiles where the CPU has them and the OS
 grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in a scalar loop: the same integers
 each time, so the same outputs. A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
@@ -168,16 +168,28 @@ def uses_amx() -> bool:
     return _ask("m3_int8_amx", -1)
 
 
-def set_bf16_attention(on: bool) -> bool:
-    """Compute the int8 path's attention (scores and context) in bfloat16 on AMX tiles, float32 accumulation
-    (``on``, the default where AMX-BF16 runs), or in float32 as the float32 path does; returns True when bfloat16
-    attention now runs (head size a multiple of 32 up to 64)."""
-    return _ask("m3_int8_bf16_attention", int(bool(on)))
+BF16_ATTENTION_PATHS = {0: None, 1: "amx", 2: "avx512_bf16"}
 
 
-def uses_bf16_attention() -> bool:
-    """True when the int8 path's attention runs in bfloat16 on AMX here (head size 64)."""
-    return _ask("m3_int8_bf16_attention", -1)
+def set_bf16_attention(on: bool) -> str | None:
+    """Compute the int8 path's attention (scores and context) in bfloat16 with float32 accumulation (``on``, the
+    default wherever it can run) or in float32 as the float32 path does. Returns where bfloat16 attention now
+    runs at head size 64: ``"amx"`` (AMX tiles, ``attention_bf16.h``; ``set_amx(False)`` moves it off them),
+    ``"avx512_bf16"`` (AVX512-BF16 dot products, ``attention_dpbf16.h``: Zen 4/5, Cooper Lake) or None (float32).
+    Both bfloat16 kernels round the same values (q / sqrt d, k, v, the softmax's unnormalised weights)."""
+    return _bf16_attention(int(bool(on)))
+
+
+def uses_bf16_attention() -> str | None:
+    """Where the int8 path's attention runs in bfloat16 here (head size 64): ``"amx"``, ``"avx512_bf16"`` or None
+    (float32); see :func:`set_bf16_attention`."""
+    return _bf16_attention(-1)
+
+
+def _bf16_attention(arg: int) -> str | None:
+    if not available():
+        return None
+    return BF16_ATTENTION_PATHS[ctypes.CDLL(str(_state["lib"])).m3_int8_bf16_attention(arg)]
 
 
 def _op(name: str, out_shape) -> ops.Custom:

@@ -16,7 +16,8 @@
 //
 // The fused sub-layers keep everything but the four linear maps in float32, exactly as cpu_kernels.cc
 // (attention scores / softmax / context, GELU, bias, residual, layer norm), sharing its helpers through
-// kernels_common.h; on AMX-BF16 CPUs attention's two products run in bfloat16 instead (attention_bf16.h).
+// kernels_common.h; attention's two products run in bfloat16 instead on AMX-BF16 CPUs (attention_bf16.h) and on
+// AVX512-BF16 CPUs without AMX (attention_dpbf16.h).
 #include "kernels_common.h"
 
 #include <atomic>
@@ -31,7 +32,7 @@
 // AMX (Sapphire Rapids and later): one TDPBUSD multiplies a 16 x 64 uint8 tile by a 64 x 16 int8 tile into
 // 16 x 16 int32, the same integers as vpdpbusd. The packed panel's rows (one per k-group, 64 columns x 4 k) are
 // already AMX's B layout: 16 columns of 16 k-groups form one tile at row stride 256 bytes.
-#include "attention_bf16.h"
+#include "attention_bf16.h"     // includes attention_dpbf16.h
 #if BGEM3_VNNI && BGEM3_AMX_TILE && defined(__AMX_INT8__)
 #define BGEM3_AMX 1
 #else
@@ -51,11 +52,15 @@ const int64_t kAmxMaxBlock = 256;  // with AMX: more rows share each weight pane
 std::atomic<int> amx_wanted{1}, bf16_attention_wanted{1};
 bool amx_on() { return BGEM3_AMX && amx_granted() && amx_wanted.load(std::memory_order_relaxed); }
 
-// Attention in bfloat16 on AMX (attention_bf16.h) for head size d: compiled in, granted, switched on
-// (m3_int8_bf16_attention), d a multiple of 32 up to 64.
-bool bf16_attention_on(int64_t d) {
-  return BGEM3_AMX_BF16 && amx_granted() && bf16_attention_wanted.load(std::memory_order_relaxed) && d % 32 == 0 &&
-         d <= 64;
+// Where the int8 path's attention runs in bfloat16 for head size d, if it does (m3_int8_bf16_attention switches it):
+// on AMX tiles (attention_bf16.h: compiled in, the int8 products' AMX on, d a multiple of 32 up to 64), else with
+// AVX512-BF16 dot products (attention_dpbf16.h: compiled in, d a multiple of 16); kFloat32: kernels_common.h's.
+enum class AttentionKind { kFloat32, kAmx, kDot };
+AttentionKind bf16_attention_path(int64_t d) {
+  if (!bf16_attention_wanted.load(std::memory_order_relaxed)) return AttentionKind::kFloat32;
+  if (BGEM3_AMX_BF16 && amx_on() && d % 32 == 0 && d <= 64) return AttentionKind::kAmx;
+  if (BGEM3_DPBF16 && d % 16 == 0) return AttentionKind::kDot;
+  return AttentionKind::kFloat32;
 }
 
 // Quantised rows: u [rows, kp] (kp = K rounded up to 4, the tail zero), scale and zero point per row.
@@ -323,11 +328,11 @@ int m3_int8_amx(int on) {
   return amx_on() ? 1 : 0;
 }
 
-// Attention in bfloat16 on AMX tiles on (1) or off (0: float32), or only ask (-1); returns 1 if it runs for head
-// size 64 (compiled in, granted by the OS, switched on).
+// Attention in bfloat16 on (1) or off (0: float32), or only ask (-1); returns where it runs for head size 64:
+// 0 float32, 1 AMX tiles, 2 AVX512-BF16 dot products (m3_int8_amx(0) moves it from AMX to those).
 int m3_int8_bf16_attention(int on) {
   if (on >= 0) bf16_attention_wanted.store(on ? 1 : 0);
-  return bf16_attention_on(64) ? 1 : 0;
+  return (int)bf16_attention_path(64);
 }
 
 // y [..., N] = x [..., K] @ W^T + b.  inputs: x, packed, scale [N], wsum [N] i32, bias [N].
@@ -382,10 +387,14 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
   const Tiling tl(rows, wqkv.panels);
   int bad = 0;
   SingleThreadedBlas one;
+  const AttentionKind path = bf16_attention_path(d);
 #if BGEM3_AMX_BF16
-  const bool bf16 = bf16_attention_on(d);
   Bf16Attention att{h, d, heads, {}, {}, {}, {}};
-  if (bf16) att.prepare(offsets, batch, rows);
+  if (path == AttentionKind::kAmx) att.prepare(offsets, batch, rows);
+#endif
+#if BGEM3_DPBF16
+  DpBf16Attention dot{h, d, heads, {}, {}, {}};
+  if (path == AttentionKind::kDot) dot.prepare(offsets, batch);
 #endif
 #pragma omp parallel
   {
@@ -395,8 +404,8 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
     if (!bad) {
 #pragma omp for schedule(dynamic, 1)
       for (int64_t t = 0; t < tl.items(); ++t) run_item(tl, t, a, rows, wqkv, qkv.data(), false);
+      if (path == AttentionKind::kAmx) {
 #if BGEM3_AMX_BF16
-      if (bf16) {
         att.pack(qkv.data(), offsets, batch, rows);
         Scratch scratch(Bf16Attention::scratch_floats(d, longest));
         tile_configure();
@@ -406,9 +415,15 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
           att.attend(t.seq, t.start, t.n, t.head, t.row0, t.rows, scratch.data(), ctx.data());
         }
         _tile_release();
-      } else
 #endif
-      {
+      } else if (path == AttentionKind::kDot) {
+#if BGEM3_DPBF16
+        dot.pack(qkv.data(), offsets, batch);
+        Scratch scratch(DpBf16Attention::scratch_floats(d, longest));
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t i = 0; i < ntasks; ++i) dot.attend(tasks[i], qkv.data(), scratch.data(), ctx.data());
+#endif
+      } else {
         Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
         for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());

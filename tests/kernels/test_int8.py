@@ -226,14 +226,27 @@ def test_scalar_fallback_build_computes_the_same():
     assert qk.call_kernel("m3_int8_linear", [x[:, :66].copy(), *weights], y, path) == 2   # K disagrees with packing
 
 
-# ---------------------------------------------------------------- attention in bfloat16 on AMX
+# ---------------------------------------------------------------- attention in bfloat16: AMX, AVX512-BF16
+def cpu_flags() -> set[str]:
+    return set(Path("/proc/cpuinfo").read_text().split())
+
+
+def test_bf16_attention_is_on_by_default_wherever_it_can_run():
+    flags = cpu_flags()
+    expected = "amx" if {"amx_bf16", "avx512_bf16"} <= flags else "avx512_bf16" if "avx512_bf16" in flags else None
+    assert qk.uses_bf16_attention() == expected
+
+
+@pytest.mark.parametrize("path", ["amx", "avx512_bf16"])
 @pytest.mark.parametrize("h,heads,lengths", [(64, 2, [37, 1, 300, 5, 2]), (384, 12, [50, 27, 130]),
-                                             (256, 4, [700, 33])])
-def test_bf16_attention_matches_a_bfloat16_reference(h, heads, lengths):
-    has = "amx_bf16" in Path("/proc/cpuinfo").read_text() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    assert qk.uses_bf16_attention() == has                     # on by default wherever it can run
-    if not has:
-        pytest.skip("no AMX-BF16 here")
+                                             (256, 4, [700, 33]), (64, 4, [19, 260, 3]), (64, 1, [4200])])
+def test_bf16_attention_matches_a_bfloat16_reference(path, h, heads, lengths):
+    """Both bfloat16 kernels against the same rounded float64 reference: (64, 4) is head size 16 (one 16-dim
+    column block; AVX512-BF16 only), (64, 1, [4200]) is long enough for the key blocks (K and V past 1 MiB)."""
+    if not {"amx_bf16" if path == "amx" else "avx512_bf16", "avx512_bf16"} <= cpu_flags():
+        pytest.skip(f"no {path} here")
+    if path == "amx" and (h // heads) % 32:
+        pytest.skip("AMX attention takes head sizes 32 and 64")
     rng = np.random.default_rng(h + len(lengths))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     x = layer_norm(_rand(rng, int(offsets[-1]), h), 1.0, 0.0).astype(np.float32)
@@ -247,12 +260,14 @@ def test_bf16_attention_matches_a_bfloat16_reference(h, heads, lengths):
                                   Tensor(np.array([heads], np.int32)), ck.scalar(1e-5)).asnumpy()
 
     try:
-        assert qk.set_bf16_attention(False) is False
+        qk.set_amx(path == "amx")                   # on an AMX CPU, set_amx(False) moves attention off the tiles
+        assert qk.set_bf16_attention(False) is None
         f32 = run()
-        assert qk.set_bf16_attention(True) is True
+        assert qk.set_bf16_attention(True) == path
         b16 = run()
     finally:
         qk.set_bf16_attention(True)
+        qk.set_amx(True)
     ref16 = attention_ref(x, wqkv, bqkv, wo, bo, g, beta, offsets, heads, bfloat16=True)
     # the same roundings: only float32 accumulation order (and a uint8 step it may move) differ
     assert np.median(np.abs(b16 - ref16)) < 1e-6 and np.abs(b16 - ref16).max() < 1e-2
@@ -279,6 +294,7 @@ def test_amx_and_vnni_micro_kernels_give_identical_outputs():
         return outs
 
     try:
+        qk.set_bf16_attention(False)       # set_amx(False) would also move bfloat16 attention off the tiles
         for t, k, n in [(1, 64, 64), (31, 384, 130), (33, 1024, 200), (97, 128, 1536)]:
             x, w, b = _rand(rng, t, k), _rand(rng, n, k, scale=0.2), _rand(rng, n)
             layer = qk.QuantLinear(w, b)
@@ -300,6 +316,7 @@ def test_amx_and_vnni_micro_kernels_give_identical_outputs():
             np.testing.assert_array_equal(amx, vnni)
     finally:
         qk.set_amx(True)
+        qk.set_bf16_attention(True)
 
 
 # ---------------------------------------------------------------- the model
