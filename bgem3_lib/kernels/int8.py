@@ -10,10 +10,10 @@ Activations are quantised inside the kernel, per row (token), to uint8 with the 
 ``attention_block`` / ``ffn_block`` are ``kernels.cpu``'s fused sub-layers with their four linear maps in int8;
 softmax, GELU, residuals and layer norms stay float32; attention's two products run in bfloat16 with float32
 accumulation where the CPU has AMX-BF16 or AVX512-BF16 (:func:`set_bf16_attention`), in float32 elsewhere.
-A :class:`QuantLinear` holds one layer: the packed weights take a quarter of the float32 bytes. CPU only, inference only; the library is
-compiled on first use by ``cpu.build_library``. The products run on AMX tiles where the CPU has them and the OS
-grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in a scalar loop: the same integers
-each time, so the same outputs. A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
+A :class:`QuantLinear` holds one layer: the packed weights take a quarter of the float32 bytes. CPU only,
+inference only; the library is compiled on first use by ``cpu.build_library``. The products run on AMX tiles
+where the CPU has them and the OS grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in
+a scalar loop: the same integers each time, so the same outputs. A NaN or inf in a kernel's input makes it return 3 (MindSpore then raises
 ``RuntimeError: Return value ... is 3``); 2 means shapes that disagree with the packed weights.
 
 >>> layer = QuantLinear(np.eye(3, 5, dtype=np.float32), np.zeros(3, np.float32))
