@@ -14,7 +14,8 @@ A :class:`QuantLinear` holds one layer: the packed weights take a quarter of the
 inference only; the library is compiled on first use by ``cpu.build_library``. The products run on AMX tiles
 where the CPU has them and the OS grants them (:func:`uses_amx`), else on an AVX-512 VNNI micro-kernel, else in
 a scalar loop: the same integers each time, so the same outputs. A NaN or inf in a kernel's input makes it
-return 3 (MindSpore then raises ``RuntimeError: Return value ... is 3``); 2 means shapes that disagree with the packed weights.
+return 3 (MindSpore then raises ``RuntimeError: Return value ... is 3``); 2 means shapes that disagree with the
+packed weights.
 
 >>> layer = QuantLinear(np.eye(3, 5, dtype=np.float32), np.zeros(3, np.float32))
 >>> layer.packed.shape, layer.nbytes()          # [ceil(N/64), ceil(K/4), 64 * 4] int8, + scale/sum/bias
