@@ -111,16 +111,20 @@ def f32gemm_by_default() -> bool:
     return blas_report()["note"] is not None
 
 
+PACKED_ONLY = 2     # gemm_f32.h's kPackedOnly: the AVX-512 kernel only for weights packed ahead (kernels/packed.py)
+
+
 def choose_f32gemm(lib: Path) -> None:
     """Set the AVX-512 float32 kernel's switch in a freshly built library (``m3_f32gemm`` or ``m3t_f32gemm``):
-    ``BGEM3_F32GEMM=0`` / ``=1`` force it off / on, unset leaves it to :func:`f32gemm_by_default`."""
+    ``BGEM3_F32GEMM=0`` / ``=1`` force it off / on; unset, on where :func:`f32gemm_by_default`, else on only for
+    weights packed ahead (``PACKED_ONLY``: with the packing skipped it beats the BLAS, ``kernels/packed.py``)."""
     handle = ctypes.CDLL(str(lib))
     names = [name for name in ("m3_f32gemm", "m3t_f32gemm") if hasattr(handle, name)]
     if names:
         choice = os.environ.get("BGEM3_F32GEMM")
-        on = choice != "0" if choice is not None else f32gemm_by_default()
+        on = int(choice != "0") if choice is not None else 1 if f32gemm_by_default() else PACKED_ONLY
         for name in names:
-            kernel_switch(lib, name, int(on), None)
+            kernel_switch(lib, name, on, None)
 
 
 def kernel_switch(lib: Path | None, function: str, on: int, min_rows: int | None) -> bool:
@@ -147,13 +151,17 @@ def uses_bf16x3() -> bool:
     return available() and kernel_switch(_state["lib"], "m3_bf16x3", -1, None)
 
 
-def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
-    """Compute the linear layers' float32 products with the package's own AVX-512 kernel (``on``, the default;
-    ``gemm_f32.h``: weights packed once per call, 12 x 32 register blocks), or on the BLAS, for calls of at least
-    ``min_rows`` token rows (default 64) that AMX does not take; returns True when such calls now run there
-    (this build has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``); the default
-    when the library loads is :func:`choose_f32gemm`'s."""
-    return available() and kernel_switch(_state["lib"], "m3_f32gemm", int(bool(on)), min_rows)
+def set_f32gemm(on: bool | str, min_rows: int | None = None) -> bool:
+    """Compute the linear layers' float32 products with the package's own AVX-512 kernel (``on``; ``gemm_f32.h``:
+    weights packed per call or ahead, 12 x 32 register blocks), or on the BLAS (False), or on the kernel only where
+    the weights were packed ahead (``"packed"``, ``kernels/packed.py``), for calls of at least ``min_rows`` token
+    rows (default 64) that AMX does not take; returns True when calls of unpacked weights now run there (this build
+    has AVX-512). Independent of the BLAS's own CPU detection (``OPENBLAS_CORETYPE``); the default when the
+    library loads is :func:`choose_f32gemm`'s."""
+    if on not in (True, False, "packed"):
+        raise ValueError(f"on must be True, False or 'packed', got {on!r}")
+    state = PACKED_ONLY if on == "packed" else int(on)
+    return available() and kernel_switch(_state["lib"], "m3_f32gemm", state, min_rows)
 
 
 def set_f32gemm_whole_k(k: int | None = None) -> int:
@@ -164,6 +172,11 @@ def set_f32gemm_whole_k(k: int | None = None) -> int:
     fn = ctypes.CDLL(str(_state["lib"])).m3_f32gemm_whole_k
     fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
     return int(fn(-1 if k is None else int(k)))
+
+
+def f32gemm_state() -> int:
+    """The AVX-512 float32 kernel's switch: 0 off (or not built), 1 on, ``PACKED_ONLY`` on for packed weights."""
+    return int(ctypes.CDLL(str(_state["lib"])).m3_f32gemm_wanted()) if available() else 0
 
 
 def uses_f32gemm() -> bool:
@@ -252,16 +265,20 @@ def embed(ids: Tensor, pos: Tensor, word, position, token_type0, gamma, beta, ep
     return _op("m3_embed", lambda i, *s: [i[0], s[1][1]])(ids, pos, word, position, token_type0, gamma, beta, eps)
 
 
-def attention_block(x: Tensor, attention, offsets: Tensor, heads: Tensor, eps: Tensor) -> Tensor:
-    """Post-LN self-attention sub-layer of ``encoder.SelfAttention`` on packed tokens [T, H]."""
+def attention_block(x: Tensor, attention, offsets: Tensor, heads: Tensor, eps: Tensor, packed=None) -> Tensor:
+    """Post-LN self-attention sub-layer of ``encoder.SelfAttention`` on packed tokens [T, H]; ``packed``: a
+    ``packed.PackedWeights`` of its query, key, value and out weights (the products then skip packing them)."""
     f = _op("m3_attention_block", lambda xs, *s: xs)
     q, k, v = attention.query, attention.key, attention.value
+    extra = (packed.id_tensor,) if packed is not None else ()
     return f(x, q.weight, q.bias, k.weight, k.bias, v.weight, v.bias, attention.out.weight, attention.out.bias,
-             attention.norm.gamma, attention.norm.beta, eps, offsets, heads)
+             attention.norm.gamma, attention.norm.beta, eps, offsets, heads, *extra)
 
 
-def ffn_block(x: Tensor, ffn, eps: Tensor) -> Tensor:
-    """Post-LN GELU feed-forward sub-layer of ``encoder.FeedForward`` on packed tokens [T, H]."""
+def ffn_block(x: Tensor, ffn, eps: Tensor, packed=None) -> Tensor:
+    """Post-LN GELU feed-forward sub-layer of ``encoder.FeedForward`` on packed tokens [T, H]; ``packed``: a
+    ``packed.PackedWeights`` of its inner and outer weights."""
     f = _op("m3_ffn_block", lambda xs, *s: xs)
+    extra = (packed.id_tensor,) if packed is not None else ()
     return f(x, ffn.inner.weight, ffn.inner.bias, ffn.outer.weight, ffn.outer.bias, ffn.norm.gamma,
-             ffn.norm.beta, eps)
+             ffn.norm.beta, eps, *extra)

@@ -31,6 +31,8 @@ int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 
 // The same for the products on AVX-512 registers (gemm_f32.h; where AMX does not take them).
 int m3_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
+// Its switch's state: 0 off (or no AVX-512 build), 1 on, 2 on for weights packed ahead only (kPackedOnly).
+int m3_f32gemm_wanted() { return f32gemm_on(1 << 30, true) ? f32gemm_path.wanted.load() : 0; }
 // Its k extent taken in one block (gemm_f32.h's f32_whole_k) set when k >= 0; returns the value now in force.
 int64_t m3_f32gemm_whole_k(int64_t k) {
   if (k >= 0) f32_whole_k_v.store(k);
@@ -100,11 +102,11 @@ int m3_embed(int nparam, void **params, int *, int64_t **shapes, const char **, 
 
 // Self-attention sub-layer: y = LayerNorm(x + Attention(x) @ Wo^T + bo).
 // inputs: x [T, H], w_q [H, H], b_q [H], w_k, b_k, w_v, b_v (the same shapes), w_o [H, H], b_o [H], gamma, beta,
-//         eps [1], offsets [B+1] i32, heads [1] i32.
+//         eps [1], offsets [B+1] i32, heads [1] i32[, packed-weights id [1] i64 (m3_f32_pack)].
 // The three projections are written side by side into one qkv [T, 3H] (query | key | value), the layout
 // attend() reads; the weights stay three arrays, so they can be the checkpoint's file-mapped tensors.
 int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 15 || !blas().sgemm) return 1;
+  if ((nparam != 15 && nparam != 16) || !blas().sgemm) return 1;
   const float *x = (const float *)params[0];
   const float *w3[3] = {(const float *)params[1], (const float *)params[3], (const float *)params[5]};
   const float *b3[3] = {(const float *)params[2], (const float *)params[4], (const float *)params[6]};
@@ -113,7 +115,8 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   float eps = *(const float *)params[11];
   const int32_t *offsets = (const int32_t *)params[12];
   int64_t heads = *(const int32_t *)params[13];
-  float *y = (float *)params[14];
+  float *y = (float *)params[nparam - 1];
+  const auto ahead = packed_set(nparam == 16 ? *(const int64_t *)params[14] : 0);
   int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[12][0] - 1, qblock = 256;
   std::vector<AttentionTask> tasks;
   int64_t longest = 1;
@@ -121,7 +124,10 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   const int64_t d = h / heads;  // after the check: heads < 1 must not reach the division
   Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
-  Products products(rows, {{w3[0], h, h}, {w3[1], h, h}, {w3[2], h, h}, {wo, h, h}});
+  auto weight = [&](const float *w, int64_t n, int64_t k) -> Products::Weight {
+    return {w, n, k, true, packed_for(ahead.get(), w, n, k)};
+  };
+  Products products(rows, {weight(w3[0], h, h), weight(w3[1], h, h), weight(w3[2], h, h), weight(wo, h, h)});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
@@ -150,15 +156,17 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
 
 // Feed-forward sub-layer: y = LayerNorm(x + GELU(x @ W1^T + b1) @ W2^T + b2). Each worker takes a
 // block of rows through both products, so the [block, F] intermediate stays in its cache.
-// inputs: x [T, H], w1 [F, H], b1 [F], w2 [H, F], b2 [H], gamma, beta, eps [1].
+// inputs: x [T, H], w1 [F, H], b1 [F], w2 [H, F], b2 [H], gamma, beta, eps [1][, packed-weights id [1] i64].
 int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char **, void *, void *) {
-  if (nparam != 9 || !blas().sgemm) return 1;
+  if ((nparam != 9 && nparam != 10) || !blas().sgemm) return 1;
   const float *x = (const float *)params[0], *w1 = (const float *)params[1], *b1 = (const float *)params[2];
   const float *w2 = (const float *)params[3], *b2 = (const float *)params[4];
   const float *gamma = (const float *)params[5], *beta = (const float *)params[6];
-  float eps = *(const float *)params[7], *y = (float *)params[8];
+  float eps = *(const float *)params[7], *y = (float *)params[nparam - 1];
+  const auto ahead = packed_set(nparam == 10 ? *(const int64_t *)params[8] : 0);
   int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0], block = row_block(rows);
-  Products products(rows, {{w1, f, h}, {w2, h, f}});
+  Products products(rows, {{w1, f, h, true, packed_for(ahead.get(), w1, f, h)},
+                           {w2, h, f, true, packed_for(ahead.get(), w2, h, f)}});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
@@ -175,5 +183,27 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   }
   return 0;
 }
+
+
+// Pack the float32 weights W_j [n_j, k_j] given as inputs (y = x @ W_j^T) for gemm_f32.h once, and keep them
+// (packed_weights.h); output: the set's id [1] i64 (0: this build has no AVX-512 kernel). The fused blocks take
+// the id as an extra input.
+int m3_f32_pack(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  if (nparam < 2) return 1;
+  std::vector<const float *> w;
+  std::vector<int64_t> n, k;
+  for (int j = 0; j + 1 < nparam; ++j) {
+    if (ndims[j] != 2 || shapes[j][0] < 1 || shapes[j][1] < 1) return 2;
+    w.push_back((const float *)params[j]);
+    n.push_back(shapes[j][0]);
+    k.push_back(shapes[j][1]);
+  }
+  *(int64_t *)params[nparam - 1] = pack_weights(w.data(), n.data(), k.data(), nparam - 1);
+  return 0;
+}
+
+// Forget packed set `id`; 1 if it was kept. The number of sets kept (tests).
+int m3_f32_release(int64_t id) { return release_weights(id); }
+int64_t m3_f32_packed_sets() { return packed_sets(); }
 
 }  // extern "C"

@@ -23,6 +23,7 @@
 
 #include "bf16x3_split.h"
 #include "gemm_f32.h"
+#include "packed_weights.h"
 
 #include <atomic>
 #include <initializer_list>
@@ -180,28 +181,38 @@ inline int bf16x3_switch(int on, int64_t min_rows) { return bf16x3_path.set(on, 
 
 // The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where
 // bf16x3_on(rows), else on AVX-512 registers, where f32gemm_on(rows) (gemm_f32.h), with each W_j packed once per
-// call and shared by the workers; else the BLAS.
+// call and shared by the workers, or packed ahead (packed_weights.h: `prepacked`, a W_j's packing found by
+// packed_for, which f32gemm_on also takes in its packed-only state); else the BLAS.
 class Products {
  public:
   struct Weight {   // y = x @ W^T for W stored [n, k] (nk, the default), y = x @ W for W stored [k, n]
     const float *w;
     int64_t n, k;
     bool nk = true;
+    const float *prepacked = nullptr;   // nk only: its packing in F32Weight's layout at f32_block_k(k)
   };
-  Products(int64_t rows, std::initializer_list<Weight> weights)
-      : w_(weights), amx_(bf16x3_on(rows)), f32_(!amx_ && f32gemm_on(rows)) {
-    for (const Weight &w : w_) kmax_ = std::max(kmax_, w.k);
+  Products(int64_t rows, std::initializer_list<Weight> weights) : w_(weights), amx_(bf16x3_on(rows)) {
+    bool ahead = false;
+    for (const Weight &w : w_) {
+      kmax_ = std::max(kmax_, w.k);
+      ahead = ahead || (w.prepacked && w.nk);
+    }
+    f32_ = !amx_ && f32gemm_on(rows, ahead);
     if (amx_) {
       packed_.resize(w_.size());
       for (size_t j = 0; j < w_.size(); ++j) packed_[j].allocate(w_[j].n, w_[j].k);
     } else if (f32_) {
       panels_.resize(w_.size());
       int64_t total = 0;
-      for (const Weight &w : w_) total += f32_packed_size(w.n, w.k);
+      for (const Weight &w : w_) total += ahead_(w) ? 0 : f32_packed_size(w.n, w.k);
       float *buffer = f32_arena(total);
       for (size_t j = 0; j < w_.size(); ++j) {
-        panels_[j].allocate(w_[j].n, w_[j].k, buffer);
-        buffer += f32_packed_size(w_[j].n, w_[j].k);
+        if (ahead_(w_[j])) {
+          panels_[j].allocate(w_[j].n, w_[j].k, const_cast<float *>(w_[j].prepacked));
+        } else {
+          panels_[j].allocate(w_[j].n, w_[j].k, buffer);
+          buffer += f32_packed_size(w_[j].n, w_[j].k);
+        }
       }
     }
   }
@@ -210,7 +221,7 @@ class Products {
   void pack(int only = -1) {
     if (!amx_ && !f32_) return;
     for (size_t j = 0; j < w_.size(); ++j) {
-      if (only >= 0 && (size_t)only != j) continue;
+      if ((only >= 0 && (size_t)only != j) || (f32_ && ahead_(w_[j]))) continue;
       const int64_t ld = w_[j].nk ? w_[j].k : w_[j].n;
       if (amx_ && w_[j].nk) packed_[j].pack(w_[j].w, ld);
       if (amx_ && !w_[j].nk) packed_[j].pack_kn(w_[j].w, ld);
@@ -244,6 +255,7 @@ class Products {
   int64_t kmax_ = 0;
   std::vector<Bf16x3Weight> packed_;
   std::vector<F32Weight> panels_;
+  static bool ahead_(const Weight &w) { return w.prepacked && w.nk; }
 };
 
 }  // namespace

@@ -25,7 +25,9 @@ namespace {
 
 // One product path's switch (this file's AVX-512 kernel, gemm_bf16x3.h's AMX one): wanted (on unless the
 // environment variable `env` is 0) and the fewest token rows per call it takes (fewer: the BLAS). Tests and
-// benchmarks move both through the m3_* / m3t_* functions.
+// benchmarks move both through the m3_* / m3t_* functions. wanted = kPackedOnly: only for weights packed ahead of
+// the call (packed_weights.h), which skip the per-call packing that makes the path no faster than some BLASes.
+const int kPackedOnly = 2;
 struct PathSwitch {
   std::atomic<int> wanted;
   std::atomic<int64_t> min_rows;
@@ -34,13 +36,15 @@ struct PathSwitch {
     const char *e = std::getenv(env);
     return e && e[0] == '0';
   }
-  bool wants(int64_t rows) const {
-    return wanted.load(std::memory_order_relaxed) && rows >= min_rows.load(std::memory_order_relaxed);
+  bool wants(int64_t rows, bool prepacked = false) const {
+    const int on = wanted.load(std::memory_order_relaxed);
+    return (on == 1 || (on == kPackedOnly && prepacked)) && rows >= min_rows.load(std::memory_order_relaxed);
   }
-  // on (1) or off (0) or unchanged (-1), the row threshold set when rows >= 1; returns 1 if a call at the threshold
-  // now runs on the path (runs(rows): the path's whole test, with what the CPU and build allow).
+  // on (1), off (0), kPackedOnly (2) or unchanged (-1), the row threshold set when rows >= 1; returns 1 if a call at
+  // the threshold (weights not packed ahead) now runs on the path (runs(rows): the path's whole test, with what the
+  // CPU and build allow).
   int set(int on, int64_t rows, bool (*runs)(int64_t)) {
-    if (on >= 0) wanted.store(on ? 1 : 0);
+    if (on >= 0) wanted.store(on <= kPackedOnly ? on : 1);
     if (rows >= 1) min_rows.store(rows);
     return runs(min_rows.load()) ? 1 : 0;
   }
@@ -285,21 +289,24 @@ inline void gemm_f32(const float *, int64_t, int64_t, const F32Weight &, float *
 inline void gemm_f32_tn(const float *, int64_t, int64_t, const float *, int64_t, int64_t, int64_t, float *, int64_t) {}
 #endif  // __AVX512F__
 
-// Switched on (the default; BGEM3_F32GEMM=0 in the environment: off) or off (the BLAS) by m3_f32gemm /
-// m3t_f32gemm (tests and benchmarks); below 64 rows per call the BLAS computes (W is packed once per call).
+// Switched on (the default; BGEM3_F32GEMM=0 in the environment: off), off (the BLAS) or on for packed-ahead
+// weights only by m3_f32gemm / m3t_f32gemm (kernels/cpu.py chooses at load; tests and benchmarks); below 64 rows
+// per call the BLAS computes (W is packed once per call unless packed ahead).
 PathSwitch f32gemm_path{"BGEM3_F32GEMM", 64};
 
-inline bool f32gemm_on(int64_t rows) {
+inline bool f32gemm_on(int64_t rows, bool prepacked = false) {
 #if defined(__AVX512F__)
-  return f32gemm_path.wants(rows);
+  return f32gemm_path.wants(rows, prepacked);
 #else
-  (void)rows;
+  (void)rows, (void)prepacked;
   return false;
 #endif
 }
 
 // The switch behind m3_f32gemm / m3t_f32gemm (PathSwitch::set); 1 if calls at the threshold now run here.
-inline int f32gemm_switch(int on, int64_t min_rows) { return f32gemm_path.set(on, min_rows, f32gemm_on); }
+inline int f32gemm_switch(int on, int64_t min_rows) {
+  return f32gemm_path.set(on, min_rows, [](int64_t rows) { return f32gemm_on(rows); });
+}
 
 }  // namespace
 

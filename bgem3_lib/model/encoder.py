@@ -32,6 +32,7 @@ from mindspore.common.initializer import initializer
 
 from ..kernels import cpu as cpu_kernels
 from ..kernels import int8 as int8_kernels
+from ..kernels import packed
 from ..weights.mapped import release
 from .config import M3Config
 
@@ -185,6 +186,7 @@ class M3Encoder(nn.Cell):
         self.layers = nn.CellList([Layer(cfg) for _ in range(cfg.num_hidden_layers)])
         self.use_cpu_kernels = True       # False forces the plain-op path in forward_packed
         self.int8 = False                 # True once quantize_int8 ran: only the int8 CPU kernels can run it
+        self._packs = None                # per layer (attention, FFN) packed weights, or [] (drop_packed_weights)
 
     def construct(self, input_ids, attention_mask, position_ids):
         x = self.embed(input_ids, position_ids)
@@ -228,25 +230,47 @@ class M3Encoder(nn.Cell):
         rows = Tensor(np.flatnonzero(keep).astype(np.int32))
         return ops.gather(hidden.reshape(-1, hidden.shape[-1]), rows, 0), offsets
 
+    def set_train(self, mode: bool = True):
+        self.drop_packed_weights()        # a training step changes the weights the packings were made from
+        return super().set_train(mode)
+
+    def drop_packed_weights(self) -> None:
+        """Forget the layers' packed float32 weights (``kernels.packed``); the next packed-token inference packs
+        them again where wanted. Called on training and loading; call it after changing weights in place."""
+        self._packs = None
+
+    def layer_packs(self) -> list:
+        """Per layer, (attention, FFN) ``kernels.packed.PackedWeights`` for the fused float32 kernels, made on
+        first use where ``packed.wanted`` (the packings fit the memory budget), else (None, None)."""
+        if self._packs is None:
+            weights = [([a.query.weight, a.key.weight, a.value.weight, a.out.weight], [f.inner.weight, f.outer.weight])
+                       for a, f in ((layer.attention, layer.ffn) for layer in self.layers)]
+            shapes = [tuple(w.shape) for att, ffn in weights for w in att + ffn]
+            self._packs = ([(packed.PackedWeights(att), packed.PackedWeights(ffn)) for att, ffn in weights]
+                           if packed.wanted(shapes) else [])
+        return self._packs or [(None, None)] * len(self.layers)
+
     def _packed_cpu(self, ids: np.ndarray, pos: np.ndarray, offsets: np.ndarray):
         ck, e = cpu_kernels, self.embeddings
         eps = ck.scalar(self.cfg.layer_norm_eps)
         heads, off = Tensor(np.array([self.cfg.num_attention_heads], np.int32)), Tensor(offsets)
         x = ck.embed(Tensor(ids.astype(np.int32)), Tensor(pos.astype(np.int32)), e.word, e.position,
                      e.token_type, e.norm.gamma, e.norm.beta, eps)
-        for layer in self.layers:
+        packs = self.layer_packs() if not self.int8 else None
+        for i, layer in enumerate(self.layers):
             a, f = layer.attention, layer.ffn
             if self.int8:
                 x = int8_kernels.attention_block(x, a.qkv, a.out, a.norm, off, heads, eps)
                 x = int8_kernels.ffn_block(x, f.inner, f.outer, f.norm, eps)
             else:
-                x = ck.ffn_block(ck.attention_block(x, a, off, heads, eps), f, eps)
+                x = ck.ffn_block(ck.attention_block(x, a, off, heads, eps, packs[i][0]), f, eps, packs[i][1])
         return x
 
     def quantize_int8(self) -> None:
         """Replace each layer's linear layers by ``int8_kernels.QuantLinear`` (``attention.qkv``: query, key and
         value fused into one [3H, H]; ``attention.out``, ``ffn.inner``, ``ffn.outer``): int8 weights per output
         channel, a quarter of the float32 bytes, which are released. Irreversible."""
+        self.drop_packed_weights()
         for i, layer in enumerate(self.layers):
             a = layer.attention
             parts = [getattr(a, n) for n in ("query", "key", "value")]
@@ -343,6 +367,7 @@ def load_hf_state(encoder: M3Encoder, state: dict[str, np.ndarray], share_memory
         raise ValueError(f"checkpoint holds {len(unexpected)} tensor(s) config.json does not describe (e.g. "
                          f"{unexpected[:3]}): config and weights disagree "
                          f"({cfg.num_hidden_layers} layers in the config)")
+    encoder.drop_packed_weights()
     for ours, hf in hf_to_encoder_names(cfg).items():
         p = params[ours]
         p.set_data(_tensor(_take(state, hf, p.shape), p.dtype, share_memory))
@@ -354,6 +379,7 @@ def cast_encoder(encoder: M3Encoder, dtype: str) -> M3Encoder:
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     target = DTYPES[dtype]
+    encoder.drop_packed_weights()
     for name, p in encoder.parameters_and_names():
         if name.startswith("layers.") and ".norm." not in name:
             p.set_dtype(target)          # set_data(x.astype(t)) keeps the old dtype in MindSpore 2.7
