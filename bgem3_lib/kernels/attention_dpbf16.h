@@ -73,19 +73,34 @@ struct DpBf16Attention {
     vb.assign(base[batch], 0);
   }
 
-  // Pack k and v of qkv [T, 3H] for every (sequence, head); every thread of a parallel region calls it.
+  // Pack k and v of qkv [T, 3H] for every (sequence, head); every thread of a parallel region calls it. A key's
+  // row is rounded 16 at a time and its d / 2 pairs stored 32 pairs apart; two keys' values are rounded together
+  // (vcvtne2ps2bf16) and interleaved by one permutation per 16 dims.
   void pack(const float *qkv, const int32_t *offsets, int64_t batch) {
     const int64_t ld = 3 * hidden;
+    alignas(64) int16_t order[32];
+    for (int i = 0; i < 16; ++i) order[2 * i] = (int16_t)i, order[2 * i + 1] = (int16_t)(16 + i);
+    const __m512i interleave = _mm512_load_si512(order);
+    std::vector<uint16_t> row(d);
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t a = 0; a < heads; ++a) {
         const int64_t n = offsets[b + 1] - offsets[b], np = round_up(n, 32);
         const float *k = qkv + offsets[b] * ld + hidden + a * d, *v = k + hidden;
         uint16_t *kh = kb.data() + base[b] + a * np * d, *vh = vb.data() + base[b] + a * np * d;
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t c = 0; c < d; ++c) {
-            kh[(j / 32) * 32 * d + (c / 2) * 64 + (j % 32) * 2 + c % 2] = bf16_scalar(k[j * ld + c]);
-            vh[(j / 2) * 2 * d + 2 * c + j % 2] = bf16_scalar(v[j * ld + c]);
+        for (int64_t j = 0; j < n; ++j) {
+          to_bf16(k + j * ld, d, 1.0f, row.data());
+          uint32_t pairs[128];                    // d <= 256 (bf16_attention_path)
+          std::memcpy(pairs, row.data(), d * sizeof(uint16_t));
+          uint16_t *dst = kh + (j / 32) * 32 * d + (j % 32) * 2;
+          for (int64_t c = 0; c < d / 2; ++c) std::memcpy(dst + 64 * c, pairs + c, 4);
+        }
+        for (int64_t j = 0; j < n; j += 2)
+          for (int64_t c = 0; c < d; c += 16) {
+            const __m512 v0 = _mm512_loadu_ps(v + j * ld + c);
+            const __m512 v1 = j + 1 < n ? _mm512_loadu_ps(v + (j + 1) * ld + c) : _mm512_setzero_ps();
+            const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);      // v0's 16 below, v1's above
+            _mm512_storeu_si512(vh + (j / 2) * 2 * d + 2 * c, _mm512_permutexvar_epi16(interleave, both));
           }
       }
   }

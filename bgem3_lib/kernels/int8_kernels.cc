@@ -54,12 +54,13 @@ bool amx_on() { return BGEM3_AMX && amx_granted() && amx_wanted.load(std::memory
 
 // Where the int8 path's attention runs in bfloat16 for head size d, if it does (m3_int8_bf16_attention switches it):
 // on AMX tiles (attention_bf16.h: compiled in, the int8 products' AMX on, d a multiple of 32 up to 64), else with
-// AVX512-BF16 dot products (attention_dpbf16.h: compiled in, d a multiple of 16); kFloat32: kernels_common.h's.
+// AVX512-BF16 dot products (attention_dpbf16.h: compiled in, d a multiple of 16 up to 256); kFloat32:
+// kernels_common.h's.
 enum class AttentionKind { kFloat32, kAmx, kDot };
 AttentionKind bf16_attention_path(int64_t d) {
   if (!bf16_attention_wanted.load(std::memory_order_relaxed)) return AttentionKind::kFloat32;
   if (BGEM3_AMX_BF16 && amx_on() && d % 32 == 0 && d <= 64) return AttentionKind::kAmx;
-  if (BGEM3_DPBF16 && d % 16 == 0) return AttentionKind::kDot;
+  if (BGEM3_DPBF16 && d % 16 == 0 && d <= 256) return AttentionKind::kDot;
   return AttentionKind::kFloat32;
 }
 
