@@ -79,7 +79,9 @@ class Ours:
                                 return_sparse=True, return_colbert_vecs=not sparse_only, sort_by_length=sort,
                                 show_progress=False)
         from bgem3_lib.kernels import cpu
-        products = "AMX (bf16x3)" if cpu.uses_bf16x3() else "AVX-512 (gemm_f32)" if cpu.uses_f32gemm() else "BLAS"
+        packed = self.model.encoder.uses_packed_weights()
+        products = ("AMX (bf16x3)" if cpu.uses_bf16x3() else "AVX-512 (gemm_f32, weights packed once)" if packed
+                    else "AVX-512 (gemm_f32)" if cpu.uses_f32gemm() else "BLAS")
         return {"dense": out["dense_vecs"], "kernels_used": self.model.encoder.cpu_kernels_ready(),
                 "linear_products": products}
 

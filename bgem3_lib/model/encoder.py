@@ -239,6 +239,10 @@ class M3Encoder(nn.Cell):
         them again where wanted. Called on training and loading; call it after changing weights in place."""
         self._packs = None
 
+    def uses_packed_weights(self) -> bool:
+        """True when the last packed-token inference ran on weights packed once (``layer_packs``)."""
+        return bool(self._packs)
+
     def layer_packs(self) -> list:
         """Per layer, (attention, FFN) ``kernels.packed.PackedWeights`` for the fused float32 kernels, made on
         first use where ``packed.wanted`` (the packings fit the memory budget), else (None, None)."""
