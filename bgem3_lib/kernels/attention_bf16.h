@@ -22,10 +22,8 @@
 namespace {
 
 #if BGEM3_AMX_BF16
-struct Bf16Attention {
-  int64_t hidden, d, heads;
-  std::vector<int64_t> base;          // per sequence: offset of its (head 0) packed keys / values
-  AlignedVector<uint16_t> q, kb, vb;   // tile operands: 64-byte aligned
+struct Bf16Attention : PackedHeads {   // kb, vb: tile operands, 64-byte aligned (AlignedVector)
+  AlignedVector<uint16_t> q;
 
   // Scratch floats per worker for attend_bf16 at sequences up to `longest` tokens.
   static int64_t scratch_floats(int64_t d, int64_t longest) {
@@ -35,11 +33,8 @@ struct Bf16Attention {
 
   // The buffers for `batch` sequences of packed tokens (offsets [batch + 1], `rows` in all), zero filled.
   void prepare(const int32_t *offsets, int64_t batch, int64_t rows) {
-    base.assign(batch + 1, 0);
-    for (int64_t b = 0; b < batch; ++b) base[b + 1] = base[b] + round_up(offsets[b + 1] - offsets[b], 32) * hidden;
+    PackedHeads::prepare(offsets, batch);
     q.assign((rows + 32) * hidden, 0);
-    kb.assign(base[batch], 0);
-    vb.assign(base[batch], 0);
   }
 
   // Pack q (scaled), k, v of qkv [T, 3H] for all sequences and heads; every thread of a parallel region calls it
@@ -52,9 +47,7 @@ struct Bf16Attention {
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t a = 0; a < heads; ++a) {
-        const int64_t n = offsets[b + 1] - offsets[b], np = round_up(n, 32);
-        const float *k = qkv + offsets[b] * ld + hidden + a * d, *v = k + hidden;
-        uint16_t *kh = kb.data() + base[b] + a * np * d, *vh = vb.data() + base[b] + a * np * d;
+        const auto [n, k, v, kh, vh] = head(qkv, offsets, b, a);
         for (int64_t j = 0; j < n; ++j)
           for (int64_t c = 0; c < d; ++c) {
             kh[(((j / 16) * (d / 32) + c / 32) * 16 + (c % 32) / 2) * 32 + (j % 16) * 2 + c % 2] =

@@ -53,24 +53,40 @@ inline __m512bh pair_at(const uint16_t *p) {  // the bf16 pair p[0], p[1] in eve
 
 inline __m512bh load_bh(const uint16_t *p) { return (__m512bh)_mm512_loadu_si512(p); }
 
-struct DpBf16Attention {
+// Keys and values of every (sequence, head) in bfloat16, in a kernel's own layout: sequence b's heads side by side
+// from base[b], np x d values each (np = n rounded up to 32, the padding zero). This kernel's and the AMX one's.
+struct PackedHeads {
   int64_t hidden, d, heads;
   std::vector<int64_t> base;          // per sequence: offset of its (head 0) packed keys / values
   AlignedVector<uint16_t> kb, vb;
 
-  // Scratch floats per worker for attend at sequences up to `longest` tokens: scores [32, lk] and context
-  // [32, d] as float32; query tile [32, d] and weights [32, np] as bfloat16.
-  static int64_t scratch_floats(int64_t d, int64_t longest) {
-    const int64_t np = round_up(longest, 32);
-    return kGroupRows * key_stride(longest) + kGroupRows * d + (kGroupRows * d + kGroupRows * np) / 2 + 16;
-  }
-
-  // The buffers for `batch` sequences (offsets [batch + 1]); the padding keys zero.
+  // The buffers for `batch` sequences (offsets [batch + 1]), zero filled.
   void prepare(const int32_t *offsets, int64_t batch) {
     base.assign(batch + 1, 0);
     for (int64_t b = 0; b < batch; ++b) base[b + 1] = base[b] + round_up(offsets[b + 1] - offsets[b], 32) * hidden;
     kb.assign(base[batch], 0);
     vb.assign(base[batch], 0);
+  }
+
+  // Sequence b's length n, head a's keys k and values v in qkv [T, 3H] (row stride 3H), and their packed places.
+  struct Head {
+    int64_t n;
+    const float *k, *v;
+    uint16_t *kh, *vh;
+  };
+  Head head(const float *qkv, const int32_t *offsets, int64_t b, int64_t a) {
+    const int64_t n = offsets[b + 1] - offsets[b], at = base[b] + a * round_up(n, 32) * d;
+    const float *k = qkv + offsets[b] * 3 * hidden + hidden + a * d;
+    return {n, k, k + hidden, kb.data() + at, vb.data() + at};
+  }
+};
+
+struct DpBf16Attention : PackedHeads {
+  // Scratch floats per worker for attend at sequences up to `longest` tokens: scores [32, lk] and context
+  // [32, d] as float32; query tile [32, d] and weights [32, np] as bfloat16.
+  static int64_t scratch_floats(int64_t d, int64_t longest) {
+    const int64_t np = round_up(longest, 32);
+    return kGroupRows * key_stride(longest) + kGroupRows * d + (kGroupRows * d + kGroupRows * np) / 2 + 16;
   }
 
   // Pack k and v of qkv [T, 3H] for every (sequence, head); every thread of a parallel region calls it. A key's
@@ -85,9 +101,7 @@ struct DpBf16Attention {
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t a = 0; a < heads; ++a) {
-        const int64_t n = offsets[b + 1] - offsets[b], np = round_up(n, 32);
-        const float *k = qkv + offsets[b] * ld + hidden + a * d, *v = k + hidden;
-        uint16_t *kh = kb.data() + base[b] + a * np * d, *vh = vb.data() + base[b] + a * np * d;
+        const auto [n, k, v, kh, vh] = head(qkv, offsets, b, a);
         for (int64_t j = 0; j < n; ++j) {
           to_bf16(k + j * ld, d, 1.0f, row.data());
           uint32_t pairs[128];                    // d <= 256 (bf16_attention_path)
@@ -192,12 +206,7 @@ struct DpBf16Attention {
           if (c0 < d) context<1>(pg, np, vh + 2 * c0, j0, j1, j0 == 0, a + c0);
         }
       }
-      float *out = ctx + (t.start + t.row0 + r0) * hidden + t.head * d;
-      for (int64_t r = 0; r < m; ++r) {
-        const __m512 f = _mm512_set1_ps(inv[r]);
-        for (int64_t c = 0; c < d; c += 16)
-          _mm512_storeu_ps(out + r * hidden + c, _mm512_mul_ps(f, _mm512_loadu_ps(acc + r * d + c)));
-      }
+      store_context(acc, inv, m, d, ctx + (t.start + t.row0 + r0) * hidden + t.head * d, hidden);
     }
   }
 };

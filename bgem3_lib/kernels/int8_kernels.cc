@@ -390,11 +390,11 @@ int m3_int8_attention_block(int nparam, void **params, int *ndims, int64_t **sha
   SingleThreadedBlas one;
   const AttentionKind path = bf16_attention_path(d);
 #if BGEM3_AMX_BF16
-  Bf16Attention att{h, d, heads, {}, {}, {}, {}};
+  Bf16Attention att{{h, d, heads, {}, {}, {}}, {}};
   if (path == AttentionKind::kAmx) att.prepare(offsets, batch, rows);
 #endif
 #if BGEM3_DPBF16
-  DpBf16Attention dot{h, d, heads, {}, {}, {}};
+  DpBf16Attention dot{{h, d, heads, {}, {}, {}}};
   if (path == AttentionKind::kDot) dot.prepare(offsets, batch);
 #endif
 #pragma omp parallel

@@ -360,6 +360,16 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 };
 
+// out[r, 0:d] (row stride ld) = acc[r, 0:d] * inv[r] for the group's first m rows: the softmax's 1 / sum applied
+// to the unnormalised context (d a multiple of 16).
+inline void store_context(const float *acc, const float *inv, int64_t m, int64_t d, float *out, int64_t ld) {
+  for (int64_t r = 0; r < m; ++r) {
+    const __m512 f = _mm512_set1_ps(inv[r]);
+    for (int64_t c = 0; c < d; c += 16)
+      _mm512_storeu_ps(out + r * ld + c, _mm512_mul_ps(f, _mm512_loadu_ps(acc + r * d + c)));
+  }
+}
+
 void attend_tiled(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *ctx) {
   FlushDenormals ftz;
   const int64_t ld = 3 * hidden, npad = round_up(t.n, 32), lk = key_stride(t.n);
@@ -395,12 +405,7 @@ void attend_tiled(const AttentionTask &t, const float *qkv, int64_t hidden, int6
         if (c0 < d) tile_context_block<1>(p, lk, vp + c0, d, j0, j1, j0 == 0, a + c0, d);
       }
     }
-    float *out = ctx + (t.start + t.row0 + r0) * hidden + t.head * d;
-    for (int64_t r = 0; r < m; ++r) {
-      const __m512 f = _mm512_set1_ps(inv[r]);
-      for (int64_t c = 0; c < d; c += 16)
-        _mm512_storeu_ps(out + r * hidden + c, _mm512_mul_ps(f, _mm512_loadu_ps(acc + r * d + c)));
-    }
+    store_context(acc, inv, m, d, ctx + (t.start + t.row0 + r0) * hidden + t.head * d, hidden);
   }
 }
 #endif  // __AVX512F__
