@@ -1,13 +1,13 @@
 """Float32 weights packed once for the AVX-512 product kernel and kept across calls (``packed_weights.h``).
 
 Each fused sub-layer call (``cpu.attention_block``, ``cpu.ffn_block``) packs its weights into ``gemm_f32.h``'s
-panels before multiplying: it reads and writes every weight once per call (skipping it made M3-small encodes of
-8 x 128 tokens 1.04x faster against the same kernel packing per call, 1.06x against OpenBLAS's own AVX-512
-kernel; AMD EPYC Zen 5, paired in one process). :class:`PackedWeights` does that once per layer and keeps the
-result; a call given its ``id_tensor`` skips the packing and computes the same products, bit for bit. The price is a second copy of the
-packed weights in memory, so :func:`wanted` packs a model only while that copy fits ``BGEM3_PACKED_WEIGHTS_MB``
-(default 256 MB: M3-small's encoder, 85 MB, is packed; the full XLM-R large size, 1.2 GB, is not, and keeps one
-copy of its weights). ``BGEM3_PACKED_WEIGHTS_MB=0`` switches packing off.
+panels before multiplying: it reads and writes every weight once per call (skipping it made M3-small encodes of 8 x
+128 tokens 1.04x faster against the same kernel packing per call, 1.06x against OpenBLAS's own AVX-512 kernel; AMD
+EPYC Zen 5, paired in one process). :class:`PackedWeights` does that once per layer and keeps the result; a call
+given its ``id_tensor`` skips the packing and computes the same products, bit for bit. The price is a second copy of
+the packed weights in memory, so :func:`wanted` packs a model only while that copy fits ``BGEM3_PACKED_WEIGHTS_MB``
+(default 256 MB: M3-small's encoder, 85 MB, is packed; the full XLM-R large size, 1.2 GB, is not, and keeps one copy
+of its weights). ``BGEM3_PACKED_WEIGHTS_MB=0`` switches packing off.
 
 A packing is used only while it still describes its weight (same address, shape, k block and a sample of one
 value per row); otherwise the call packs as before. The model drops its packings when it trains or loads weights
