@@ -97,17 +97,15 @@ struct DpBf16Attention : PackedHeads {
     alignas(64) int16_t order[32];
     for (int i = 0; i < 16; ++i) order[2 * i] = (int16_t)i, order[2 * i + 1] = (int16_t)(16 + i);
     const __m512i interleave = _mm512_load_si512(order);
-    std::vector<uint16_t> row(d);
+    uint16_t row[256];                    // one key, rounded: d <= 256 (bf16_attention_path)
 #pragma omp for schedule(dynamic, 1) collapse(2)
     for (int64_t b = 0; b < batch; ++b)
       for (int64_t a = 0; a < heads; ++a) {
         const auto [n, k, v, kh, vh] = head(qkv, offsets, b, a);
         for (int64_t j = 0; j < n; ++j) {
-          to_bf16(k + j * ld, d, 1.0f, row.data());
-          uint32_t pairs[128];                    // d <= 256 (bf16_attention_path)
-          std::memcpy(pairs, row.data(), d * sizeof(uint16_t));
+          to_bf16(k + j * ld, d, 1.0f, row);
           uint16_t *dst = kh + (j / 32) * 32 * d + (j % 32) * 2;
-          for (int64_t c = 0; c < d / 2; ++c) std::memcpy(dst + 64 * c, pairs + c, 4);
+          for (int64_t c = 0; c < d / 2; ++c) std::memcpy(dst + 64 * c, row + 2 * c, 4);
         }
         for (int64_t j = 0; j < n; j += 2)
           for (int64_t c = 0; c < d; c += 16) {

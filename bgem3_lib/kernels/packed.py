@@ -79,11 +79,7 @@ class PackedWeights:
         self.id_tensor = op(*weights)
         self.id = int(self.id_tensor.asnumpy()[0])
         self.nbytes = packed_bytes(shapes)
-        self._finalizer = weakref.finalize(self, _release, str(cpu._state["lib"]), self.id)
-
-    def release(self) -> None:
-        """Free the packings now (later calls given ``id_tensor`` pack per call again)."""
-        self._finalizer()
+        weakref.finalize(self, _release, str(cpu._state["lib"]), self.id)
 
 
 def _release(lib: str, set_id: int) -> None:
