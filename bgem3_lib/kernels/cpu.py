@@ -179,6 +179,17 @@ def f32gemm_state() -> int:
     return int(ctypes.CDLL(str(_state["lib"])).m3_f32gemm_wanted()) if available() else 0
 
 
+def f32gemm_calls() -> int:
+    """How many worker shares of a product the AVX-512 float32 kernel has computed in this process (0 without the
+    library): tests tell by it which path took a call, since the BLAS may sum in the same order and give the same
+    bits."""
+    if not available():
+        return 0
+    fn = ctypes.CDLL(str(_state["lib"])).m3_f32gemm_calls
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 def uses_f32gemm() -> bool:
     """True when the linear layers' products that AMX does not take run on the AVX-512 kernel (``set_f32gemm``)."""
     return available() and kernel_switch(_state["lib"], "m3_f32gemm", -1, None)

@@ -33,6 +33,8 @@ int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 int m3_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
 // Its switch's state: 0 off (or no AVX-512 build), 1 on, 2 on for weights packed ahead only (kPackedOnly).
 int m3_f32gemm_wanted() { return f32gemm_on(1 << 30, true) ? f32gemm_path.wanted.load() : 0; }
+// Products' worker shares it has run so far (gemm_f32.h's f32gemm_calls; tests).
+int64_t m3_f32gemm_calls() { return f32gemm_calls.load(); }
 // Its k extent taken in one block (gemm_f32.h's f32_whole_k) set when k >= 0; returns the value now in force.
 int64_t m3_f32gemm_whole_k(int64_t k) {
   if (k >= 0) f32_whole_k_v.store(k);

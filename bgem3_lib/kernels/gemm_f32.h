@@ -61,6 +61,11 @@ inline int64_t f32_whole_k() { return f32_whole_k_v.load(std::memory_order_relax
 // The k block of W [n, k]: all of k up to f32_whole_k(), else kF32BlockK (a multiple of 16, as pack() needs).
 inline int64_t f32_block_k(int64_t k) { return k <= f32_whole_k() ? k : kF32BlockK; }
 
+// How many gemm_f32 calls (a worker's share of one product each) this library has run: tests tell by it which path
+// took a product, where the BLAS's kernel may sum in the very order this one does (OpenBLAS's AVX-512 sgemm does
+// at small k) and give the same bits.
+std::atomic<int64_t> f32gemm_calls{0};
+
 #if defined(__AVX512F__)
 const int kF32Rows = 12;                  // register block: 12 rows x 32 columns
 const int64_t kF32Cols = 32, kF32ChunkRows = 144, kF32BlockPanels = 32;
@@ -241,6 +246,7 @@ inline void pack_row_groups_t(const float *x, int64_t ldx, int64_t rows, int64_t
 // x_by_k, x is stored transposed, [k, m] (row stride ldx): y = x^T-as-stored @ W^T.
 void gemm_f32(const float *x, int64_t ldx, int64_t m, const F32Weight &w, float *y, int64_t ldy, float *a,
               bool accumulate = false, bool x_by_k = false) {
+  f32gemm_calls.fetch_add(1, std::memory_order_relaxed);
   for (int64_t p0 = 0; p0 < w.panels; p0 += kF32BlockPanels)
   for (int64_t r0 = 0; r0 < m; r0 += kF32ChunkRows) {
     const int64_t mr = std::min(kF32ChunkRows, m - r0), groups = (mr + kF32Rows - 1) / kF32Rows;

@@ -82,6 +82,11 @@ def set_f32gemm(on: bool, min_rows: int | None = None) -> bool:
     return available() and cpu.kernel_switch(_state["lib"], "m3t_f32gemm", int(bool(on)), min_rows)
 
 
+def f32gemm_calls() -> int:
+    """The training library's count of AVX-512 float32 kernel calls (``cpu.f32gemm_calls``); 0 without it."""
+    return int(_c_function("m3t_f32gemm_calls", ctypes.c_int64)()) if available() else 0
+
+
 def _op(name: str, out_shape, outputs: int, bprop=None, key=None, dtypes=None) -> ops.Custom:
     """Kernel ``name`` as an aot ``ops.Custom`` with ``outputs`` outputs (float32 unless ``dtypes`` lists them),
     made once per ``key`` (``cpu.custom_op``)."""

@@ -595,6 +595,8 @@ int m3t_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
 // The same for the products on AVX-512 registers (gemm_f32.h); this switch also takes the weight gradients (for
 // a weight of at least min_rows rows), as a worker's own products over its slice of the tokens.
 int m3t_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
+// Its products' worker shares and weight-gradient slices run so far (gemm_f32.h's f32gemm_calls; tests).
+int64_t m3t_f32gemm_calls() { return f32gemm_calls.load(); }
 
 // c [m, n] = a^T b for a [k, m], b [k, n] (k tokens) through par_weight_grads, as the backward kernels take a weight
 // gradient (for tests).
