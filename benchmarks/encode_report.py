@@ -212,6 +212,20 @@ def _repeat_note(results: dict) -> str:
     return f"; short calls encoded their input back to back per round ({', '.join(rep)})" if rep else ""
 
 
+def _mindnlp_rounds_note(results: dict, runs: int) -> str:
+    """" (its first N rounds only, paired with ours)" where MindNLP ran fewer rounds than the others (--quick).
+
+    >>> _mindnlp_rounds_note({"sizes": {"s": {"cases": {"mix": {"systems": {"mindnlp": {"seconds_runs": [9.0]}}}}}}}, 4)
+    ' (its first round only, paired with ours)'
+    """
+    done = [len(c["systems"]["mindnlp"].get("seconds_runs", [])) for e in results["sizes"].values()
+            for c in e.get("cases", {}).values() if "mindnlp" in c["systems"]]
+    n = min(done, default=runs)
+    if n >= runs:
+        return ""
+    return f" (its first {'round' if n == 1 else f'{n} rounds'} only, paired with ours)"
+
+
 def write_markdown(results: dict, summary: dict, path: Path) -> None:
     m = results["meta"]
     runs = "; ".join(f"{p} {v['date']}, load average {v['load_avg_start'][0]:.1f} -> {v['load_avg_end'][0]:.1f}, "
@@ -225,8 +239,8 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"ratios measured within one run mean anything. tokens/s: median of {m['runs']} interleaved rounds "
            "after a warm-up; ratios: median over rounds of the per-round time ratio (the two runs of a round "
            f"follow each other, so load that changes between rounds cancels){_repeat_note(results)}; in brackets "
-           "beside a ratio: its lowest and highest round (with 5 rounds a 94% distribution-free interval for the "
-           f"median). Parts: {runs}."
+           f"beside a ratio: its lowest and highest round (with {m['runs']} rounds a "
+           f"{100 * (1 - 2 * 0.5 ** m['runs']):.0f}% distribution-free interval for the median). Parts: {runs}."
            + (f" NumPy's BLAS: {describe_blas(m['blas'])}." if "blas" in m else "")
            + _products_note(results), "",
            f"**Worst case over every workload** (bgem3_lib float32 speedup over each peer; int8 over float32; "
@@ -236,7 +250,7 @@ def write_markdown(results: dict, summary: dict, path: Path) -> None:
            f"{summary['numpy_gflops']:.1f} GFLOP/s measured in the same run). FlagEmbedding's numbers exclude the "
            "extra forward of its longest batch that its `encode` runs to probe the batch size (shown in brackets "
            "with it). MindNLP, 4-15x slower than the others, runs the real mix only, to bound the run time"
-           f"{' (with --quick, its first 3 rounds only, paired with ours)' if m['quick'] else ''}. Every "
+           f"{_mindnlp_rounds_note(results, m['runs'])}. Every "
            "float32 engine's dense output was checked against FlagEmbedding's (<= 1e-4) on the warm-up round, before "
            "its timings counted.", ""]
     for size, entry in results["sizes"].items():
