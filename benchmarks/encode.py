@@ -23,8 +23,8 @@ on this CPU, identical weights and inputs, all three outputs on.
   encodes its input 2-4 times back to back (its time: their mean). Exception: the full-size 8192-token
   batch runs one system in memory at a time (five full-size models and one 8192-token peak do not fit in
   24 GB together), so its peak RSS is each engine's own. tokens/s = real (non-padding)
-  tokens / wall seconds, median of ``--runs`` rounds (an even number by default with --quick, so that both
-  FlagEmbedding processes weigh alike) after an untimed warm-up round on the same inputs (the
+  tokens / wall seconds, median of ``--runs`` rounds (by default with --quick a multiple of every system's
+  processes, so that each weighs alike) after an untimed warm-up round on the same inputs (the
   8192-token case alone: after a short warm-up); a ratio between two systems is the
   median over rounds of their per-round ratio. FlagEmbedding's ``encode`` re-runs its longest batch to
   probe the batch size; the headline ratio uses its time *without* that probe (the stricter comparison).
