@@ -12,9 +12,9 @@ on this CPU, identical weights and inputs, all three outputs on.
 * Inputs: a real length mix from ``data_dir()`` (XQuAD questions, TyDi/XQuAD passages, XQuAD
   articles as long documents, many languages, fixed seed) and fixed batches of exactly
   128 / 512 / 2048 / 8192 tokens (long XQuAD text cut by ``max_length``; 8192 at batch 1).
-* Every system runs in its own process (``encode_workers.py``) holding its model (FlagEmbedding in two, three
-  with --quick, where bgem3_lib also runs in several, and they take turns by round: one process's speed is its
-  own, see ``COPIES``); runs are
+* Every system runs in its own process (``encode_workers.py``) holding its model (FlagEmbedding in two; with --quick
+  bgem3_lib in four and its int8 in two as well; a system's processes take turns by round: one process's speed
+  is its own, see ``COPIES``); runs are
   interleaved round-robin (system A, B, C, A, B, C, ...) so load from other users of the machine hits
   all systems alike, and each round runs every case in turn (a minute of load touches a round or two of every
   case, not all of one); the order rotates from round to round and each call after a MindSpore process's

@@ -42,3 +42,16 @@ def product_case(rng, m: int, n: int, k: int):
     exact = x.astype(np.float64) @ w.T.astype(np.float64)
     size = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64)
     return x, w, exact, size
+
+
+def on_f32_kernel(fn, expect: bool = True, calls=None):
+    """``fn()``'s result, asserting that the AVX-512 float32 kernel computed products in it (``expect``) or none
+    (the BLAS did). ``calls``: the kernel's call counter (default ``kernels.cpu.f32gemm_calls``; the training
+    library's is ``kernels.train.f32gemm_calls``). The count tells the paths apart where the bits may not: an
+    AVX-512 BLAS can sum in this kernel's order."""
+    if calls is None:
+        from bgem3_lib.kernels.cpu import f32gemm_calls as calls
+    before = calls()
+    out = fn()
+    assert (calls() > before) is expect
+    return out

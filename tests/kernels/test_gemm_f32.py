@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures import product_case
+from fixtures import on_f32_kernel, product_case
 
 from bgem3_lib.kernels import cpu as ck
 
@@ -96,27 +96,18 @@ def test_whole_k_block_up_to_its_limit_only(f32gemm):
 
 def test_matches_the_blas(f32gemm):
     x, w, exact, size = product_case(np.random.default_rng(5), 150, 200, 700)
-    on = on_kernel(lambda: ck.product(x, w), True)
+    on = on_f32_kernel(lambda: ck.product(x, w), True)
     assert ck.set_f32gemm(False) is False
-    off = on_kernel(lambda: ck.product(x, w), False)     # two summations (maybe in the same order) ...
+    off = on_f32_kernel(lambda: ck.product(x, w), False)     # two summations (maybe in the same order) ...
     assert (np.abs(on - off) / size).max() < 16 * U      # ... of the same float32 accuracy
-
-
-def on_kernel(fn, expect: bool):
-    """fn()'s result, asserting that this kernel computed it (``expect``) or the BLAS did: its call count tells,
-    where the bits may not (OpenBLAS's AVX-512 sgemm can sum in this kernel's order)."""
-    before = ck.f32gemm_calls()
-    out = fn()
-    assert (ck.f32gemm_calls() > before) is expect
-    return out
 
 
 def test_short_calls_stay_on_the_blas(f32gemm):
     assert ck.set_f32gemm(True, min_rows=64)
     x, w, _, _ = product_case(np.random.default_rng(6), 63, 40, 700)
-    on = on_kernel(lambda: ck.product(x, w), False)      # under the threshold: the BLAS
+    on = on_f32_kernel(lambda: ck.product(x, w), False)      # under the threshold: the BLAS
     ck.set_f32gemm(False)
     np.testing.assert_array_equal(on, ck.product(x, w))
     assert ck.set_f32gemm(True, min_rows=64)
     x, w, _, _ = product_case(np.random.default_rng(7), 64, 40, 700)
-    on_kernel(lambda: ck.product(x, w), True)            # at it: this kernel
+    on_f32_kernel(lambda: ck.product(x, w), True)            # at it: this kernel

@@ -7,6 +7,7 @@ import gc
 
 import numpy as np
 import pytest
+from fixtures import on_f32_kernel
 from mindspore import Parameter, Tensor, ops
 from tiny_m3 import tiny_model_dir
 
@@ -69,27 +70,18 @@ def case(seed=0):
 
 def test_packed_ahead_gives_the_bits_of_packing_per_call(f32_state):
     x, att, ffn = case()
-    per_call = kernel_runs(lambda: blocks(x, att, ffn))                     # the kernel, packing per call
+    per_call = on_f32_kernel(lambda: blocks(x, att, ffn))                     # the kernel, packing per call
     pa, pf = packed.PackedWeights(att.weights()), packed.PackedWeights([ffn.inner.weight, ffn.outer.weight])
     assert pa.id > 0 and pf.nbytes == packed.packed_bytes([(F, H), (H, F)])
-    for got, want in zip(kernel_runs(lambda: blocks(x, att, ffn, pa, pf)), per_call):
+    for got, want in zip(on_f32_kernel(lambda: blocks(x, att, ffn, pa, pf)), per_call):
         np.testing.assert_array_equal(got, want)
     ck.set_f32gemm("packed")                   # the state that runs the kernel for packed weights only
     assert ck.f32gemm_state() == ck.PACKED_ONLY and not ck.uses_f32gemm()
-    for got, want in zip(kernel_runs(lambda: blocks(x, att, ffn, pa, pf)), per_call):
+    for got, want in zip(on_f32_kernel(lambda: blocks(x, att, ffn, pa, pf)), per_call):
         np.testing.assert_array_equal(got, want)
-    kernel_runs(lambda: blocks(x, att, ffn), expect=False)           # ... and the BLAS for weights packed per call
+    on_f32_kernel(lambda: blocks(x, att, ffn), expect=False)           # ... and the BLAS for weights packed per call
     ck.set_f32gemm(False)                      # off means off, packed or not
-    kernel_runs(lambda: blocks(x, att, ffn, pa, pf), expect=False)
-
-
-def kernel_runs(fn, expect=True):
-    """fn()'s result, asserting that the AVX-512 kernel computed its products (``expect``) or none of them (the
-    BLAS did: it may sum in the kernel's order and give the same bits, so the kernel's call count tells)."""
-    before = ck.f32gemm_calls()
-    out = fn()
-    assert (ck.f32gemm_calls() > before) == expect
-    return out
+    on_f32_kernel(lambda: blocks(x, att, ffn, pa, pf), expect=False)
 
 
 def test_a_packing_that_no_longer_describes_its_weight_is_not_used(f32_state):
