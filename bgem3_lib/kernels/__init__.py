@@ -4,7 +4,8 @@ What lives here: ``cpu`` (fused float32 inference kernels on packed tokens, C++ 
 compiled on first use; linear products on AMX tiles as bfloat16 triples at float32 accuracy in
 ``gemm_bf16x3.h`` (the split and tile packing in ``bf16x3_split.h``) where the CPU has AMX-BF16, else on
 AVX-512 registers in ``gemm_f32.h`` (weights packed once per call, or once per model by ``packed``
-into ``packed_weights.h``'s registry), else the BLAS NumPy ships) and ``int8`` (the same
+into ``packed_weights.h``'s registry), else the BLAS NumPy ships; attention on AMX the same way with an online
+softmax in ``attention_bf16x3.h``, else register-tiled in ``kernels_common.h``) and ``int8`` (the same
 sub-layers with int8 linear maps for ``BGEM3(dtype="int8")``: per-channel int8 weights, per-token uint8
 activations, an AVX-512 VNNI GEMM in ``int8_kernels.cc``; helpers shared by both sources in
 ``kernels_common.h``), and ``train`` (one encoder layer's forward *and* backward on packed tokens as

@@ -8,8 +8,10 @@ removed, sequence ``b`` in rows ``offsets[b]:offsets[b+1]``), compute the linear
 float32 accuracy where the CPU has AMX-BF16 (``gemm_bf16x3.h``, ``set_bf16x3``), in the package's own AVX-512
 float32 kernel elsewhere with AVX-512 (``gemm_f32.h``, ``set_f32gemm``: it does not depend on the kernel OpenBLAS
 picks, which ``OPENBLAS_CORETYPE=Haswell`` holds at AVX2 on some machines) and with NumPy's OpenBLAS on the
-rest (and for calls under 64 rows), run attention in an AVX-512 register-tiled kernel where the CPU has it and
-the head size is a multiple of 16 (OpenBLAS otherwise, or with ``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU,
+rest (and for calls under 64 rows), run attention on AMX tiles at float32 accuracy where the CPU has AMX-BF16 and
+the head size is a multiple of 32 (``attention_bf16x3.h``, ``set_bf16x3_attention``), else in an AVX-512
+register-tiled kernel where the CPU has it and the head size is a multiple of 16 (OpenBLAS otherwise, or with
+``BGEM3_ATTENTION_BLAS=1``), and fuse bias, GELU,
 softmax, residual and layer norm into single passes.
 
 The C++ source is compiled with ``g++`` on first use into ``cache_dir()/kernels`` (keyed by a hash
@@ -149,6 +151,20 @@ def set_bf16x3(on: bool, min_rows: int | None = None) -> bool:
 def uses_bf16x3() -> bool:
     """True when the linear layers' products run on AMX as bfloat16 triples (see ``set_bf16x3``)."""
     return available() and kernel_switch(_state["lib"], "m3_bf16x3", -1, None)
+
+
+def set_bf16x3_attention(on: bool, min_rows: int | None = None) -> bool:
+    """Compute attention's two products (scores, context) on the AMX tile unit at float32 accuracy, every operand
+    split into three bfloat16 parts, with the softmax online over blocks of 128 keys (``on``, the default;
+    ``attention_bf16x3.h``), or in the AVX-512 register-tiled kernel / OpenBLAS (False), for calls of at least
+    ``min_rows`` token rows (default 1) whose head size is a multiple of 32; returns True when such calls now run
+    on AMX (this build and CPU have AMX-BF16, the OS granted the tiles, ``BGEM3_ATTENTION_BLAS`` is not 1)."""
+    return available() and kernel_switch(_state["lib"], "m3_bf16x3_attention", int(bool(on)), min_rows)
+
+
+def uses_bf16x3_attention() -> bool:
+    """True when attention runs on AMX as bfloat16 triples (see ``set_bf16x3_attention``)."""
+    return available() and kernel_switch(_state["lib"], "m3_bf16x3_attention", -1, None)
 
 
 def set_f32gemm(on: bool | str, min_rows: int | None = None) -> bool:

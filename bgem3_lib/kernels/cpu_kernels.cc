@@ -7,7 +7,8 @@
 // The linear layers' products run on AMX tiles as bfloat16 triples where the CPU has AMX-BF16 (gemm_bf16x3.h:
 // float32 accuracy), else on AVX-512 registers (gemm_f32.h) where the CPU has AVX-512, else (and for calls of few
 // rows) on the BLAS already shipped with NumPy (OpenBLAS), opened with dlopen
-// (attention: kernels_common.h's tile kernel, or OpenBLAS where it does not apply); the
+// (attention: on AMX as bfloat16 triples where the head size is a multiple of 32, attention_bf16x3.h; else
+// kernels_common.h's tile kernel, or OpenBLAS where it does not apply); the
 // library path, symbol names and integer width are fixed at compile time by cpu_kernels.py:
 //   BGEM3_BLAS_LIB, BGEM3_SGEMM, BGEM3_SET_THREADS, BGEM3_GET_THREADS, BGEM3_BLAS_INT.
 // Element-wise work (bias, GELU, softmax, layer norm) is fused into one pass per row, with OpenMP.
@@ -18,6 +19,7 @@
 // The helpers (BLAS handle, GELU, layer norm, attention) live in kernels_common.h, shared with int8_kernels.cc.
 #include "kernels_common.h"
 #include "gemm_bf16x3.h"
+#include "attention_bf16x3.h"
 
 extern "C" {
 
@@ -28,6 +30,10 @@ int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 // ask (-1), for calls of at least min_rows rows (>= 1; else unchanged); returns 1 if they run there (compiled in,
 // granted, switched on).
 int m3_bf16x3(int on, int64_t min_rows) { return bf16x3_switch(on, min_rows); }
+
+// Attention on AMX as bfloat16 triples (attention_bf16x3.h) on (1), off (0: attend()) or only ask (-1), for calls
+// of at least min_rows rows (>= 1; else unchanged); returns 1 if such calls run there.
+int m3_bf16x3_attention(int on, int64_t min_rows) { return x3_attention_path.set(on, min_rows, x3_attention_on); }
 
 // The same for the products on AVX-512 registers (gemm_f32.h; where AMX does not take them).
 int m3_f32gemm(int on, int64_t min_rows) { return f32gemm_switch(on, min_rows); }
@@ -120,10 +126,14 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   float *y = (float *)params[nparam - 1];
   const auto ahead = packed_set(nparam == 16 ? *(const int64_t *)params[14] : 0);
   int64_t rows = shapes[0][0], h = shapes[0][1], batch = shapes[12][0] - 1, qblock = 256;
-  std::vector<AttentionTask> tasks;
-  int64_t longest = 1;
-  if (heads < 1 || h % heads || !attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
+  if (heads < 1 || h % heads) return 2;
   const int64_t d = h / heads;  // after the check: heads < 1 must not reach the division
+  const bool x3 = d % 32 == 0 && x3_attention_on(rows);
+  int64_t longest = 1;
+  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, offsets[b + 1] - offsets[b]);
+  if (x3) qblock = x3_query_block(batch, heads, longest, omp_get_max_threads());
+  std::vector<AttentionTask> tasks;
+  if (!attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
   Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
   auto weight = [&](const float *w, int64_t n, int64_t k) -> Products::Weight {
@@ -143,9 +153,15 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
         for (int64_t i = 0; i < n; ++i) add_bias(out + i * 3 * h, b3[j], h, false);
       }
     }
-    Scratch scores(attention_scratch(d, longest, qblock));
+    if (x3) {
+      auto scratch = aligned_array<uint16_t>(bf16x3_attention_scratch(d, longest));
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
+      for (int64_t i = 0; i < ntasks; ++i) attend_bf16x3(tasks[i], qkv.data(), h, d, scratch.get(), ctx.data());
+    } else {
+      Scratch scores(attention_scratch(d, longest, qblock));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < ntasks; ++i) attend(tasks[i], qkv.data(), h, d, scores.data(), ctx.data());
+    }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r0 = 0; r0 < rows; r0 += block) {
       int64_t n = std::min(block, rows - r0);

@@ -430,14 +430,19 @@ void attend_blas(const AttentionTask &t, const float *qkv, int64_t hidden, int64
   gemm(false, t.rows, d, t.n, 1.0f, scores, t.n, v, ld, 0.0f, ctx + (t.start + t.row0) * hidden + t.head * d, hidden);
 }
 
-// Tiled kernel where it applies, OpenBLAS otherwise; BGEM3_ATTENTION_BLAS=1 forces OpenBLAS (for comparison).
-void attend(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *ctx) {
-#if defined(__AVX512F__)
-  static const bool force_blas = [] {
+// BGEM3_ATTENTION_BLAS=1 in the environment: attention on OpenBLAS whatever the CPU has (for comparison).
+inline bool attention_blas_forced() {
+  static const bool forced = [] {
     const char *e = std::getenv("BGEM3_ATTENTION_BLAS");
     return e && e[0] == '1';
   }();
-  if (d % 16 == 0 && !force_blas) return attend_tiled(t, qkv, hidden, d, scratch, ctx);
+  return forced;
+}
+
+// Tiled kernel where it applies, OpenBLAS otherwise.
+void attend(const AttentionTask &t, const float *qkv, int64_t hidden, int64_t d, float *scratch, float *ctx) {
+#if defined(__AVX512F__)
+  if (d % 16 == 0 && !attention_blas_forced()) return attend_tiled(t, qkv, hidden, d, scratch, ctx);
 #endif
   attend_blas(t, qkv, hidden, d, scratch, ctx);
 }

@@ -164,6 +164,29 @@ def attention_path(request):
     ck.set_bf16x3(True)
 
 
+@pytest.fixture(params=["amx", "registers"])
+def attention_core(request):
+    """Attention's two products on AMX as bfloat16 triples with an online softmax (where the CPU has AMX-BF16, else
+    skipped; head sizes 32 and 64 here) and in the AVX-512 tile kernel / OpenBLAS."""
+    on = request.param == "amx"
+    if ck.set_bf16x3_attention(on) != on:
+        pytest.skip("no AMX-BF16 here")
+    yield request.param
+    ck.set_bf16x3_attention(True)
+
+
+def _random_attention(hidden, heads, scale, seed):
+    from bgem3_lib.model.encoder import SelfAttention
+    cfg = M3Config(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=4 * hidden)
+    attn = SelfAttention(cfg)
+    rng = np.random.default_rng(seed)
+    for p in attn.get_parameters():
+        base = 1.0 if p.name.endswith("gamma") else 0.0
+        spread = scale if p.name.split(".")[0] in ("query", "key", "value") else 0.2
+        p.set_data(Tensor((base + rng.normal(0, spread, p.shape)).astype(np.float32)))
+    return attn, rng
+
+
 @pytest.mark.parametrize("hidden, heads, scale", [
     (32, 2, 0.2),     # d = 16: AVX-512 tile kernel, one 16-wide column pass
     (96, 3, 0.2),     # d = 32 (M3-small)
@@ -172,18 +195,12 @@ def attention_path(request):
     (48, 4, 0.2),     # d = 12: OpenBLAS path
     (96, 3, 3.0),     # scores of several hundred: most softmax weights underflow
 ])
-def test_attention_block_matches_float64_on_ragged_sequences(attention_path, hidden, heads, scale):
-    """Lengths that are not multiples of the 8-row tile, the 32-row group or the 32-key panel, longer than the
-    256-row query block, a single token, and (d = 48, 64) a sequence long enough for key blocks; both
-    attention paths (tile kernel and OpenBLAS), with the projections on AMX and on the BLAS, against float64."""
-    from bgem3_lib.model.encoder import SelfAttention
-    cfg = M3Config(hidden_size=hidden, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=4 * hidden)
-    attn = SelfAttention(cfg)
-    rng = np.random.default_rng(hidden + heads)
-    for p in attn.get_parameters():
-        base = 1.0 if p.name.endswith("gamma") else 0.0
-        spread = scale if p.name.split(".")[0] in ("query", "key", "value") else 0.2
-        p.set_data(Tensor((base + rng.normal(0, spread, p.shape)).astype(np.float32)))
+def test_attention_block_matches_float64_on_ragged_sequences(attention_path, attention_core, hidden, heads, scale):
+    """Lengths that are not multiples of the 8-row tile, the 32-row group, the 32-key panel, AMX's 64-row group or
+    its 128-key block, longer than the 256-row query block, a single token, and (d = 48, 64) a sequence long
+    enough for key blocks; every attention path (AMX, tile kernel, OpenBLAS), with the projections on AMX and on
+    the BLAS, against float64."""
+    attn, rng = _random_attention(hidden, heads, scale, hidden + heads)
     # + one sequence whose K and V outgrow 1 MiB, where the tile kernel walks the keys in blocks (32- and
     # 16-wide column passes)
     lengths = [1, 7, 33, 300, 41] + {64: [2100], 48: [2800]}.get(hidden // heads, [])
@@ -195,6 +212,20 @@ def test_attention_block_matches_float64_on_ragged_sequences(attention_path, hid
     assert out.shape == ref.shape and np.isfinite(out).all()
     # scores of several hundred carry float32 rounding of ~1e-4 into the weights, on either path
     assert np.abs(out - ref).max() < (2e-5 if scale < 1 else 1e-3)
+
+
+@pytest.mark.parametrize("hidden, length", [(32, 700), (64, 1000)])
+def test_amx_attention_splits_the_query_rows_of_few_heads(hidden, length):
+    """One sequence of one head: on AMX its query rows are shared out in 64-row multiples (four tasks per worker),
+    each task packing the same keys; the rows must meet again exactly (d = 32 and 64, against float64)."""
+    if not ck.set_bf16x3_attention(True):
+        pytest.skip("no AMX-BF16 here")
+    attn, rng = _random_attention(hidden, 1, 0.2, length)
+    offsets = np.array([0, length], np.int32)
+    x = rng.normal(0, 1, (length, hidden)).astype(np.float32)
+    out = ck.attention_block(Tensor(x), attn, Tensor(offsets), Tensor(np.array([1], np.int32)),
+                             ck.scalar(1e-5)).asnumpy()
+    assert np.abs(out - _attention_block_reference(x, attn, offsets, 1)).max() < 2e-5
 
 
 def test_blas_choice_defaults_to_openblas_and_names_a_missing_mkl(monkeypatch):
