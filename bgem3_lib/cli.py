@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -155,6 +156,17 @@ def _cmd_info(args) -> int:
     else:
         where = "the BLAS (BGEM3_F32GEMM=1: this package's AVX-512 kernel, where the CPU has AVX-512)"
     print(f"linear layers' float32 products (64 rows or more): {where}")
+    if not cpu.available():
+        attention = "plain MindSpore ops"
+    elif cpu.uses_bf16x3_attention():
+        attention = ("AMX tiles as bfloat16 triples, online softmax (attention_bf16x3.h; head sizes that are "
+                     "multiples of 32)")
+    elif os.environ.get("BGEM3_ATTENTION_BLAS") == "1":
+        attention = "the BLAS (BGEM3_ATTENTION_BLAS=1)"
+    else:
+        attention = ("this package's AVX-512 register-tiled kernel where the CPU has AVX-512 and the head size is a "
+                     "multiple of 16 (kernels_common.h), else the BLAS")
+    print(f"attention's float32 products: {attention}")
     return 0
 
 

@@ -50,3 +50,6 @@ def test_info_names_the_pinned_kernel_of_the_real_openblas():
     products = next(line for line in out.stdout.splitlines() if line.startswith("linear layers' float32 products"))
     if "AMX" not in products and "plain MindSpore" not in products:   # AMX takes them first where it exists
         assert ("this package's AVX-512 float32 kernel" in products) == AVX512
+    from bgem3_lib.kernels import cpu
+    attention = next(line for line in out.stdout.splitlines() if line.startswith("attention's float32 products"))
+    assert ("AMX tiles" in attention) == (cpu.available() and cpu.uses_bf16x3_attention())
