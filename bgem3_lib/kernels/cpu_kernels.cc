@@ -154,9 +154,9 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
       }
     }
     if (x3) {
-      auto scratch = aligned_array<uint16_t>(bf16x3_attention_scratch(d, longest));
+      MappedBuffer<uint16_t> scratch(bf16x3_attention_scratch(d, longest));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < ntasks; ++i) attend_bf16x3(tasks[i], qkv.data(), h, d, scratch.get(), ctx.data());
+      for (int64_t i = 0; i < ntasks; ++i) attend_bf16x3(tasks[i], qkv.data(), h, d, scratch.data(), ctx.data());
     } else {
       Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)
