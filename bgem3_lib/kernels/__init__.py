@@ -8,7 +8,8 @@ into ``packed_weights.h``'s registry), else the BLAS NumPy ships; attention on A
 softmax in ``attention_bf16x3.h``, else register-tiled in ``kernels_common.h``) and ``int8`` (the same
 sub-layers with int8 linear maps for ``BGEM3(dtype="int8")``: per-channel int8 weights, per-token uint8
 activations, an AVX-512 VNNI GEMM in ``int8_kernels.cc``; helpers shared by both sources in
-``kernels_common.h``), and ``train`` (one encoder layer's forward *and* backward on packed tokens as
+``kernels_common.h``, whose multi-MiB buffers come from ``block_cache.h``'s cache of mapped blocks, reused
+from call to call), and ``train`` (one encoder layer's forward *and* backward on packed tokens as
 differentiable ops, C++ in ``train_kernels.cc``, which the trainer uses for the layers above its hidden cache).
 ``maxsim`` (late-interaction ColBERT scores of each query against its own candidates, maxima in AVX-512
 registers, C++ in ``maxsim_kernels.cc``; ``retrieval.index.colbert_rerank`` hands its work to it where it runs).

@@ -45,6 +45,7 @@ from .blas_check import blas_report, cpu_signature, find_blas
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared"]
 _state: dict = {}
+_block_caches: list[tuple[dict, str]] = [(_state, "m3_block_cache")]   # register_block_cache
 
 
 def sources_digest() -> str:
@@ -204,6 +205,25 @@ def f32gemm_calls() -> int:
     fn = ctypes.CDLL(str(_state["lib"])).m3_f32gemm_calls
     fn.restype = ctypes.c_int64
     return int(fn())
+
+
+def cached_block_bytes(release: bool = False) -> int:
+    """Bytes of freed multi-MiB kernel buffers (packed weights, activations, attention scratch) that the loaded
+    kernel libraries (float32, int8, training) keep mapped for their next call (``block_cache.h``: at most 384 MiB
+    each); ``release``: unmap them and return what they were. E.g. after encoding long texts, to give that memory
+    back while the model stays loaded."""
+    total = 0
+    for state, function in _block_caches:
+        if state.get("lib") is not None:
+            fn = getattr(ctypes.CDLL(str(state["lib"])), function)
+            fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int64
+            total += int(fn(int(bool(release))))
+    return total
+
+
+def register_block_cache(state: dict, function: str) -> None:
+    """Let :func:`cached_block_bytes` see the block cache of the library that ``state`` will hold."""
+    _block_caches.append((state, function))
 
 
 def uses_f32gemm() -> bool:

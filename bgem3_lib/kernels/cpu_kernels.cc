@@ -46,6 +46,8 @@ int64_t m3_f32gemm_whole_k(int64_t k) {
   if (k >= 0) f32_whole_k_v.store(k);
   return f32_whole_k();
 }
+// Bytes in block_cache.h's cache of freed multi-MiB buffers; release != 0: unmap them first (returns what it held).
+int64_t m3_block_cache(int release) { return block_cache_bytes(release); }
 
 }  // extern "C"
 
@@ -154,9 +156,9 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
       }
     }
     if (x3) {
-      MappedBuffer<uint16_t> scratch(bf16x3_attention_scratch(d, longest));
+      auto scratch = aligned_array<uint16_t>(bf16x3_attention_scratch(d, longest));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t i = 0; i < ntasks; ++i) attend_bf16x3(tasks[i], qkv.data(), h, d, scratch.data(), ctx.data());
+      for (int64_t i = 0; i < ntasks; ++i) attend_bf16x3(tasks[i], qkv.data(), h, d, scratch.get(), ctx.data());
     } else {
       Scratch scores(attention_scratch(d, longest, qblock));
 #pragma omp for schedule(dynamic, 1)

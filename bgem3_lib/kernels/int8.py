@@ -41,6 +41,7 @@ from . import cpu
 SOURCE = Path(__file__).with_name("int8_kernels.cc")
 PANEL, KGROUP = 64, 4          # packed layout: panels of 64 output columns, 4 consecutive k per int32 lane
 _state: dict = {}
+cpu.register_block_cache(_state, "m3_int8_block_cache")
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

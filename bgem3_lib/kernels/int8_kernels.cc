@@ -319,6 +319,9 @@ extern "C" {
 // 0 if the BLAS symbols resolved (checked by kernels/cpu.py build_library).
 int m3_blas_ready() { return blas().sgemm ? 0 : 1; }
 
+// Bytes in this library's cache of freed multi-MiB buffers (block_cache.h); release != 0: unmap them first.
+int64_t m3_int8_block_cache(int release) { return block_cache_bytes(release); }
+
 // 1 if this build runs the AVX-512 VNNI micro-kernel, 0 for the scalar fallback.
 int m3_int8_vnni() { return BGEM3_VNNI; }
 

@@ -9,7 +9,6 @@
 
 #include <dlfcn.h>
 #include <omp.h>
-#include <sys/mman.h>
 
 #include <cmath>
 #include <algorithm>
@@ -19,6 +18,8 @@
 #include <memory>
 #include <new>
 #include <vector>
+
+#include "block_cache.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>   // AVX-512 where compiled for it; train_kernels.cc's F16C path without it
@@ -60,36 +61,24 @@ struct Aligned64 {
 template <class T>
 using AlignedVector = std::vector<T, Aligned64<T>>;
 
-// The same without the zero fill: n uninitialised values, 64-byte aligned.
+// The same without the zero fill: n uninitialised values, 64-byte aligned; from 1 MiB on out of block_cache.h's
+// cached mappings (kept from one call to the next), below that from malloc.
 struct FreeDeleter {
-  void operator()(void *p) const { std::free(p); }
+  size_t cached = 0;   // the BlockCache block's size, or 0: malloc'ed
+  void operator()(void *p) const {
+    if (cached) BlockCache::get().give(p, cached);
+    else std::free(p);
+  }
 };
 template <class T>
 using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
 template <class T>
 AlignedArray<T> aligned_array(int64_t n) {
-  return AlignedArray<T>(Aligned64<T>().allocate(n > 0 ? (size_t)n : 1));
+  size_t bytes = (n > 0 ? (size_t)n : 1) * sizeof(T);
+  if (bytes < BlockCache::kMinBytes) return AlignedArray<T>(Aligned64<T>().allocate(n > 0 ? (size_t)n : 1));
+  T *p = static_cast<T *>(BlockCache::get().take(bytes));
+  return AlignedArray<T>(p, FreeDeleter{bytes});
 }
-
-// A buffer straight from mmap (page aligned, zero filled), returned with munmap when it goes: for multi-MiB scratch
-// taken per call inside the workers. From malloc, such a buffer comes from glibc's heaps once its adaptive mmap
-// threshold has risen past the size, and there, freed between other allocations, it left holes the heaps did not
-// give back: the AMX attention's 6 MiB per worker grew the process by about 650 MB per full-size 8192-token encode
-// (3.3, 3.9, 4.6 GB after three), where with this it stays flat.
-template <class T>
-struct MappedBuffer {
-  size_t bytes;
-  T *p;
-  explicit MappedBuffer(int64_t n) : bytes(std::max<int64_t>(n, 1) * sizeof(T)) {
-    void *m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED) throw std::bad_alloc();
-    p = static_cast<T *>(m);
-  }
-  ~MappedBuffer() { munmap(p, bytes); }
-  MappedBuffer(const MappedBuffer &) = delete;
-  MappedBuffer &operator=(const MappedBuffer &) = delete;
-  T *data() { return p; }
-};
 
 // Uninitialised float scratch (64-byte aligned): every kernel writes its buffers before reading them, and
 // std::vector's zero fill was 3% of an M3-small encode (perf, 8 x 512 tokens).

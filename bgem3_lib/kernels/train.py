@@ -56,6 +56,7 @@ from . import cpu
 
 SOURCE = Path(__file__).with_name("train_kernels.cc")
 _state: dict = {}
+cpu.register_block_cache(_state, "m3t_block_cache")
 
 
 def available() -> bool:

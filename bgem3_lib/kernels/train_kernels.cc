@@ -570,6 +570,8 @@ SavedStore &saved() {
 extern "C" {
 
 void m3t_saved_release_all() { saved().release_all(); }
+// Bytes in this library's cache of freed multi-MiB buffers (block_cache.h); release != 0: unmap them first.
+int64_t m3t_block_cache(int release) { return block_cache_bytes(release); }
 void m3t_saved_clear() { saved().clear(); }
 int64_t m3t_saved_live() { return saved().live(); }
 
