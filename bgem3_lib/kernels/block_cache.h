@@ -6,7 +6,7 @@
 // times per encode. glibc serves such sizes from its heaps once its adaptive mmap threshold has risen past them,
 // and the heaps, interleaved with NumPy's and Python's allocations, kept the freed memory as holes they did not
 // give back: after full-size 24 x 128-token encodes mallinfo2 counted 3.2-3.5 GB free in the heaps against 0.33 GB
-// in use (peak RSS 3.6-4.5 GB, varying run to run). A fresh mmap per call instead costs its first-touch page faults
+// in use (peak RSS 3.6-4.9 GB, varying run to run). A fresh mmap per call instead costs its first-touch page faults
 // every time (a fixed 1 MiB malloc mmap threshold made the same encodes 1.3x slower). Cached blocks cost neither.
 //
 // take(bytes) rounds up to whole pages and returns the smallest cached block of at least that size and at most

@@ -74,8 +74,9 @@ template <class T>
 using AlignedArray = std::unique_ptr<T[], FreeDeleter>;
 template <class T>
 AlignedArray<T> aligned_array(int64_t n) {
-  size_t bytes = (n > 0 ? (size_t)n : 1) * sizeof(T);
-  if (bytes < BlockCache::kMinBytes) return AlignedArray<T>(Aligned64<T>().allocate(n > 0 ? (size_t)n : 1));
+  const size_t count = n > 0 ? (size_t)n : 1;
+  size_t bytes = count * sizeof(T);
+  if (bytes < BlockCache::kMinBytes) return AlignedArray<T>(Aligned64<T>().allocate(count));
   T *p = static_cast<T *>(BlockCache::get().take(bytes));
   return AlignedArray<T>(p, FreeDeleter{bytes});
 }
