@@ -101,19 +101,30 @@ SHORT_REST = 0.05
 # average it out, and fewer rounds (4 instead of 6) keep the run within 5 minutes: two runs' ratios agreed as well
 # on 4 of their 6 rounds as on all 6, since the rounds within a run vary less than the runs.
 COPIES = {"flagembedding": 2}
-QUICK_COPIES = {"flagembedding": 2, "bgem3_lib": 4, "bgem3_lib-int8": 2}
+QUICK_COPIES = {"flagembedding": 2, "bgem3_lib": 4, "bgem3_lib-int8": 2, "mindnlp": 2}
 QUICK_RUNS = 4
 # Every process of these systems takes the warm-up round's call of every case (its first call at those shapes
-# allocates MindSpore's memory pool and the kernels' buffers); PyTorch's spares have warm_up's short call only.
-WARM_EVERY_COPY = {"bgem3_lib", "bgem3_lib-int8"}
+# allocates MindSpore's memory pool and the kernels' buffers: a MindNLP process's first call on the quick mix took
+# 177k page faults and 8% longer than its next); PyTorch's spares have warm_up's short call only.
+WARM_EVERY_COPY = {"bgem3_lib", "bgem3_lib-int8", "mindnlp"}
 # --quick: a call measured under MIN_CALL_SECONDS in its first round encodes its input back to back as many times as
 # reach it in later rounds (its time is their mean): a 0.3 s call took a 0.1-0.2 s stall of this shared machine
 # whole, and two quick runs' int8 / float32 ratios differed by 14%.
+# FlagEmbedding's calls vary most: each quick call took 70-150k minor page faults (PyTorch's activations are freed
+# to the kernel and faulted back in, ~400 MB a call; bgem3_lib's and ONNX Runtime's calls: under 2k), about a fifth of
+# its time (with glibc told to keep freed memory, the same process ran fixed128 in 0.63-0.66 s instead of
+# 0.77-0.82 s), and what a fault costs moves with the shared host: its per-call times spread by 13%, and two quick
+# runs' fixed128 medians differed by 15% while the other engines' stayed within 4%. --quick therefore encodes each
+# input twice per round on FlagEmbedding (MIN_REPEATS), halving the variance of its round times.
 MIN_CALL_SECONDS = {"full": 0.0, "quick": 0.6}
-# --quick: MindNLP (10-15x slower than the others: 15 s per call on the quick mix, a sixth of the quick run's time
-# at 3 rounds) runs the first round only; its ratio pairs that round with ours (encode_report.paired_speedup). Its
-# per-round ratios spread by +-4% around 15x, and three quick runs' medians agreed within 2%.
-QUICK_MAX_ROUNDS = {"mindnlp": 1}
+MIN_REPEATS = {"full": {}, "quick": {"flagembedding": 2}}
+# --quick: MindNLP (15-20x slower than bgem3_lib: 12-15 s per call on the quick mix) runs the first two rounds only,
+# one in each of two processes, both warmed on every case; its ratio pairs those rounds with ours
+# (encode_report.paired_speedup). With one round in one process two consecutive quick runs gave 16.8x and 20.8x:
+# its single calls took 12.2 and 14.7 s, and six calls in three processes 11.8-13.3 s (two per process, within 7%).
+# ONNX Runtime int8 enters no ratio (its tokens/s stand in the table): --quick times its first two rounds only, which
+# leaves time for the repeats above (its per-round times varied by under 3%).
+QUICK_MAX_ROUNDS = {"mindnlp": 2, "onnxruntime-int8": 2}
 
 
 class Worker:
@@ -217,8 +228,9 @@ def run_cases(workers, cases, runs, plan, tmp: Path, done=lambda out: None) -> d
                     last = s
                     if r >= 0:
                         recs[name][s].append(rec)
-                    elif case["min_call_seconds"] > rec["seconds"] > 0:
-                        reps[(name, s)] = min(4, math.ceil(case["min_call_seconds"] / rec["seconds"]))
+                    else:
+                        short = math.ceil(case["min_call_seconds"] / rec["seconds"]) if rec["seconds"] > 0 else 1
+                        reps[(name, s)] = max(case["min_repeats"].get(s, 1), min(4, short))
                 if r < 0:
                     dense[name] = {s: np.load(tmp / f"{name}-{s}.npy") for s in order if s not in died}
                     check_outputs(dense[name], f"{plan}/{name}")
@@ -347,12 +359,14 @@ def plan_for(quick: bool) -> dict:
     if quick:
         return {"sizes": ["m3-small"], "mix": (40, 12, 3), "mix_max_length": 512, "cool_down": COOL_DOWN["quick"],
                 "max_rounds": QUICK_MAX_ROUNDS, "min_call_seconds": MIN_CALL_SECONDS["quick"],
+                "min_repeats": MIN_REPEATS["quick"],
                 "copies": QUICK_COPIES,
                 "fixed": ((128, 32), (512, 8), (2048, 2)), "sparse": ((1, 512), (4, 512)), "flag_sparse": (1, 2),
                 "sorting": {"mix": (12, 4, 1), "max_length": 256, "batch_size": 4, "padded": False, "runs": 10},
                 "matmul_before": False, "roof_repeats": 3}
     return {"sizes": ["m3-small", "full"], "mix": (12, 6, 1), "mix_max_length": 8192, "cool_down": COOL_DOWN["full"],
             "max_rounds": {}, "min_call_seconds": MIN_CALL_SECONDS["full"],
+            "min_repeats": MIN_REPEATS["full"],
             "copies": COPIES,
             "fixed": ((128, 8), (512, 4), (2048, 1), (8192, 1)), "sparse": ((1, 2048), (8, 2048), (32, 2048)),
             "flag_sparse": (1, 2, 4), "sorting": {"mix": (24, 12, 3), "max_length": 512, "batch_size": 8,
@@ -385,6 +399,7 @@ def run_size(size: str, parts: list[str], plan: dict, systems: list[str], runs: 
                                [s for s in systems if s != "mindnlp"]))
     for c in cases:
         c.update(cool_down=plan["cool_down"], max_rounds=plan["max_rounds"], min_call_seconds=plan["min_call_seconds"],
+                 min_repeats=plan["min_repeats"],
                  roof_repeats=plan["roof_repeats"])
     if only is not None:
         cases = [c for c in cases if f"{size}/{c['name']}" in only]
