@@ -121,11 +121,12 @@ def make_texts(spec: StepSpec) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the workers' loop
 def timed_steps(step, n: int) -> dict:
-    """Run ``step()`` (one optimizer step -> ``{"loss", "grad_norm"}``) ``n`` times: per-step wall seconds, losses
-    and gradient norms, as both workers answer the ``steps`` command.
+    """Run ``step()`` (one optimizer step -> ``{"loss", "grad_norm"}``, and ``"batch_seconds"`` where the step
+    assembles its batch, as the trainer's does) ``n`` times: per-step wall seconds, losses, gradient norms (and
+    batch seconds), as both workers answer the ``steps`` command.
 
-    >>> timed_steps(lambda: {"loss": 1.0, "grad_norm": 2.0}, 2)["loss"]
-    [1.0, 1.0]
+    >>> timed_steps(lambda: {"loss": 1.0, "grad_norm": 2.0, "batch_seconds": 0.0}, 2)["batch_seconds"]
+    [0.0, 0.0]
     """
     out = {"seconds": [], "loss": [], "grad_norm": []}
     for _ in range(int(n)):
@@ -134,6 +135,8 @@ def timed_steps(step, n: int) -> dict:
         out["seconds"].append(time.perf_counter() - t0)
         out["loss"].append(rec["loss"])
         out["grad_norm"].append(rec["grad_norm"])
+        if "batch_seconds" in rec:
+            out.setdefault("batch_seconds", []).append(rec["batch_seconds"])
     return out
 
 

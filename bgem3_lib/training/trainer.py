@@ -194,6 +194,7 @@ class Trainer:
         t0 = time.time()
         examples = self.next_batch()
         inputs = self.tensors(examples)
+        batch_seconds = time.time() - t0                   # the batch from the store: padding, widening, Tensors
         (total, *parts), grads = self.grad_fn(*inputs)
         real, padded = self.token_counts(inputs)
         padded_len = max(int(x.shape[1]) for x in as_chunks(inputs[4]))
@@ -205,7 +206,7 @@ class Trainer:
         self.step += 1
         rec = {"step": self.step, "lr_factor": lr, "loss": float(total.asnumpy()), "grad_norm": norm,
                "batch_size": len(examples), "padded_len": padded_len, "tokens": real, "padded_tokens": padded,
-               "seconds": time.time() - t0}
+               "seconds": time.time() - t0, "batch_seconds": batch_seconds}
         names = PART_NAMES if self.net.use_self_distill else PART_NAMES[:5]
         rec.update({k: float(v.asnumpy()) for k, v in zip(PART_NAMES, parts) if k in names})
         self.log.append(rec)

@@ -175,6 +175,30 @@ def test_no_self_distill_loss_is_L():
     assert abs(rec["loss"] - rec["L"]) < 1e-6 and "distill_dense" not in rec
 
 
+def test_step_record_splits_off_batch_assembly(monkeypatch):
+    """``batch_seconds``: the part of the step spent building the batch (benchmarks/train_step.py's same-work
+    ratio subtracts it): a slow ``tensors`` shows up there, a slow forward + backward does not."""
+    import time as _time
+
+    tr = build()
+    slow = tr.tensors
+
+    def tensors(examples):
+        _time.sleep(0.05)
+        return slow(examples)
+
+    grad = tr.grad_fn
+
+    def grad_fn(*inputs):
+        _time.sleep(0.3)
+        return grad(*inputs)
+
+    monkeypatch.setattr(tr, "tensors", tensors)
+    monkeypatch.setattr(tr, "grad_fn", grad_fn)
+    rec = tr.train_step()
+    assert 0.05 <= rec["batch_seconds"] < 0.3 and rec["seconds"] >= 0.35
+
+
 def test_adamw_matches_numpy_reference():
     import mindspore as ms
 
