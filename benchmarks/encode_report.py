@@ -214,6 +214,23 @@ def _repeat_note(results: dict) -> str:
             f"({', '.join(rep)})" if rep else "")
 
 
+def _fewer_rounds(results: dict, runs: int) -> dict:
+    """{system: rounds} for the systems that ran fewer than ``runs`` timed rounds in some case (--quick), the least.
+
+    >>> _fewer_rounds({"sizes": {"s": {"cases": {"a": {"systems": {"x": {"seconds_runs": [1, 2]},
+    ...                "y": {"seconds_runs": [1, 2, 3]}}}, "b": {"systems": {"x": {"seconds_runs": [1]}}}}}}}, 3)
+    {'x': 1}
+    """
+    out: dict = {}
+    for entry in results["sizes"].values():
+        for c in entry.get("cases", {}).values():
+            for s, e in c["systems"].items():
+                n = len(e.get("seconds_runs", []))
+                if 0 < n < runs:
+                    out[s] = min(n, out.get(s, n))
+    return out
+
+
 def _fewer_rounds_note(results: dict, runs: int) -> str:
     """" (ONNX Runtime int8 (dynamic): its first 2, as no ratio uses it)" for systems other than MindNLP that ran
     fewer rounds than the others (--quick).
@@ -222,8 +239,7 @@ def _fewer_rounds_note(results: dict, runs: int) -> str:
     ...                     "onnxruntime": {"seconds_runs": [1, 2, 3, 4]}}}}}}}, 4)
     ' (ONNX Runtime int8 (dynamic): its first 2, as no ratio uses it)'
     """
-    fewer = {s: len(e["seconds_runs"]) for entry in results["sizes"].values() for c in entry.get("cases", {}).values()
-             for s, e in c["systems"].items() if s != "mindnlp" and 0 < len(e.get("seconds_runs", [])) < runs}
+    fewer = {s: n for s, n in _fewer_rounds(results, runs).items() if s != "mindnlp"}
     if not fewer:
         return ""
     return " (" + "; ".join(f"{NAMES[s]}: its first {n}" for s, n in fewer.items()) + ", as no ratio uses it)"
@@ -235,10 +251,8 @@ def _mindnlp_rounds_note(results: dict, runs: int) -> str:
     >>> _mindnlp_rounds_note({"sizes": {"s": {"cases": {"mix": {"systems": {"mindnlp": {"seconds_runs": [9.0]}}}}}}}, 4)
     ' (its first round only, paired with ours)'
     """
-    done = [len(c["systems"]["mindnlp"].get("seconds_runs", [])) for e in results["sizes"].values()
-            for c in e.get("cases", {}).values() if "mindnlp" in c["systems"]]
-    n = min(done, default=runs)
-    if n >= runs:
+    n = _fewer_rounds(results, runs).get("mindnlp")
+    if n is None:
         return ""
     return f" (its first {'round' if n == 1 else f'{n} rounds'} only, paired with ours)"
 
