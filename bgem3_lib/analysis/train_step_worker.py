@@ -149,12 +149,12 @@ def export_step(trainer, path: Path) -> dict:
     """Write the batch's padded tensors and the trainable parameters (with their peak learning rates and
     weight decays) to ``path.npz`` / ``path.json`` for the PyTorch worker; returns the JSON part."""
     from ..training.train_model import as_chunks
-    inputs = trainer.tensors(trainer.next_batch())
+    inputs = trainer.tensors(trainer.next_batch(), packed=False)
     arrays = {"q_ids": inputs[0], "q_mask": inputs[1], "q_hidden": inputs[3]}
     chunks = [as_chunks(inputs[k]) for k in (4, 5, 7)]
     for c, (ids, mask, hid) in enumerate(zip(*chunks)):
         arrays.update({f"p{c}_ids": ids, f"p{c}_mask": mask, f"p{c}_hidden": hid})
-    if len(inputs) > 8:
+    if inputs[8] is not None:
         arrays["p_order"] = inputs[8]
     arrays = {k: v.asnumpy() for k, v in arrays.items()}
     params = [p.name for p in trainer.params]

@@ -160,7 +160,8 @@ class M3TrainNet(nn.Cell):
     def packed_layers_ready(self, q_hidden) -> bool:
         """True when the layers above the hidden cache run as the fused training kernels on packed tokens
         (:func:`bgem3_lib.kernels.train.layer_train`): CPU, kernels built, float32, erf GELU, cached states as
-        input, at least one layer to run, no gradient checkpointing or sub-batches, ``use_cpu_kernels`` on."""
+        input (``q_hidden`` not None), at least one layer to run, no gradient checkpointing or sub-batches,
+        ``use_cpu_kernels`` on."""
         b = self.block
         n = len(b.encoder.layers)
         if not (self.use_cpu_kernels and q_hidden is not None and 0 < b.start < n and not self.recompute
@@ -169,6 +170,14 @@ class M3TrainNet(nn.Cell):
             return False
         from ..kernels import train as train_kernels
         return train_kernels.available()
+
+    def takes_packed_states(self) -> bool:
+        """True when ``construct`` can take the batch's cached states already packed (``packed_states [T, H]``:
+        each text's rows, queries then passages, no padding; :meth:`TextStore.packed_states`): heads-only training
+        (``start_layer`` = the number of layers), or the fused training kernels' layers (:meth:`packed_layers_ready`).
+        The trainer then never builds the padded ``[R, L, H]`` states, which the net would only pack again."""
+        b = self.block
+        return b.start == len(b.encoder.layers) or self.packed_layers_ready(True)
 
     def head_ops(self) -> tuple:
         """(project, maxsim) for :func:`~bgem3_lib.training.batch_scores.packed_heads` and ``maxsim_scores``: the
@@ -183,15 +192,19 @@ class M3TrainNet(nn.Cell):
                         train_kernels.maxsim_train)
         return self.project, self.maxsim
 
-    def packed_layers(self, hidden: list, plan) -> Tensor:
-        """Cached states (queries', then each passage chunk's, ``[R, L, H]``) -> the last layer's states of the
-        batch's real tokens ``[T, H]`` in ``plan`` order: packed once, then layers ``start .. n-1`` through the
-        fused kernels (the frozen ones, if any, below a ``stop_gradient``)."""
+    @staticmethod
+    def pack_states(hidden: list, plan) -> Tensor:
+        """Padded cached states (queries', then each passage chunk's, ``[R, L, H]``) -> the batch's real tokens
+        ``[T, H]`` float32 in ``plan`` order."""
+        return ops.gather(_cat([h.reshape(-1, h.shape[-1]).astype(ms.float32) for h in hidden], 0), plan.rows, 0)
+
+    def packed_layers(self, x: Tensor, plan) -> Tensor:
+        """Packed states at the input of layer ``start`` (``[T, H]`` float32, ``plan`` order) -> the last layer's,
+        through the fused kernels (layers below ``freeze_layers``, if any, under a ``stop_gradient``)."""
         from ..kernels import train as train_kernels
         b = self.block
         cfg = b.cfg
         train_kernels.begin_pass()
-        x = ops.gather(_cat([h.reshape(-1, h.shape[-1]).astype(ms.float32) for h in hidden], 0), plan.rows, 0)
         for i in range(b.start, len(b.encoder.layers)):
             x = train_kernels.layer_train(x, b.encoder.layers[i], plan.offsets, cfg.num_attention_heads,
                                           cfg.layer_norm_eps)
@@ -199,10 +212,26 @@ class M3TrainNet(nn.Cell):
                 x = ops.stop_gradient(x)
         return x
 
-    def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden, p_order=None):
+    def _given_packed(self, states, plan, q_hidden, p_hidden) -> Tensor:
+        """``packed_states``, checked, -> the last layer's packed states (the given ones when no layer trains)."""
+        if q_hidden is not None or any(h is not None for h in p_hidden):
+            raise ValueError("give the cached states either padded (q_hidden, p_hidden) or packed, not both")
+        if not self.takes_packed_states():
+            raise ValueError("packed_states need heads-only training or the fused CPU training kernels' layers; "
+                             "give padded q_hidden / p_hidden")
+        want = (int(plan.rows.shape[0]), self.block.cfg.hidden_size)
+        if tuple(states.shape) != want or states.dtype != ms.float32:
+            raise ValueError(f"packed_states must be float32 {list(want)} (the batch's real tokens x hidden), "
+                             f"got {states.dtype} {list(states.shape)}")
+        return states if self.block.start == len(self.block.encoder.layers) else self.packed_layers(states, plan)
+
+    def construct(self, q_ids, q_mask, q_pos, q_hidden, p_ids, p_mask, p_pos, p_hidden, p_order=None,
+                  packed_states=None):
         """Queries ``[B, Lq]``; passages either one padded ``[N, Lp]`` matrix or tuples of length chunks
         (``[N_c, L_c]`` each, see :func:`~bgem3_lib.training.bucketing.length_chunks`) with ``p_order [N]``: the row
-        of each original passage in the chunks' concatenation."""
+        of each original passage in the chunks' concatenation. Cached states come padded (``q_hidden``,
+        ``p_hidden``) or, where :meth:`takes_packed_states`, as ``packed_states [T, H]`` float32 (hiddens None; ids
+        and masks still give the positions, and the masks must be each text's first ``len`` positions)."""
         p_ids, p_mask, p_pos, p_hidden = (as_chunks(x) for x in (p_ids, p_mask, p_pos, p_hidden))
         b, n = q_ids.shape[0], sum(x.shape[0] for x in p_ids)
         if n % b:
@@ -211,8 +240,10 @@ class M3TrainNet(nn.Cell):
             raise ValueError(f"p_order must have shape ({n},), got {tuple(p_order.shape)}")
         plan = batch_plan(_host(q_ids), _host(q_mask), [_host(x) for x in p_ids], [_host(x) for x in p_mask],
                           self.block.special_ids, None if p_order is None else _host(p_order))
-        if self.packed_layers_ready(q_hidden):
-            packed = self.packed_layers([q_hidden, *p_hidden], plan)
+        if packed_states is not None:
+            packed = self._given_packed(packed_states, plan, q_hidden, p_hidden)
+        elif self.packed_layers_ready(q_hidden):
+            packed = self.packed_layers(self.pack_states([q_hidden, *p_hidden], plan), plan)
         else:
             states = [self.encode(q_ids, q_mask, q_pos, q_hidden)]
             states += [self.encode(*chunk) for chunk in zip(p_ids, p_mask, p_pos, p_hidden)]
@@ -248,7 +279,13 @@ class TextStore:
     """Token ids of every text (and optionally hidden states cached at ``start_layer``).
 
     ``ids``: list of 1-D int arrays; ``hidden``: callable ``i -> [len_i, H]`` array or None.
-    ``batch(idx)`` -> ``(ids [B, L] int32, mask [B, L] int32, hidden [B, L, H] float32 or None)``.
+    ``batch(idx)`` -> ``(ids [B, L] int32, mask [B, L] int32, hidden [B, L, H] float32 or None)``;
+    ``packed_states(idx)`` -> ``[T, H]`` float32: the texts' states one after another, no padding (T = their lengths).
+
+    >>> store = TextStore([[0, 5, 2], [0, 2]], hidden=lambda i: np.full((3 - i, 1), i, np.float16))
+    >>> ids, mask, hid = store.batch([0, 1])
+    >>> ids.tolist(), hid[:, :, 0].tolist(), store.packed_states([0, 1])[:, 0].tolist()
+    ([[0, 5, 2], [0, 2, 1]], [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]], [0.0, 0.0, 0.0, 1.0, 1.0])
     """
 
     def __init__(self, ids: list, pad_id: int = 1, hidden=None):
@@ -265,19 +302,36 @@ class TextStore:
     def length(self, i: int) -> int:
         return int(self.ids[i].size)
 
-    def batch(self, idx):
+    def _states(self, idx) -> list:
+        states = [np.asarray(self.hidden(i)) for i in idx]
+        for i, h in zip(idx, states):
+            if h.ndim != 2 or h.shape[0] != self.length(i):
+                raise ValueError(f"hidden states of text {i} have shape {h.shape}, want ({self.length(i)}, H)")
+        return states
+
+    def packed_states(self, idx) -> np.ndarray:
+        if self.hidden is None:
+            raise ValueError("this TextStore has no hidden states")
+        states = self._states(idx)
+        flat = np.concatenate(states)
+        if flat.dtype == np.float16:
+            from ..kernels.train import widen_half
+            return widen_half(flat)                            # exact; 5x NumPy's cast
+        return flat.astype(np.float32, copy=False)
+
+    def batch(self, idx, states: bool = True):
+        """Padded ids, mask and (with ``states`` and a cache) hidden states of the texts ``idx``."""
         L = max(self.length(i) for i in idx)
         ids = np.full((len(idx), L), self.pad_id, np.int32)
         mask = np.zeros((len(idx), L), np.int32)
         hid = None
         for r, i in enumerate(idx):
             ids[r, : self.length(i)], mask[r, : self.length(i)] = self.ids[i], 1
-        if self.hidden is not None:
-            states = [np.asarray(self.hidden(i)) for i in idx]
+        if self.hidden is not None and states:
+            states = self._states(idx)
             half = all(h.dtype == np.float16 for h in states)     # the cache's dtype: padded in it, widened once
             hid = np.zeros((len(idx), L, states[0].shape[-1]), np.float16 if half else np.float32)
-            for r, (i, h) in enumerate(zip(idx, states)):
-                assert h.shape[0] == self.length(i), (h.shape, self.length(i))
+            for r, h in enumerate(states):
                 hid[r, : h.shape[0]] = h
             if half:
                 from ..kernels.train import widen_half

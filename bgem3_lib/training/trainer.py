@@ -5,7 +5,9 @@
 1. the next batch of example indices from :class:`~bgem3_lib.training.bucketing.LengthBucketSampler` (one length
    bucket per batch, batch size = ``token_budget // bucket upper length``); the batch's passages are
    encoded in up to ``length_chunks`` length-sorted chunks, each padded to its own longest text
-   (:func:`~bgem3_lib.training.bucketing.length_chunks`: the padding left inside an example's group);
+   (:func:`~bgem3_lib.training.bucketing.length_chunks`: the padding left inside an example's group); states from a
+   hidden cache go in packed, one ``[T, H]`` matrix of the batch's real tokens, where the net takes them so
+   (heads only, or the fused kernels' layers: :meth:`~bgem3_lib.training.train_model.M3TrainNet.takes_packed_states`);
 2. ``mindspore.value_and_grad`` of :class:`~bgem3_lib.training.train_model.M3TrainNet` w.r.t. the trainable
    parameters; gradients clipped to global norm ``clip_norm``;
 3. :class:`~bgem3_lib.training.optim.AdamW` with warm-up + linear decay (:func:`~bgem3_lib.training.optim.lr_at`); peak
@@ -161,26 +163,32 @@ class Trainer:
                 self._iter = None
         raise RuntimeError("the sampler yields no batches")
 
-    def tensors(self, examples: list[int]):
+    def tensors(self, examples: list[int], packed: bool | None = None):
         """Example indices -> the inputs of :class:`M3TrainNet`: queries, then passages (in
-        ``config.length_chunks`` length chunks with their order tensor when that is > 1)."""
+        ``config.length_chunks`` length chunks with their order tensor when that is > 1). ``packed`` (default: where
+        the net takes them, :meth:`M3TrainNet.takes_packed_states`): the cached states as one ``packed_states [T, H]``
+        input after ``p_order`` (no padded states, no position ids) instead of padded per matrix."""
         if self.world > 1:
             examples = examples[self.rank::self.world] or examples[:1]
+        if packed is None:
+            packed = self.store.hidden is not None and self.net.takes_packed_states()
         queries = [self.groups[e][0] for e in examples]
         passages = [i for e in examples for i in self.groups[e][1:]]
-        out = self._padded(queries)
+        out = self._padded(queries, packed)
         if self.cfg.length_chunks <= 1:
-            return out + self._padded(passages)
-        chunks = length_chunks([self.store.length(i) for i in passages], self.cfg.length_chunks)
-        parts = [self._padded([passages[j] for j in ch]) for ch in chunks]
-        order = np.empty(len(passages), np.int32)
-        order[np.concatenate(chunks)] = np.arange(len(passages), dtype=np.int32)
-        return out + [tuple(p[k] for p in parts) for k in range(4)] + [Tensor(order)]
+            out += self._padded(passages, packed) + [None]
+        else:
+            chunks = length_chunks([self.store.length(i) for i in passages], self.cfg.length_chunks)
+            parts = [self._padded([passages[j] for j in ch], packed) for ch in chunks]
+            order = np.empty(len(passages), np.int32)
+            order[np.concatenate(chunks)] = np.arange(len(passages), dtype=np.int32)
+            out += [tuple(p[k] for p in parts) for k in range(4)] + [Tensor(order)]
+        return out + [Tensor(self.store.packed_states(queries + passages))] if packed else out
 
-    def _padded(self, idx: list[int]) -> list:
-        ids, mask, hid = self.store.batch(idx)
-        pos = self.position_ids(ids, mask)
-        return [Tensor(ids), Tensor(mask), Tensor(pos), None if hid is None else Tensor(hid)]
+    def _padded(self, idx: list[int], packed: bool = False) -> list:
+        ids, mask, hid = self.store.batch(idx, states=not packed)
+        pos = None if packed else Tensor(self.position_ids(ids, mask))
+        return [Tensor(ids), Tensor(mask), pos, None if hid is None else Tensor(hid)]
 
     @staticmethod
     def token_counts(inputs) -> tuple[int, int]:
