@@ -147,7 +147,11 @@ def make_case(name, texts, max_length, batch_size, tokens: Tokens, cfg, tmp: Pat
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(texts))
     lengths = tokens.lengths(texts, max_length)
-    return {"name": name, "texts": str(path), "max_length": max_length, "batch_size": batch_size,
+    longest = tmp / f"{name}-longest.json"         # its longest batch: what a spare process warms up on
+    by_length = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    longest.write_text(json.dumps([texts[i] for i in by_length[:batch_size]]))
+    return {"name": name, "texts": str(path), "longest_batch": str(longest), "max_length": max_length,
+            "batch_size": batch_size,
             "tokens": int(sum(lengths)), "n_texts": len(texts),
             "gflop": sum(flops_per_text(n, cfg) for n in lengths) / 1e9, "systems": list(systems)}
 

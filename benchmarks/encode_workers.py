@@ -172,8 +172,9 @@ class MindNLP:
         ids = [x if len(x) <= max_length else x[: max_length - 1] + [x[-1]] for x in ids]
         order = np.argsort([-len(x) for x in ids], kind="stable") if sort else np.arange(len(ids))
         dense = np.zeros((len(ids), self.model.config.hidden_size), np.float32)
-        special, out = {0, 1, 2, 3}, []
+        special, out, batch_seconds = {0, 1, 2, 3}, [], []
         for s in range(0, len(ids), batch_size):
+            t0 = time.perf_counter()
             idx = order[s:s + batch_size]
             length = max(len(ids[i]) for i in idx)
             batch = np.full((len(idx), length), 1, np.int64)
@@ -194,7 +195,8 @@ class MindNLP:
                         lex[str(t)] = w
                 vecs = colbert[j, : n - 1]
                 out.append((lex, vecs / np.linalg.norm(vecs, axis=-1, keepdims=True)))
-        return {"dense": dense, "texts": len(out)}
+            batch_seconds.append(time.perf_counter() - t0)
+        return {"dense": dense, "texts": len(out), "batch_seconds": batch_seconds}
 
     def framework_gflops(self) -> float:
         torch = self.torch
