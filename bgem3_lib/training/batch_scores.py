@@ -70,16 +70,26 @@ class BatchPlan:
     offsets: np.ndarray | None = None   # [B + N + 1] int32 (host): text t is packed rows offsets[t]:offsets[t+1]
 
 
+def _ranges(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenation of ``arange(s, s + c)`` over ``zip(starts, counts)``, without a Python loop.
+
+    >>> _ranges(np.array([5, 0]), np.array([2, 3])).tolist()
+    [5, 6, 0, 1, 2]
+    """
+    total = int(counts.sum())
+    return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(total)
+
+
 def _groups(ids: np.ndarray, text: np.ndarray, keep: np.ndarray, shared: np.ndarray):
-    """(text, id) groups of the packed tokens kept and with an id in ``shared``: (text [S], id [S], packed rows of
-    each [S] arrays), ordered by text, then id; rows ascending."""
+    """(text, id) groups of the packed tokens kept and with an id in ``shared``: (text [S], id [S], the packed rows
+    of every group one after another, [S] sizes), ordered by text, then id; rows ascending within a group."""
     rows = np.nonzero(keep & np.isin(ids, shared))[0]
     order = np.lexsort((rows, ids[rows], text[rows]))
     rows = rows[order]
     tok, txt = ids[rows], text[rows]
     start = np.r_[True, (txt[1:] != txt[:-1]) | (tok[1:] != tok[:-1])] if rows.size else np.zeros(0, bool)
     bounds = np.r_[np.nonzero(start)[0], rows.size]
-    return txt[bounds[:-1]], tok[bounds[:-1]], np.split(rows, bounds[1:-1])
+    return txt[bounds[:-1]], tok[bounds[:-1]], rows, np.diff(bounds)
 
 
 def _lexical(ids, text, keep, b: int, n: int):
@@ -88,16 +98,15 @@ def _lexical(ids, text, keep, b: int, n: int):
     shared = np.intersect1d(ids[keep & is_q], ids[keep & ~is_q])
     if shared.size == 0:
         return None, None, None, None
-    q_text, q_id, q_rows = _groups(ids, text, keep & is_q, shared)
-    p_text, p_id, p_rows = _groups(ids, text, keep & ~is_q, shared)
-    members = q_rows + p_rows
-    groups = np.full((len(members), max(len(m) for m in members)), ids.size, np.int32)
-    for g, m in enumerate(members):
-        groups[g, : len(m)] = m
+    q_text, q_id, q_rows, q_size = _groups(ids, text, keep & is_q, shared)
+    p_text, p_id, p_rows, p_size = _groups(ids, text, keep & ~is_q, shared)
+    sizes = np.r_[q_size, p_size]
+    groups = np.full((sizes.size, int(sizes.max())), ids.size, np.int32)
+    groups[np.repeat(np.arange(sizes.size), sizes), _ranges(np.zeros_like(sizes), sizes)] = np.r_[q_rows, p_rows]
     p_sort = np.argsort(p_id, kind="stable")        # a sort-merge join of the two sides' groups on the id
     lo, hi = np.searchsorted(p_id[p_sort], q_id, "left"), np.searchsorted(p_id[p_sort], q_id, "right")
     left = np.repeat(np.arange(q_id.size), hi - lo)
-    right = p_sort[np.concatenate([np.arange(s, e) for s, e in zip(lo, hi)])]
+    right = p_sort[_ranges(lo, hi - lo)]
     cell = q_text[left] * n + (p_text[right] - b)
     order = np.lexsort((left, cell))                 # each score's terms in the order of its query's tokens
     return (Tensor(groups), *(Tensor(x[order].astype(np.int32)) for x in (left, right + q_id.size, cell)))
@@ -108,32 +117,34 @@ def batch_plan(q_ids, q_mask, p_ids, p_mask, special_ids=(0, 1, 2, 3), order=Non
     length chunks ``[N_c, L_c]``; ``order [N]`` (optional): the row of passage ``j`` in the chunks'
     concatenation. Flat rows number the queries' ``[B * Lq]`` positions, then each chunk's ``[N_c * L_c]``.
     Raises ``ValueError`` when a text has no token after CLS."""
-    texts, offset = [], 0
+    flat_rows, flat_ids, counts, offset = [], [], [], 0
     for ids, mask in [(q_ids, q_mask), *zip(p_ids, p_mask)]:
         ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
-        texts += [(ids[r], mask[r], offset + r * ids.shape[1]) for r in range(ids.shape[0])]
+        if not mask[:, 0].all():
+            raise ValueError("every query and passage must start with an attended CLS token (mask[:, 0] = 1)")
+        if not mask[:, 1:].any(axis=1).all():
+            raise ValueError("every query and passage needs at least one valid token in its mask")
+        r, c = np.nonzero(mask)                                      # row-major: each text's tokens in order
+        flat_rows.append(offset + r * ids.shape[1] + c)
+        flat_ids.append(ids[r, c])
+        counts.append(mask.sum(axis=1))
         offset += ids.size
     b = np.asarray(q_ids).shape[0]
-    n = len(texts) - b
-    if order is not None:
-        texts = texts[:b] + [texts[b + int(r)] for r in np.asarray(order)]
-    if not all(m[0] for _, m, _ in texts):
-        raise ValueError("every query and passage must start with an attended CLS token (mask[:, 0] = 1)")
-    if not all(m[1:].any() for _, m, _ in texts):
-        raise ValueError("every query and passage needs at least one valid token in its mask")
-    rows = np.concatenate([start + np.nonzero(m)[0] for _, m, start in texts])
-    ids = np.concatenate([i[m] for i, m, _ in texts])
-    lengths = np.array([m.sum() for _, m, _ in texts])
+    counts = np.concatenate(counts)
+    n = counts.size - b
+    texts = np.arange(b + n) if order is None else np.r_[np.arange(b), b + np.asarray(order, np.int64)]
+    lengths = counts[texts]
+    take = _ranges((np.cumsum(counts) - counts)[texts], lengths)      # the texts' tokens, in the batch's order
+    rows, ids = np.concatenate(flat_rows)[take], np.concatenate(flat_ids)[take]
     text = np.repeat(np.arange(b + n), lengths)
     first = np.r_[0, np.cumsum(lengths)[:-1]]
     tq = int(lengths[:b].sum())
     query_tokens = np.zeros((b, tq), np.float32)
-    for t in range(b):
-        query_tokens[t, first[t] + 1: first[t] + lengths[t]] = 1.0
+    query_tokens[text[:tq], np.arange(tq)] = 1.0
+    query_tokens[np.arange(b), first[:b]] = 0.0                      # not the CLS
     width = int(lengths[b:].max()) - 1
-    slots = np.repeat(first[b:, None] + 1, width, axis=1)              # unused slots: the first token after CLS
-    for j in range(n):
-        slots[j, : lengths[b + j] - 1] = np.arange(first[b + j] + 1, first[b + j] + lengths[b + j])
+    k = np.arange(width)
+    slots = first[b:, None] + 1 + np.where(k < lengths[b:, None] - 1, k, 0)   # unused slots: the first after CLS
     keep = ~np.isin(ids, np.asarray(special_ids))                    # (every packed token is attended)
     lexical = _lexical(ids, text, keep, b, n)
     as_i = lambda a: Tensor(np.ascontiguousarray(a, dtype=np.int32))  # noqa: E731
