@@ -319,15 +319,15 @@ class TextStore:
             return widen_half(flat)                            # exact; 5x NumPy's cast
         return flat.astype(np.float32, copy=False)
 
-    def batch(self, idx, states: bool = True):
-        """Padded ids, mask and (with ``states`` and a cache) hidden states of the texts ``idx``."""
+    def batch(self, idx, with_states: bool = True):
+        """Padded ids, mask and (``with_states`` and a cache) hidden states of the texts ``idx``."""
         L = max(self.length(i) for i in idx)
         ids = np.full((len(idx), L), self.pad_id, np.int32)
         mask = np.zeros((len(idx), L), np.int32)
         hid = None
         for r, i in enumerate(idx):
             ids[r, : self.length(i)], mask[r, : self.length(i)] = self.ids[i], 1
-        if self.hidden is not None and states:
+        if self.hidden is not None and with_states:
             states = self._states(idx)
             half = all(h.dtype == np.float16 for h in states)     # the cache's dtype: padded in it, widened once
             hid = np.zeros((len(idx), L, states[0].shape[-1]), np.float16 if half else np.float32)

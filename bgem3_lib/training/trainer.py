@@ -192,7 +192,7 @@ class Trainer:
         return out + [_shared(self.store.packed_states(queries + passages))] if packed else out
 
     def _padded(self, idx: list[int], packed: bool = False) -> list:
-        ids, mask, hid = self.store.batch(idx, states=not packed)
+        ids, mask, hid = self.store.batch(idx, with_states=not packed)
         pos = None if packed else _shared(self.position_ids(ids, mask))
         return [_shared(ids), _shared(mask), pos, None if hid is None else _shared(hid)]
 
