@@ -139,7 +139,7 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
   auto weight = [&](const float *w, int64_t n, int64_t k) -> Products::Weight {
-    return {w, n, k, true, packed_for(ahead.get(), w, n, k)};
+    return {w, n, k, true, packed_for(ahead.get(), w, n, k), packed_bf16_for(ahead.get(), w, n, k)};
   };
   Products products(rows, {weight(w3[0], h, h), weight(w3[1], h, h), weight(w3[2], h, h), weight(wo, h, h)});
   SingleThreadedBlas one;
@@ -185,8 +185,8 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   float eps = *(const float *)params[7], *y = (float *)params[nparam - 1];
   const auto ahead = packed_set(nparam == 10 ? *(const int64_t *)params[8] : 0);
   int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0], block = row_block(rows);
-  Products products(rows, {{w1, f, h, true, packed_for(ahead.get(), w1, f, h)},
-                           {w2, h, f, true, packed_for(ahead.get(), w2, h, f)}});
+  Products products(rows, {{w1, f, h, true, packed_for(ahead.get(), w1, f, h), packed_bf16_for(ahead.get(), w1, f, h)},
+                           {w2, h, f, true, packed_for(ahead.get(), w2, h, f), packed_bf16_for(ahead.get(), w2, h, f)}});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
@@ -205,8 +205,9 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
 }
 
 
-// Pack the float32 weights W_j [n_j, k_j] given as inputs (y = x @ W_j^T) for gemm_f32.h once, and keep them
-// (packed_weights.h); output: the set's id [1] i64 (0: this build has no AVX-512 kernel). The fused blocks take
+// Pack the float32 weights W_j [n_j, k_j] given as inputs (y = x @ W_j^T) once, for AMX's bfloat16 triples where
+// those take the products, else for gemm_f32.h, and keep them (packed_weights.h, gemm_bf16x3.h's
+// pack_weights_ahead); output: the set's id [1] i64 (0: nothing to pack for in this build). The fused blocks take
 // the id as an extra input.
 int m3_f32_pack(int nparam, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   if (nparam < 2) return 1;
@@ -218,7 +219,7 @@ int m3_f32_pack(int nparam, void **params, int *ndims, int64_t **shapes, const c
     n.push_back(shapes[j][0]);
     k.push_back(shapes[j][1]);
   }
-  *(int64_t *)params[nparam - 1] = pack_weights(w.data(), n.data(), k.data(), nparam - 1);
+  *(int64_t *)params[nparam - 1] = pack_weights_ahead(w.data(), n.data(), k.data(), nparam - 1);
   return 0;
 }
 

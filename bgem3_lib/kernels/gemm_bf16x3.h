@@ -36,11 +36,20 @@ const int64_t kPanelRows = 128, kPanelK = 32;   // kPanelK in k-tiles of 32
 struct Bf16x3Weight {
   int64_t n = 0, k = 0, kb = 0, nb = 0;
   AlignedArray<uint16_t> t;   // 64-byte aligned: a tile row must not straddle two cache lines
+  uint16_t *tiles = nullptr;  // t, or tiles packed ahead (packed_weights.h) that this object does not own
 
+  // uint16s of the tiles of W [n, k].
+  static int64_t size(int64_t rows, int64_t cols) { return (rows + 63) / 64 * 4 * ((cols + 31) / 32) * 3 * kPartTile; }
   // Size for W [n, k]; call from one thread, before pack().
   void allocate(int64_t rows, int64_t cols) {
     n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
     t = aligned_array<uint16_t>(nb * kb * 3 * kPartTile);
+    tiles = t.get();
+  }
+  // The same over size(rows, cols) uint16s at `at` (64-byte aligned), kept by the caller.
+  void attach(int64_t rows, int64_t cols, uint16_t *at) {
+    n = rows, k = cols, kb = (k + 31) / 32, nb = (n + 63) / 64 * 4;
+    tiles = at;
   }
 
   // Split and pack W stored [n, k] (row stride ldw; y = x @ W^T); every thread of a parallel region calls it and
@@ -50,7 +59,7 @@ struct Bf16x3Weight {
     for (int64_t i = 0; i < nb * kb; ++i) {
       const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
       pack_tile_nk(w + std::min(c0, n - 1) * ldw + k0, ldw, std::min<int64_t>(16, n - c0),
-                   std::min<int64_t>(32, k - k0), t.get() + i * 3 * kPartTile);
+                   std::min<int64_t>(32, k - k0), tiles + i * 3 * kPartTile);
     }
   }
 
@@ -60,7 +69,7 @@ struct Bf16x3Weight {
     for (int64_t i = 0; i < nb * kb; ++i) {
       const int64_t c0 = (i / kb) * 16, k0 = (i % kb) * 32;
       pack_tile_kn(w + k0 * ldw + std::min(c0, n - 1), ldw, std::min<int64_t>(32, k - k0),
-                   std::min<int64_t>(16, n - c0), t.get() + i * 3 * kPartTile);
+                   std::min<int64_t>(16, n - c0), tiles + i * 3 * kPartTile);
     }
   }
 };
@@ -142,7 +151,7 @@ void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, 
             _tile_loadd(0, at, 64);
             _tile_loadd(1, at + kPartTile, 64);
             _tile_loadd(2, at + 2 * kPartTile, 64);
-            const uint16_t *wt = w.t.get() + ((c0 / 16) * kb + b) * 3 * kPartTile;
+            const uint16_t *wt = w.tiles + ((c0 / 16) * kb + b) * 3 * kPartTile;
             const int64_t step = kb * 3 * kPartTile;    // to the next 16 columns
             BGEM3_BF16X3_PART(wt, step, 0)
             BGEM3_BF16X3_PART(wt, step, 1)
@@ -159,7 +168,9 @@ void gemm_bf16x3(const float *x, int64_t ldx, int64_t m, const Bf16x3Weight &w, 
 #undef BGEM3_BF16X3_DP
 #else
 struct Bf16x3Weight {   // without AMX-BF16 nothing is packed and the BLAS computes every product
+  static int64_t size(int64_t, int64_t) { return 0; }
   void allocate(int64_t, int64_t) {}
+  void attach(int64_t, int64_t, uint16_t *) {}
   void pack(const float *, int64_t) {}
   void pack_kn(const float *, int64_t) {}
 };
@@ -190,6 +201,7 @@ class Products {
     int64_t n, k;
     bool nk = true;
     const float *prepacked = nullptr;   // nk only: its packing in F32Weight's layout at f32_block_k(k)
+    const uint16_t *prepacked_bf16 = nullptr;   // nk only: its tiles in Bf16x3Weight's layout
   };
   Products(int64_t rows, std::initializer_list<Weight> weights) : w_(weights), amx_(bf16x3_on(rows)) {
     bool ahead = false;
@@ -200,7 +212,12 @@ class Products {
     f32_ = !amx_ && f32gemm_on(rows, ahead);
     if (amx_) {
       packed_.resize(w_.size());
-      for (size_t j = 0; j < w_.size(); ++j) packed_[j].allocate(w_[j].n, w_[j].k);
+      for (size_t j = 0; j < w_.size(); ++j) {
+        if (ahead_bf16_(w_[j]))
+          packed_[j].attach(w_[j].n, w_[j].k, const_cast<uint16_t *>(w_[j].prepacked_bf16));
+        else
+          packed_[j].allocate(w_[j].n, w_[j].k);
+      }
     } else if (f32_) {
       panels_.resize(w_.size());
       int64_t total = 0;
@@ -221,7 +238,7 @@ class Products {
   void pack(int only = -1) {
     if (!amx_ && !f32_) return;
     for (size_t j = 0; j < w_.size(); ++j) {
-      if ((only >= 0 && (size_t)only != j) || (f32_ && ahead_(w_[j]))) continue;
+      if ((only >= 0 && (size_t)only != j) || (f32_ && ahead_(w_[j])) || (amx_ && ahead_bf16_(w_[j]))) continue;
       const int64_t ld = w_[j].nk ? w_[j].k : w_[j].n;
       if (amx_ && w_[j].nk) packed_[j].pack(w_[j].w, ld);
       if (amx_ && !w_[j].nk) packed_[j].pack_kn(w_[j].w, ld);
@@ -256,7 +273,31 @@ class Products {
   std::vector<Bf16x3Weight> packed_;
   std::vector<F32Weight> panels_;
   static bool ahead_(const Weight &w) { return w.prepacked && w.nk; }
+  static bool ahead_bf16_(const Weight &w) { return w.prepacked_bf16 && w.nk; }
 };
+
+// Pack `count` weights W_j [n_j, k_j] (y = x @ W_j^T) ahead, for what their products run on: bfloat16 triples where
+// AMX takes calls (bf16x3_on at any row count past its threshold), else gemm_f32's panels (pack_weights); register
+// them and return the set's id (0: nothing to pack for here). Bit for bit what Products packs per call.
+inline int64_t pack_weights_ahead(const float *const *w, const int64_t *n, const int64_t *k, int count) {
+#if BGEM3_AMX_BF16
+  if (bf16x3_on(int64_t(1) << 40)) {
+    auto set = std::make_shared<PackedSet>(count);
+    std::vector<Bf16x3Weight> tiles(count);
+    for (int j = 0; j < count; ++j) {
+      PackedWeight &p = (*set)[j];
+      p.w = w[j], p.n = n[j], p.k = k[j], p.kblock = -1;   // no gemm_f32 layout: packed_for never returns it
+      p.bf16 = aligned_array<uint16_t>(Bf16x3Weight::size(n[j], k[j]));
+      tiles[j].attach(n[j], k[j], p.bf16.get());
+      p.sample = weight_sample(w[j], n[j], k[j]);
+    }
+#pragma omp parallel
+    for (int j = 0; j < count; ++j) tiles[j].pack(w[j], k[j]);   // distinct buffers: no barrier between weights
+    return register_packed(set);
+  }
+#endif
+  return pack_weights(w, n, k, count);
+}
 
 }  // namespace
 

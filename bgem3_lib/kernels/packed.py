@@ -7,13 +7,16 @@ EPYC Zen 5, paired in one process). :class:`PackedWeights` does that once per la
 given its ``id_tensor`` skips the packing and computes the same products, bit for bit. The price is a second copy of
 the packed weights in memory, so :func:`wanted` packs a model only while that copy fits ``BGEM3_PACKED_WEIGHTS_MB``
 (default 256 MB: M3-small's encoder, 85 MB, is packed; the full XLM-R large size, 1.2 GB, is not, and keeps one copy
-of its weights). ``BGEM3_PACKED_WEIGHTS_MB=0`` switches packing off.
+of its weights). ``BGEM3_PACKED_WEIGHTS_MB=0`` switches packing off. Where AMX takes the products
+(``cpu.uses_bf16x3``) the same objects hold each weight split into bfloat16 triples in ``gemm_bf16x3.h``'s tiles
+instead (6 bytes a weight: M3-small's encoder 127 MB); packing those per call took about 13 ms of a 136 ms M3-small
+encode of 8 x 128 tokens (0.6 ns a weight).
 
 A packing is used only while it still describes its weight (same address, shape, k block and a sample of one
 value per row); otherwise the call packs as before. The model drops its packings when it trains or loads weights
 (``model.encoder.M3Encoder.drop_packed_weights``).
 
->>> packed_bytes([(1152, 384), (384, 384)])      # 36 panels of 32 columns x 384 k, 12 panels x 384 k, float32
+>>> packed_bytes([(1152, 384), (384, 384)], bf16x3=False)  # 36 panels of 32 columns x 384 k, 12 x 384 k, float32
 2359296
 """
 from __future__ import annotations
@@ -33,8 +36,18 @@ DEFAULT_BUDGET_MB = 256
 PANEL = 32                      # gemm_f32.h's kF32Cols
 
 
-def packed_bytes(shapes: Sequence[tuple[int, int]]) -> int:
-    """Bytes the packings of weights of these [n, k] shapes take (columns rounded up to whole 32-column panels)."""
+def packed_bytes(shapes: Sequence[tuple[int, int]], bf16x3: bool | None = None) -> int:
+    """Bytes the packings of weights of these [n, k] shapes take: float32 panels (columns rounded up to whole
+    32-column panels), or with ``bf16x3`` (default: where AMX takes the products, ``cpu.uses_bf16x3``) AMX's tiles of
+    bfloat16 triples (columns rounded up to 64, k to 32; 6 bytes a weight).
+
+    >>> packed_bytes([(384, 384)], bf16x3=True)     # M3-small's query weight: 3 bfloat16 parts of each value
+    884736
+    """
+    if bf16x3 is None:
+        bf16x3 = cpu.available() and cpu.uses_bf16x3()
+    if bf16x3:
+        return sum(-(-n // 64) * 64 * -(-k // 32) * 32 * 6 for n, k in shapes)
     return sum(-(-n // PANEL) * PANEL * k * 4 for n, k in shapes)
 
 
@@ -52,9 +65,10 @@ def budget_bytes() -> int:
 
 
 def runs_here() -> bool:
-    """True when packed weights would be used: the fused kernels run, the AVX-512 float32 kernel is built and not
-    switched off (on, or on for packed weights only: ``cpu.f32gemm_state``), and AMX does not take the products."""
-    return cpu.available() and cpu.f32gemm_state() in (1, cpu.PACKED_ONLY) and not cpu.uses_bf16x3()
+    """True when packed weights would be used: the fused kernels run, and either AMX takes the products (packed as
+    bfloat16 triples) or the AVX-512 float32 kernel is built and not switched off (on, or on for packed weights
+    only: ``cpu.f32gemm_state``)."""
+    return cpu.available() and (cpu.uses_bf16x3() or cpu.f32gemm_state() in (1, cpu.PACKED_ONLY))
 
 
 def wanted(shapes: Sequence[tuple[int, int]]) -> bool:

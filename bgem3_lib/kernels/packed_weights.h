@@ -29,6 +29,7 @@ struct PackedWeight {
   int64_t n = 0, k = 0, kblock = 0;
   uint64_t sample = 0;
   AlignedArray<float> data;   // f32_packed_size(n, k) floats, F32Weight's layout
+  AlignedArray<uint16_t> bf16;   // or Bf16x3Weight's tiles (gemm_bf16x3.h's pack_weights_ahead), kblock -1
 };
 using PackedSet = std::vector<PackedWeight>;
 
@@ -56,6 +57,15 @@ inline PackedRegistry &packed_registry() {
   return registry;
 }
 
+// Register a packed set; returns its id (> 0).
+inline int64_t register_packed(std::shared_ptr<const PackedSet> set) {
+  PackedRegistry &r = packed_registry();
+  std::lock_guard<std::mutex> hold(r.lock);
+  const int64_t id = r.next++;
+  r.sets[id] = std::move(set);
+  return id;
+}
+
 // Pack `count` weights W_j [n_j, k_j] (y = x @ W_j^T) on every thread and register them; returns the set's id, or 0
 // where this build has no AVX-512 kernel (nothing to pack for).
 inline int64_t pack_weights(const float *const *w, const int64_t *n, const int64_t *k, int count) {
@@ -72,11 +82,7 @@ inline int64_t pack_weights(const float *const *w, const int64_t *n, const int64
   }
 #pragma omp parallel
   for (int j = 0; j < count; ++j) panels[j].pack(w[j], k[j]);   // distinct buffers: no barrier between weights
-  PackedRegistry &r = packed_registry();
-  std::lock_guard<std::mutex> hold(r.lock);
-  const int64_t id = r.next++;
-  r.sets[id] = set;
-  return id;
+  return register_packed(set);
 #else
   (void)w, (void)n, (void)k, (void)count;
   return 0;
@@ -111,6 +117,15 @@ inline const float *packed_for(const PackedSet *set, const float *w, int64_t n, 
     for (const PackedWeight &p : *set)
       if (p.w == w && p.n == n && p.k == k)
         return p.kblock == f32_block_k(k) && p.sample == weight_sample(w, n, k) ? p.data.get() : nullptr;
+  return nullptr;
+}
+
+// The same for the bfloat16-triple tiles of W (gemm_bf16x3.h), else null.
+inline const uint16_t *packed_bf16_for(const PackedSet *set, const float *w, int64_t n, int64_t k) {
+  if (set)
+    for (const PackedWeight &p : *set)
+      if (p.w == w && p.n == n && p.k == k)
+        return p.bf16 && p.sample == weight_sample(w, n, k) ? p.bf16.get() : nullptr;
   return nullptr;
 }
 

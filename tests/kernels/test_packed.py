@@ -32,6 +32,17 @@ def f32_state():
     ck.set_bf16x3(amx)
 
 
+@pytest.fixture
+def amx_state():
+    """AMX taking the products (the default where the CPU has AMX-BF16); skipped elsewhere."""
+    amx = ck.uses_bf16x3()
+    if not ck.set_bf16x3(True):
+        ck.set_bf16x3(amx)
+        pytest.skip("no AMX-BF16 here")
+    yield
+    ck.set_bf16x3(amx)
+
+
 class Linear:
     def __init__(self, rng, n, k):
         self.weight = Parameter(Tensor((rng.standard_normal((n, k)) * k ** -0.5).astype(np.float32)))
@@ -97,6 +108,26 @@ def test_a_packing_that_no_longer_describes_its_weight_is_not_used(f32_state):
     ck.set_f32gemm_whole_k(16)
     for got, want in zip(blocks(x, att, ffn, pa, pf), blocks(x, att, ffn)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_bf16x3_tiles_packed_ahead_are_what_the_call_reads(amx_state):
+    """Where AMX takes the products, packings hold the weights split into bfloat16-triple tiles (6 bytes a weight):
+    the blocks given them compute the bits of packing per call, and read those tiles: after a change to a weight that
+    the sample of one value per row does not see, the call still computes with the packed (old) values."""
+    x, att, ffn = case(4)
+    before = blocks(x, att, ffn)
+    pa, pf = packed.PackedWeights(att.weights()), packed.PackedWeights([ffn.inner.weight, ffn.outer.weight])
+    assert packed.runs_here() and pf.nbytes == packed.packed_bytes([(F, H), (H, F)], bf16x3=True) == 2 * 320 * 64 * 6
+    for got, want in zip(blocks(x, att, ffn, pa, pf), before):
+        np.testing.assert_array_equal(got, want)
+    w = ffn.inner.weight.asnumpy().copy()          # [F, H]: row 0's sampled value is column 0, the last is [-1, -1]
+    w[0, 1] += 1.0
+    ops.assign(ffn.inner.weight, Tensor(w))
+    after = blocks(x, att, ffn)                     # packed per call: the new value counts
+    assert not np.array_equal(after[1], before[1])
+    np.testing.assert_array_equal(blocks(x, att, ffn, pa, pf)[1], before[1])
+    ck.set_bf16x3(False)                            # the float32 path does not read the tiles
+    np.testing.assert_allclose(blocks(x, att, ffn, pa, pf)[1], after[1], rtol=1e-5, atol=1e-5)
 
 
 def test_packings_are_freed_with_their_object(f32_state):
