@@ -138,10 +138,9 @@ int m3_attention_block(int nparam, void **params, int *, int64_t **shapes, const
   if (!attention_tasks(offsets, batch, heads, rows, qblock, tasks, longest)) return 2;
   Scratch qkv(rows * 3 * h), ctx(rows * h);
   const int64_t block = row_block(rows), ntasks = (int64_t)tasks.size();
-  auto weight = [&](const float *w, int64_t n, int64_t k) -> Products::Weight {
-    return {w, n, k, true, packed_for(ahead.get(), w, n, k), packed_bf16_for(ahead.get(), w, n, k)};
-  };
-  Products products(rows, {weight(w3[0], h, h), weight(w3[1], h, h), weight(w3[2], h, h), weight(wo, h, h)});
+  const PackedSet *set = ahead.get();
+  Products products(rows, {weight_ahead(set, w3[0], h, h), weight_ahead(set, w3[1], h, h),
+                           weight_ahead(set, w3[2], h, h), weight_ahead(set, wo, h, h)});
   SingleThreadedBlas one;
 #pragma omp parallel
   {
@@ -185,8 +184,7 @@ int m3_ffn_block(int nparam, void **params, int *, int64_t **shapes, const char 
   float eps = *(const float *)params[7], *y = (float *)params[nparam - 1];
   const auto ahead = packed_set(nparam == 10 ? *(const int64_t *)params[8] : 0);
   int64_t rows = shapes[0][0], h = shapes[0][1], f = shapes[1][0], block = row_block(rows);
-  Products products(rows, {{w1, f, h, true, packed_for(ahead.get(), w1, f, h), packed_bf16_for(ahead.get(), w1, f, h)},
-                           {w2, h, f, true, packed_for(ahead.get(), w2, h, f), packed_bf16_for(ahead.get(), w2, h, f)}});
+  Products products(rows, {weight_ahead(ahead.get(), w1, f, h), weight_ahead(ahead.get(), w2, h, f)});
   SingleThreadedBlas one;
 #pragma omp parallel
   {

@@ -192,8 +192,8 @@ inline int bf16x3_switch(int on, int64_t min_rows) { return bf16x3_path.set(on, 
 
 // The float32 products y = x @ W_j^T of one kernel call, for its weights W_j [n_j, k_j]: on AMX, where
 // bf16x3_on(rows), else on AVX-512 registers, where f32gemm_on(rows) (gemm_f32.h), with each W_j packed once per
-// call and shared by the workers, or packed ahead (packed_weights.h: `prepacked`, a W_j's packing found by
-// packed_for, which f32gemm_on also takes in its packed-only state); else the BLAS.
+// call and shared by the workers, or packed ahead (packed_weights.h: `prepacked` / `prepacked_bf16`, a W_j's
+// packings found by weight_ahead, which f32gemm_on also takes in its packed-only state); else the BLAS.
 class Products {
  public:
   struct Weight {   // y = x @ W^T for W stored [n, k] (nk, the default), y = x @ W for W stored [k, n]
@@ -276,6 +276,12 @@ class Products {
   static bool ahead_bf16_(const Weight &w) { return w.prepacked_bf16 && w.nk; }
 };
 
+// Products' weight W [n, k] (stored [n, k]) with whatever of it `set` holds packed ahead that still describes it.
+inline Products::Weight weight_ahead(const PackedSet *set, const float *w, int64_t n, int64_t k) {
+  const PackedWeight *p = packed_entry(set, w, n, k);
+  return {w, n, k, true, p && p->kblock == f32_block_k(k) ? p->data.get() : nullptr, p ? p->bf16.get() : nullptr};
+}
+
 // Pack `count` weights W_j [n_j, k_j] (y = x @ W_j^T) ahead, for what their products run on: bfloat16 triples where
 // AMX takes calls (bf16x3_on at any row count past its threshold), else gemm_f32's panels (pack_weights); register
 // them and return the set's id (0: nothing to pack for here). Bit for bit what Products packs per call.
@@ -286,7 +292,7 @@ inline int64_t pack_weights_ahead(const float *const *w, const int64_t *n, const
     std::vector<Bf16x3Weight> tiles(count);
     for (int j = 0; j < count; ++j) {
       PackedWeight &p = (*set)[j];
-      p.w = w[j], p.n = n[j], p.k = k[j], p.kblock = -1;   // no gemm_f32 layout: packed_for never returns it
+      p.w = w[j], p.n = n[j], p.k = k[j], p.kblock = -1;   // no gemm_f32 panels: weight_ahead reads only its tiles
       p.bf16 = aligned_array<uint16_t>(Bf16x3Weight::size(n[j], k[j]));
       tiles[j].attach(n[j], k[j], p.bf16.get());
       p.sample = weight_sample(w[j], n[j], k[j]);

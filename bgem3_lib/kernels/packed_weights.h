@@ -111,21 +111,12 @@ inline int64_t packed_sets() {
   return (int64_t)r.sets.size();
 }
 
-// The packing of W [n, k] at `w` in `set` while it still describes W (see the top of this file), else null.
-inline const float *packed_for(const PackedSet *set, const float *w, int64_t n, int64_t k) {
+// The entry of W [n, k] at `w` in `set` while it still describes W's values (see the top of this file), else null.
+// Its float32 panels (data) count only at W's current k block (f32_block_k); its bf16 tiles, where it has them.
+inline const PackedWeight *packed_entry(const PackedSet *set, const float *w, int64_t n, int64_t k) {
   if (set)
     for (const PackedWeight &p : *set)
-      if (p.w == w && p.n == n && p.k == k)
-        return p.kblock == f32_block_k(k) && p.sample == weight_sample(w, n, k) ? p.data.get() : nullptr;
-  return nullptr;
-}
-
-// The same for the bfloat16-triple tiles of W (gemm_bf16x3.h), else null.
-inline const uint16_t *packed_bf16_for(const PackedSet *set, const float *w, int64_t n, int64_t k) {
-  if (set)
-    for (const PackedWeight &p : *set)
-      if (p.w == w && p.n == n && p.k == k)
-        return p.bf16 && p.sample == weight_sample(w, n, k) ? p.bf16.get() : nullptr;
+      if (p.w == w && p.n == n && p.k == k) return p.sample == weight_sample(w, n, k) ? &p : nullptr;
   return nullptr;
 }
 

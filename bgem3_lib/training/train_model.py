@@ -162,10 +162,15 @@ class M3TrainNet(nn.Cell):
         (:func:`bgem3_lib.kernels.train.layer_train`): CPU, kernels built, float32, erf GELU, cached states as
         input (``q_hidden`` not None), at least one layer to run, no gradient checkpointing or sub-batches,
         ``use_cpu_kernels`` on."""
+        return q_hidden is not None and self._kernel_layers()
+
+    def _kernel_layers(self) -> bool:
+        """The layers above a hidden cache can run on the fused training kernels (:meth:`packed_layers_ready`
+        without the input check)."""
         b = self.block
         n = len(b.encoder.layers)
-        if not (self.use_cpu_kernels and q_hidden is not None and 0 < b.start < n and not self.recompute
-                and not self.sub_batch and b.cfg.hidden_act == "gelu"
+        if not (self.use_cpu_kernels and 0 < b.start < n and not self.recompute and not self.sub_batch
+                and b.cfg.hidden_act == "gelu"
                 and b.encoder.layers[b.start].attention.query.weight.dtype == ms.float32):
             return False
         from ..kernels import train as train_kernels
@@ -177,7 +182,7 @@ class M3TrainNet(nn.Cell):
         (``start_layer`` = the number of layers), or the fused training kernels' layers (:meth:`packed_layers_ready`).
         The trainer then never builds the padded ``[R, L, H]`` states, which the net would only pack again."""
         b = self.block
-        return b.start == len(b.encoder.layers) or self.packed_layers_ready(True)
+        return b.start == len(b.encoder.layers) or self._kernel_layers()
 
     def head_ops(self) -> tuple:
         """(project, maxsim) for :func:`~bgem3_lib.training.batch_scores.packed_heads` and ``maxsim_scores``: the
