@@ -69,6 +69,44 @@ def check_texts(texts, allow_blank: bool = False) -> list[str]:
     return list(texts)
 
 
+# Characters a text's head is given per kept piece before it is cut (XLM-R pieces average 2-4 characters in the
+# scripts of the shared data sets; a head that still falls short is tokenized whole).
+HEAD_CHARS_PER_PIECE = 6
+
+
+def text_head(text: str, max_length: int) -> str:
+    """The start of ``text`` that truncation to ``max_length`` pieces keeps, with room to spare: cut before the
+    first ASCII space after ``HEAD_CHARS_PER_PIECE * max_length`` characters that follows a letter or digit,
+    or ``text`` itself (the same object) when it is no longer than that or has no such space there.
+
+    Such a cut loses nothing the kept pieces depend on: the normalizer maps characters one by one (no rule of
+    the XLM-R charsmap reads a letter or digit together with a following space), a head ending in a letter or
+    digit gains no trailing space (a space after a no-break space would: ``"a\u00a0 b"`` normalizes to
+    ``"a b"``, its head ``"a\u00a0"`` to ``"a "``), and the Metaspace pre-tokenizer splits at every space, so
+    the Unigram model cuts each word alone. The head's pieces are therefore the text's first pieces; when the
+    head yields at least ``max_length`` ids (``<s> pieces </s>``), the truncated ids are the whole text's, and
+    the tokenizer has read a fraction of a long document (``tests/model/test_tokenization.py`` checks this
+    against the whole text on the shared data sets and on texts made of spaces, marks and separators).
+
+    >>> text_head("one two three four", 2)                     # 12 characters, then the next space
+    'one two three'
+    >>> text_head("one two thre\u0301 four", 2)                 # not after a combining mark
+    'one two thré four'
+    >>> s = "short"; text_head(s, 128) is s
+    True
+    """
+    at = HEAD_CHARS_PER_PIECE * max_length
+    if len(text) <= at:
+        return text
+    while True:
+        at = text.find(" ", at)
+        if at < 0:
+            return text
+        if text[at - 1].isalnum():
+            return text[:at]
+        at += 1
+
+
 class M3Tokenizer:
     def __init__(self, tokenizer: Tokenizer, pad_id: int = 1):
         self._tok = tokenizer
@@ -94,7 +132,12 @@ class M3Tokenizer:
         texts = check_texts(texts, allow_blank=True)
         if max_length < self.n_special + 1:
             raise ValueError(f"max_length={max_length} leaves no room for text (needs > {self.n_special})")
-        encs = self._tok.encode_batch(texts, add_special_tokens=True)
+        heads = [text_head(t, max_length) for t in texts]
+        encs = self._tok.encode_batch(heads, add_special_tokens=True)
+        short = [i for i, (h, t, e) in enumerate(zip(heads, texts, encs)) if h is not t and len(e.ids) < max_length]
+        if short:                   # a head that falls short of max_length: the whole text after all
+            for i, e in zip(short, self._tok.encode_batch([texts[i] for i in short], add_special_tokens=True)):
+                encs[i] = e
         out, cut = [], []
         for i, e in enumerate(encs):
             ids = e.ids

@@ -2,6 +2,7 @@
 called directly (no truncation, no padding) and against XLM-R ids known by hand."""
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 from fixtures import long_text, multilingual_texts
 from tokenizers import Tokenizer
 
-from bgem3_lib.model.tokenization import M3Tokenizer, check_texts
+from bgem3_lib.evaluation.offline_sets import TYDI_LANGS, XQUAD_LANGS, load_tydi, load_xquad_longdoc
+from bgem3_lib.model.tokenization import M3Tokenizer, check_texts, text_head
 from bgem3_lib.weights.assets import asset_path
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -77,6 +79,71 @@ def test_exact_fit_is_not_truncated_and_warn_false_is_silent(tok, ref):
         assert tok.encode_ids(["Hello world"], 3, warn=False) == [[BOS, 35378, EOS]]
     with pytest.warns(UserWarning, match=r"indices \[0\]"):
         assert tok.encode_ids(["Hello world"], 3) == [[BOS, 35378, EOS]]
+
+
+def _truncated(ref: Tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """The reference: each whole text tokenized, then cut to ``max_length`` ids keeping ``</s>``."""
+    out = []
+    for e in ref.encode_batch(texts, add_special_tokens=True):
+        out.append(e.ids if len(e.ids) <= max_length else e.ids[: max_length - 1] + [EOS])
+    return out
+
+
+def _tricky_texts(n: int = 400, seed: int = 0) -> list[str]:
+    """Texts made of letters and of what sits around a cut: spaces (runs of them, no-break, en, ideographic),
+    newlines, tabs, combining marks, characters NFKC expands or joins (ligatures, squared words, a spacing
+    diaeresis that becomes space + mark, Hangul jamo), zero-width characters, digits and punctuation."""
+    rng = np.random.default_rng(seed)
+    pieces = ["word", "é", "e\u0301", "\u0301", " ", "  ", "\u00a0", "\u00a0 ", "\u2002", "\u3000", "\n", "\t",
+              "\ufb01", "\u337f", "\u00a8", "\u1100\u1161", "\u200b", "\u00ad", "42", ".", "東京", "ไทย", "हिन्दी",
+              "\u0627\u0644", " \u0301", "\u00a8 "]
+    return ["".join(rng.choice(pieces, size=int(rng.integers(50, 400)))) for _ in range(n)]
+
+
+def test_heads_give_the_whole_texts_truncated_ids(tok, ref):
+    """encode_ids tokenizes a long text's head (text_head) only: the ids must be those of the whole text cut to
+    max_length, on every XQuAD article and paragraph, every TyDi passage and on texts built around the cuts."""
+    articles = [d for lang in XQUAD_LANGS for d in load_xquad_longdoc(lang).corpus.values()]
+    passages = [p for lang in TYDI_LANGS for p in load_tydi(lang).corpus.values()]
+    paragraphs = [p for a in articles for p in a.split("\n\n")]
+    cases = [(articles, 128), (articles, 512), (paragraphs, 16), (passages, 32), (_tricky_texts(), 8),
+             (_tricky_texts(seed=1), 24)]
+    headed = 0
+    for texts, max_length in cases:
+        heads = [text_head(t, max_length) for t in texts]
+        headed += sum(h is not t for h, t in zip(heads, texts))
+        assert tok.encode_ids(texts, max_length, warn=False) == _truncated(ref, texts, max_length), max_length
+    assert headed > 3000                                            # the heads were taken, not the whole texts
+
+
+def test_no_letter_or_digit_reads_a_following_space(ref):
+    """text_head's premise, on every letter and digit of Unicode (133,547 with Python's isalnum): normalized
+    before a space it is normalized alone, then the space, and it never normalizes to a trailing space."""
+    norm = ref.normalizer
+    chars = [chr(i) for i in range(sys.maxunicode + 1) if not 0xD800 <= i < 0xE000 and chr(i).isalnum()]
+    assert len(chars) > 100_000
+    bad = [c for c in chars if norm.normalize_str(c + " ") != norm.normalize_str(c) + " "
+           or norm.normalize_str(c)[-1:].isspace()]
+    assert bad == []
+    assert norm.normalize_str("\u00a0 ") == " "                     # what is not a letter or digit may
+
+
+def test_a_head_never_ends_in_a_space_that_the_text_merges_away(tok, ref):
+    """Cut after a no-break space, a head would end in a piece "▁" of its own where the text has "▁b": a cut
+    placed so that this piece is the last one kept (3 words of 14 characters, max_length 6, cut from 36)."""
+    text = " ".join(["international"] * 3) + "\u00a0 b c d e f g"
+    assert text[41] == "\u00a0" and text[42] == " " and ref.encode(text[:42]).tokens[-2:] == ["▁", "</s>"]
+    assert tok.encode_ids([text], 6, warn=False) == _truncated(ref, [text], 6)
+    assert ref.encode(text).tokens[4] == "▁b"
+
+
+def test_a_head_that_falls_short_is_tokenized_whole(tok, ref):
+    """A head whose characters give fewer than max_length ids (long words, 14 characters a piece): the whole
+    text is read after all."""
+    text = " ".join(["international administration"] * 40)
+    head = text_head(text, 32)
+    assert head is not text and len(ref.encode(head).ids) < 32 < len(ref.encode(text).ids)
+    assert tok.encode_ids([text, "short"], 32, warn=False) == _truncated(ref, [text, "short"], 32)
 
 
 def test_more_than_ten_cut_texts_are_elided_in_the_warning(tok):
