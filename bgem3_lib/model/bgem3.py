@@ -28,7 +28,7 @@ from .config import M3Config
 from .encoder import DTYPES, M3Encoder, cast_encoder, load_hf_state
 from .heads import M3Heads, colbert_embedding, dense_embedding, sparse_embedding
 from .loading import LoadedModel, resolve
-from .runtime import set_device
+from .runtime import set_device, spinning_threads_idle
 from .tokenization import M3Tokenizer, check_texts
 
 BACKENDS = ("kernels", "mindspore")
@@ -219,17 +219,18 @@ class BGEM3:
         dense, lexical, colbert = [None] * len(ids), [None] * len(ids), [None] * len(ids)
         starts = range(0, len(ids), batch_size)
         show = show_progress if show_progress is not None else len(starts) > 2
-        for s in tqdm(starts, desc="encode", disable=not show):
-            idx = order[s:s + batch_size]
-            input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
-            out = self._forward(input_ids, mask, return_dense, return_sparse, return_colbert_vecs)
-            for j, i in enumerate(idx):
-                if return_dense:
-                    dense[i] = out["dense"][j]
-                if return_sparse:
-                    lexical[i] = out["sparse"][j]
-                if return_colbert_vecs:
-                    colbert[i] = out["colbert"][j]
+        with spinning_threads_idle():
+            for s in tqdm(starts, desc="encode", disable=not show):
+                idx = order[s:s + batch_size]
+                input_ids, mask = self.tokenizer.pad([ids[i] for i in idx])
+                out = self._forward(input_ids, mask, return_dense, return_sparse, return_colbert_vecs)
+                for j, i in enumerate(idx):
+                    if return_dense:
+                        dense[i] = out["dense"][j]
+                    if return_sparse:
+                        lexical[i] = out["sparse"][j]
+                    if return_colbert_vecs:
+                        colbert[i] = out["colbert"][j]
         result = {"dense_vecs": np.stack(dense) if return_dense else None,
                   "lexical_weights": lexical if return_sparse else None,
                   "colbert_vecs": colbert if return_colbert_vecs else None}

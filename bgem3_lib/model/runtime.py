@@ -12,7 +12,9 @@ True
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import mindspore as ms
 
@@ -67,7 +69,70 @@ def cpu_synchronous(env: Mapping[str, str] = os.environ) -> bool:
     clusters) with it and 0.75-0.81 s without. There is no device to overlap with on a CPU, so nothing is
     lost; ``training.trainer.make_deterministic`` calls it for training on CPU. Process-wide and one-way
     (MindSpore has no call to switch it back)."""
+    global _launch_blocking
     if env.get("BGEM3_CPU_ASYNC") == "1":
         return False
     ms.runtime.launch_blocking()
+    _launch_blocking = True
     return True
+
+
+_launch_blocking = False        # cpu_synchronous has run: ops launch in the calling thread
+# MindSpore's runtime pool (threads named ActorThread_<i>, made at the first op) waits for work by yielding in a loop.
+SPINNING_THREADS = ("ActorThread_",)
+
+
+def named_threads(prefixes: tuple[str, ...], tasks: Path = Path("/proc/self/task")) -> list[int]:
+    """Ids of this process's threads whose name starts with one of ``prefixes`` ([] where /proc is not there)."""
+    found = []
+    try:
+        entries = list(tasks.iterdir())
+    except OSError:
+        return []
+    for task in entries:
+        try:
+            if (task / "comm").read_text().startswith(prefixes):
+                found.append(int(task.name))
+        except (OSError, ValueError):       # the thread ended meanwhile
+            continue
+    return found
+
+
+def can_restore_policy() -> bool:
+    """Whether this process may move a thread back from ``SCHED_IDLE`` to the normal policy at nice 0: root, or
+    ``RLIMIT_NICE`` >= 20 (sched(7)); a plain user on Linux's defaults may not."""
+    if not hasattr(os, "sched_setscheduler"):
+        return False
+    import resource
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
+def _set_policy(tids: list[int], policy: int) -> list[int]:
+    done = []
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, policy, os.sched_param(0))
+            done.append(tid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return done
+
+
+@contextmanager
+def spinning_threads_idle(enabled: bool = True) -> Iterator[list[int]]:
+    """Inside the block, MindSpore's runtime threads that wait by spinning (``SPINNING_THREADS``) run under
+    ``SCHED_IDLE``, on a core only when nothing else wants one; after it, under the normal policy again. Yields
+    the thread ids it moved ([] when it did nothing).
+
+    Why: with ops launched in the calling thread (:func:`cpu_synchronous`) that pool has nothing to run while the
+    encoder does, yet it takes a core whenever the scheduler offers one. On 2 cores an M3-small 8 x 128 encode
+    lost 3-6 ms of CPU a call to it, and about one call in seven ran 30-60% long, its OpenMP threads waiting
+    for a core. A no-op unless :func:`cpu_synchronous` is on, and where the move could not be undone
+    (:func:`can_restore_policy`), so the pool is never left at the idle policy for work that needs it."""
+    tids = []
+    if enabled and _launch_blocking and can_restore_policy():
+        tids = _set_policy(named_threads(SPINNING_THREADS), os.SCHED_IDLE)
+    try:
+        yield tids
+    finally:
+        _set_policy(tids, os.SCHED_OTHER) if tids else None

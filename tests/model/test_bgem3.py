@@ -50,6 +50,27 @@ def test_encode_outputs_in_input_order_and_normalised(base):
     np.testing.assert_allclose(np.linalg.norm(out["dense_vecs"], axis=1), 1.0, atol=1e-5)
 
 
+def test_encode_runs_with_the_spinning_runtime_threads_idle(base, monkeypatch):
+    """BGEM3.encode runs its batches inside ``runtime.spinning_threads_idle``: MindSpore's ActorThread pool is at
+    SCHED_IDLE while a batch runs, at the normal policy after the call."""
+    import os
+
+    from bgem3_lib.model import runtime
+    if not runtime.can_restore_policy():
+        pytest.skip("this user may not move a thread back from SCHED_IDLE")
+    seen, forward = [], base._forward
+
+    def spy(*args):
+        pool = runtime.named_threads(runtime.SPINNING_THREADS)
+        seen.append((len(pool), {os.sched_getscheduler(t) for t in pool}))
+        return forward(*args)
+
+    monkeypatch.setattr(base, "_forward", spy)
+    base.encode(["query: one", "query: two", "query: three"], batch_size=2)
+    assert seen == [(seen[0][0], {os.SCHED_IDLE})] * 2 and seen[0][0] >= 1
+    assert {os.sched_getscheduler(t) for t in runtime.named_threads(runtime.SPINNING_THREADS)} == {os.SCHED_OTHER}
+
+
 @pytest.mark.parametrize("bad, exc, msg", [
     ([], ValueError, "empty list"),
     ("", ValueError, r"texts\[0\] is blank"),
