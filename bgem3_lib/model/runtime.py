@@ -135,4 +135,4 @@ def spinning_threads_idle(enabled: bool = True) -> Iterator[list[int]]:
     try:
         yield tids
     finally:
-        _set_policy(tids, os.SCHED_OTHER) if tids else None
+        _set_policy(tids, os.SCHED_OTHER)       # nothing when nothing was moved
