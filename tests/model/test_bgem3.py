@@ -58,6 +58,7 @@ def test_encode_runs_with_the_spinning_runtime_threads_idle(base, monkeypatch):
     from bgem3_lib.model import runtime
     if not runtime.can_restore_policy():
         pytest.skip("this user may not move a thread back from SCHED_IDLE")
+    base.encode("query: warm")                      # the runtime pool exists, and has its name, after a first call
     seen, forward = [], base._forward
 
     def spy(*args):

@@ -47,13 +47,22 @@ def _policies(tids):
     return [os.sched_getscheduler(t) for t in tids]
 
 
+def _pool_once_named(seconds: float = 5.0) -> list[int]:
+    """The pool's thread ids: a new thread takes its name a moment after it starts, so look until it has one."""
+    import time
+    end = time.monotonic() + seconds
+    while not (pool := runtime.named_threads(runtime.SPINNING_THREADS)) and time.monotonic() < end:
+        time.sleep(0.01)
+    return pool
+
+
 @pytest.mark.skipif(not runtime.can_restore_policy(), reason="this user may not move a thread back from SCHED_IDLE")
 def test_spinning_threads_idle_inside_the_block_and_normal_after_it():
     import mindspore as ms
     import numpy as np
     runtime.set_device("CPU")
     (ms.Tensor(np.ones(3, np.float32)) + 1).asnumpy()           # the runtime pool exists after a first op
-    pool = runtime.named_threads(runtime.SPINNING_THREADS)
+    pool = _pool_once_named()
     assert pool and _policies(pool) == [os.SCHED_OTHER] * len(pool)
     with runtime.spinning_threads_idle() as moved:
         assert sorted(moved) == sorted(pool) and _policies(pool) == [os.SCHED_IDLE] * len(pool)
